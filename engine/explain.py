@@ -1,0 +1,81 @@
+"""Factual and counterfactual explanations of pair decisions.
+
+For a pair the model decides *match* (similarity ≥ threshold) or *no match*. The **factual** map of
+an image shows where the evidence for the decision made lies (Grad-CAM of the similarity for a match,
+of 1 − similarity otherwise); the **counterfactual** map shows what argues for the opposite decision.
+Each image's maps come from its own gradients. Maps are normalised to [0, 1] by their maximum; a map
+whose maximum is zero is returned as zeros and flagged, never divided by zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import Tensor
+
+from engine.cam import CAM_METHODS, dissimilarity, similarity
+from engine.model import SiameseNet
+
+
+@dataclass
+class PairExplanation:
+    """Why a pair scored as it did. Maps are h×w float32 arrays in [0, 1] at feature resolution."""
+
+    similarity: float
+    is_match: bool
+    threshold: float
+    factual_a: np.ndarray
+    factual_b: np.ndarray
+    counterfactual_a: np.ndarray
+    counterfactual_b: np.ndarray
+    empty_maps: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (maps as nested lists)."""
+        return {
+            "similarity": self.similarity,
+            "is_match": self.is_match,
+            "threshold": self.threshold,
+            "decision": "match" if self.is_match else "no match",
+            "empty_maps": self.empty_maps,
+            **{name: getattr(self, name).round(4).tolist() for name in MAP_NAMES},
+        }
+
+
+MAP_NAMES = ("factual_a", "factual_b", "counterfactual_a", "counterfactual_b")
+
+
+def normalise_map(raw: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Scale a non-negative map to [0, 1]; report (zeros, True) when it carries no evidence at all."""
+    peak = float(raw.max()) if raw.size else 0.0
+    if not np.isfinite(peak) or peak <= 0.0:
+        return np.zeros_like(raw, dtype=np.float32), True
+    return (raw / peak).astype(np.float32), False
+
+
+def explain_fmaps(
+    net: SiameseNet, fmap_a: Tensor, fmaps_b: Tensor, threshold: float, method: str = "gradcam"
+) -> list[PairExplanation]:
+    """Explain image a (1×C×h×w) against k images (k×C×h×w) in one forward and one backward pass."""
+    k = fmaps_b.shape[0]
+    cam = CAM_METHODS[method](net.score_fmaps)
+    cams = cam(fmap_a.expand(k, -1, -1, -1), fmaps_b, targets=[similarity, dissimilarity])
+    explanations = []
+    for i in range(k):
+        score = float(cams.scores[i])
+        is_match = score >= threshold
+        fact, counter = (0, 1) if is_match else (1, 0)
+        raw = {
+            "factual_a": cams.maps_a[fact][i],
+            "factual_b": cams.maps_b[fact][i],
+            "counterfactual_a": cams.maps_a[counter][i],
+            "counterfactual_b": cams.maps_b[counter][i],
+        }
+        maps, empty = {}, []
+        for name, tensor in raw.items():
+            maps[name], is_empty = normalise_map(tensor.numpy())
+            if is_empty:
+                empty.append(name)
+        explanations.append(PairExplanation(score, is_match, threshold, empty_maps=empty, **maps))
+    return explanations

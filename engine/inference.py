@@ -1,0 +1,145 @@
+"""The engine's public face: ``load_model()`` → ``SimilarityModel`` with ``embed``, ``score``, ``explain``.
+
+Images may be paths, bytes, PIL images or arrays. The frozen backbone runs under bf16 autocast with
+channels_last where the config allows it (2–4× faster on CPUs with AMX/AVX-512 BF16); the trained
+layers and all gradients for Grad-CAM run in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from engine.backbones import backbone_spec, create_backbone
+from engine.config import ModelConfig
+from engine.explain import PairExplanation, explain_fmaps
+from engine.images import ImageSource, load_image, to_tensor
+from engine.model import SiameseNet, build_net
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class SimilarityModel:
+    """A Siamese network ready for inference, with its config and decision threshold."""
+
+    def __init__(self, net: SiameseNet, config: ModelConfig, batch_size: int = 32) -> None:
+        self.net = net.eval()
+        self.config = config
+        self.batch_size = batch_size
+        spec = backbone_spec(config.backbone)
+        self.mean, self.std = spec.mean, spec.std
+        if config.bf16:
+            self.net.backbone.to(memory_format=torch.channels_last)
+
+    cam_layer = "backbone.cam"
+
+    @property
+    def threshold(self) -> float:
+        return self.config.threshold
+
+    @property
+    def metric(self) -> str:
+        return self.config.metric
+
+    def load(self, images: Sequence[ImageSource]) -> list:
+        """Decode images (at reduced size where the format allows) as RGB PIL images."""
+        return [load_image(img, target_size=self.config.input_size) for img in images]
+
+    def pixels(self, images: Sequence[ImageSource]) -> Tensor:
+        return to_tensor(self.load(images), self.config.input_size, self.mean, self.std)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def fmaps_from_pixels(self, pixels: Tensor) -> Tensor:
+        """Grad-CAM-layer activations (float32) of a preprocessed batch."""
+        if self.config.bf16:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            fmap = self.net.backbone.features(pixels)
+        return fmap.float().contiguous()
+
+    def feature_maps(self, images: Sequence[ImageSource]) -> Tensor:
+        """Backbone feature maps of images, batched."""
+        return torch.cat([self.fmaps_from_pixels(self.pixels(chunk)) for chunk in _chunks(images, self.batch_size)])
+
+    @torch.inference_mode()
+    def embed_fmaps(self, fmaps: Tensor) -> np.ndarray:
+        return self.net.embed_fmap(fmaps).numpy().astype(np.float32)
+
+    def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
+        """(n, d) float32 embeddings (unit length for the whymatch preset), as stored in the index."""
+        return np.concatenate(
+            [self.embed_fmaps(self.fmaps_from_pixels(self.pixels(chunk))) for chunk in _chunks(images, self.batch_size)]
+        ) if len(images) else np.zeros((0, self.config.embed_dim), np.float32)
+
+    @torch.inference_mode()
+    def score_fmaps(self, fmaps_a: Tensor, fmaps_b: Tensor) -> np.ndarray:
+        return self.net.score_fmaps(fmaps_a, fmaps_b).numpy().astype(np.float32)
+
+    def score(self, images_a: Sequence[ImageSource], images_b: Sequence[ImageSource]) -> np.ndarray:
+        """(n,) head similarities in (0, 1) of pairs (images_a[i], images_b[i])."""
+        if len(images_a) != len(images_b):
+            raise ValueError(f"score needs as many images in a as in b ({len(images_a)} != {len(images_b)})")
+        return np.concatenate(
+            [self.score_fmaps(self.feature_maps(a), self.feature_maps(b))
+             for a, b in zip(_chunks(images_a, self.batch_size), _chunks(images_b, self.batch_size))]
+        ) if len(images_a) else np.zeros(0, np.float32)
+
+    def explain(self, image_a: ImageSource, images_b: Sequence[ImageSource] | ImageSource, method: str = "gradcam") -> list[PairExplanation]:
+        """Explain image a against each of images_b: one batched forward + backward for all pairs."""
+        if not isinstance(images_b, (list, tuple)):
+            images_b = [images_b]
+        fmaps = self.feature_maps([image_a, *images_b])
+        return explain_fmaps(self.net, fmaps[:1], fmaps[1:], self.threshold, method)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors`` (trained layers only) and ``config.json``."""
+        return save_checkpoint(self.net, self.config, directory)
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def save_checkpoint(net: SiameseNet, config: ModelConfig, directory: str | Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in net.trained_state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    config.to_json(directory / CONFIG_FILE)
+    return directory
+
+
+def build_model(config: ModelConfig, batch_size: int = 32) -> SimilarityModel:
+    """A model with freshly initialised trained layers (the start of training)."""
+    backbone = create_backbone(config.backbone, config.backbone_weights)
+    return SimilarityModel(build_net(config, backbone), config, batch_size)
+
+
+def load_model(path: str | Path | None = None, *, threads: int = 0, batch_size: int = 32) -> SimilarityModel:
+    """Load a checkpoint directory (``config.json`` + ``model.safetensors``); the shipped model by default."""
+    directory = Path(path) if path is not None else DEFAULT_MODEL_DIR
+    if directory.is_file():
+        directory = directory.parent
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"no model at {directory}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    config = ModelConfig.from_json(config_path)
+    model = build_model(config, batch_size)
+    model.net.load_trained_state_dict(load_file(str(weights_path)))
+    return model

@@ -1,0 +1,133 @@
+"""Siamese networks: a shared branch (backbone → pooled embedding) and a head that scores a pair.
+
+Both networks share the contract the rest of the engine relies on:
+
+* ``backbone.features(x)`` — the Grad-CAM layer's activations (frozen ImageNet backbone);
+* ``embed_fmap(fmap)`` — the embedding stored in FAISS;
+* ``score_fmaps(fmap_a, fmap_b)`` — a similarity in (0, 1), differentiable with respect to *both*
+  feature maps and never clipped, so every pair has gradients for Grad-CAM.
+
+Only the layers after the backbone are trained and saved.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.backbones import Backbone
+from engine.config import ModelConfig
+
+
+class SiameseNet(nn.Module):
+    """Shared parts of both presets: the frozen backbone and the trained-state helpers."""
+
+    def __init__(self, backbone: Backbone, config: ModelConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.backbone.requires_grad_(False)
+
+    def embed_fmap(self, fmap: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def score_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, images_a: Tensor, images_b: Tensor) -> Tensor:
+        """Similarity of two image batches (for hooks-based Grad-CAM tools that call the module)."""
+        return self.score_fmaps(self.backbone.features(images_a), self.backbone.features(images_b))
+
+    def train(self, mode: bool = True) -> SiameseNet:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def trained_state_dict(self) -> dict[str, Tensor]:
+        """The parameters a checkpoint stores: everything but the (packaged) backbone."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def load_trained_state_dict(self, state: dict[str, Tensor]) -> None:
+        expected = set(self.trained_state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        self.load_state_dict({**self.backbone_state(), **state}, strict=True)
+
+    def backbone_state(self) -> dict[str, Tensor]:
+        return {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
+
+
+class MatchNet(SiameseNet):
+    """whymatch's model: a global embedding for retrieval plus a local-matching head for re-scoring.
+
+    The head compares every location of one feature map with every location of the other (a soft
+    mutual nearest-neighbour match of projected local descriptors) and combines that with the
+    global cosine: the same room photographed from another angle shares many local parts even when
+    the pooled descriptors drift apart. Symmetric in (a, b) by construction.
+    """
+
+    def __init__(self, backbone: Backbone, config: ModelConfig) -> None:
+        super().__init__(backbone, config)
+        channels = backbone.channels
+        self.embed_proj = nn.Linear(channels, config.embed_dim)
+        self.local_proj = nn.Conv2d(channels, config.local_dim, kernel_size=1)
+        self.log_temperature = nn.Parameter(torch.tensor(-3.0))
+        self.head_weights = nn.Parameter(torch.tensor([2.0, 2.0]))
+        self.head_bias = nn.Parameter(torch.tensor(-2.0))
+
+    def embed_fmap(self, fmap: Tensor) -> Tensor:
+        return F.normalize(self.embed_proj(fmap.float().mean(dim=(2, 3))), dim=1)
+
+    def local_descriptors(self, fmap: Tensor) -> Tensor:
+        """B×HW×D unit-length descriptors, one per feature-map cell."""
+        return F.normalize(self.local_proj(fmap.float()).flatten(2).transpose(1, 2), dim=2)
+
+    def local_match(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
+        """Mean soft-best-match similarity of each cell to the other image's cells, both ways."""
+        la, lb = self.local_descriptors(fmap_a), self.local_descriptors(fmap_b)
+        corr = la @ lb.transpose(1, 2)
+        temperature = self.log_temperature.exp()
+        a_to_b = (torch.softmax(corr / temperature, dim=2) * corr).sum(dim=2).mean(dim=1)
+        b_to_a = (torch.softmax(corr / temperature, dim=1) * corr).sum(dim=1).mean(dim=1)
+        return (a_to_b + b_to_a) / 2
+
+    def head_logit(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
+        cosine = (self.embed_fmap(fmap_a) * self.embed_fmap(fmap_b)).sum(dim=1)
+        local = self.local_match(fmap_a, fmap_b)
+        weights = F.softplus(self.head_weights)
+        return weights[0] * 10 * cosine + weights[1] * 10 * local + self.head_bias * 10
+
+    def score_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
+        return torch.sigmoid(self.head_logit(fmap_a, fmap_b))
+
+
+class PaperNet(SiameseNet):
+    """The seed method (Livieris et al. 2023): GAP → Linear 256 → ReLU → Linear 2, Euclidean distance.
+
+    Fixed: the similarity is exp(-distance), smooth everywhere, instead of a distance clipped at 1
+    (which zeroed the gradients of every dissimilar pair and blanked its heatmaps).
+    """
+
+    def __init__(self, backbone: Backbone, config: ModelConfig) -> None:
+        super().__init__(backbone, config)
+        self.mlp = nn.Sequential(nn.Linear(backbone.channels, 256), nn.ReLU(), nn.Linear(256, config.embed_dim))
+
+    def embed_fmap(self, fmap: Tensor) -> Tensor:
+        return self.mlp(fmap.float().mean(dim=(2, 3)))
+
+    def distance(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
+        # The epsilon keeps the gradient of the norm finite for identical embeddings.
+        diff = self.embed_fmap(fmap_a) - self.embed_fmap(fmap_b)
+        return torch.sqrt((diff * diff).sum(dim=1) + 1e-12)
+
+    def score_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
+        return torch.exp(-self.distance(fmap_a, fmap_b))
+
+
+def build_net(config: ModelConfig, backbone: Backbone) -> SiameseNet:
+    """The network of a preset around an already-built backbone."""
+    if config.preset == "paper":
+        return PaperNet(backbone, config)
+    return MatchNet(backbone, config)

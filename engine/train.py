@@ -1,0 +1,291 @@
+"""Training on 2 CPU cores: the backbone is frozen, so its feature maps are computed once and cached.
+
+Only the layers after the backbone learn, on cached feature maps of each image and of its mirror
+image (a cheap augmentation). ``whymatch`` trains the embedding with a multi-positive InfoNCE loss
+and the head with binary cross-entropy on every pair of a batch; batches are built around hard
+negatives — the groups nearest to each other under the current embeddings (for the AirBnB photos:
+the same kind of room in other listings). ``paper`` trains the seed method: contrastive loss with
+margin 2 on the paper's pairs (one similar and one dissimilar partner per image, re-drawn each epoch).
+
+An inner validation split (by group) picks the best epoch, stops early and calibrates the decision
+threshold; the held-out split of a benchmark is never seen. Each epoch writes a resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from engine.config import ModelConfig
+from engine.data import LabelledImages, paper_pairs, split
+from engine.inference import SimilarityModel, build_model, save_checkpoint
+from engine.metrics import best_threshold, pair_metrics, retrieval_metrics
+from engine.model import MatchNet, PaperNet, SiameseNet
+
+RESUME_FILE = "resume.pt"
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 40
+    patience: int = 8
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    groups_per_batch: int = 16
+    images_per_group: int = 3
+    inner_val_fraction: float = 0.2
+    seed: int = 0
+    cache_dir: Path = Path(".cache/whymatch/features")
+    resume: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class CachedFeatures:
+    """Feature maps of a set of images and of their mirror images (float16 to halve the memory)."""
+
+    fmaps: Tensor
+    flipped: Tensor | None
+
+
+def cached_feature_maps(model: SimilarityModel, paths: list[Path], cache_dir: Path, *, with_flips: bool, progress: bool) -> CachedFeatures:
+    """Backbone feature maps for ``paths``, from disk when the same images went through the same backbone."""
+    cfg = model.config
+    key = hashlib.sha256(
+        json.dumps([cfg.backbone, cfg.backbone_weights, cfg.input_size, cfg.bf16, with_flips,
+                    [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]]).encode()
+    ).hexdigest()[:20]
+    cache_file = Path(cache_dir) / f"{cfg.backbone}-{cfg.input_size}-{key}.pt"
+    if cache_file.is_file():
+        stored = torch.load(cache_file, map_location="cpu", weights_only=True)
+        return CachedFeatures(stored["fmaps"], stored.get("flipped"))
+    fmaps, flipped = [], []
+    bar = tqdm(total=len(paths), desc="backbone features", unit="img", disable=not progress)
+    for start in range(0, len(paths), model.batch_size):
+        pixels = model.pixels(paths[start : start + model.batch_size])
+        fmaps.append(model.fmaps_from_pixels(pixels).half())
+        if with_flips:
+            flipped.append(model.fmaps_from_pixels(pixels.flip(3)).half())
+        bar.update(len(pixels))
+    bar.close()
+    result = CachedFeatures(torch.cat(fmaps), torch.cat(flipped) if with_flips else None)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
+    torch.save({"fmaps": result.fmaps, **({"flipped": result.flipped} if with_flips else {})}, tmp)
+    tmp.replace(cache_file)
+    return result
+
+
+def evaluate_fmaps(net: SiameseNet, fmaps: Tensor, groups: list[str | None], form: str, threshold: float | None, seed: int = 0) -> dict[str, float]:
+    """Metrics of a net on cached feature maps: retrieval + all-pairs AUC (groups) or paper-pair accuracy (classes)."""
+    net.eval()
+    with torch.inference_mode():
+        emb = net.embed_fmap(fmaps.float())
+        if form == "groups":
+            if net.config.metric == "l2":
+                sims = -torch.cdist(emb, emb)
+            else:
+                sims = emb @ emb.T
+            ids = list(range(len(groups)))
+            emb_np = emb.numpy()
+            result = retrieval_metrics(emb_np, groups, emb_np, groups, query_ids=ids, gallery_ids=ids, scores=sims.numpy())
+            i, j = np.triu_indices(len(groups), k=1)
+            labels = np.array([groups[a] is not None and groups[a] == groups[b] for a, b in zip(i, j)], dtype=np.int64)
+            scores = pair_scores(net, fmaps, i, j)
+            result.update(pair_metrics(scores, labels, threshold))
+            return result
+        i, j, labels = paper_pairs(groups, seed)
+        return pair_metrics(pair_scores(net, fmaps, i, j), labels, threshold)
+
+
+def pair_scores(net: SiameseNet, fmaps: Tensor, i: np.ndarray, j: np.ndarray, chunk: int = 512) -> np.ndarray:
+    with torch.inference_mode():
+        return np.concatenate(
+            [net.score_fmaps(fmaps[i[s : s + chunk]].float(), fmaps[j[s : s + chunk]].float()).numpy() for s in range(0, len(i), chunk)]
+        ) if len(i) else np.zeros(0, np.float32)
+
+
+def _group_index(groups: list[str | None]) -> dict[str, list[int]]:
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        if g is not None:
+            members.setdefault(g, []).append(i)
+    return members
+
+
+def _hard_batches(net: MatchNet, fmaps: Tensor, groups: list[str | None], options: TrainOptions, rng: np.random.Generator) -> list[np.ndarray]:
+    """Batches of whole groups, each seeded by a random group plus the groups nearest to it now."""
+    members = _group_index(groups)
+    names = [g for g, m in members.items() if len(m) >= 2] or list(members)
+    with torch.inference_mode():
+        emb = net.embed_fmap(fmaps.float())
+        centroids = F.normalize(torch.stack([emb[members[g]].mean(0) for g in names]), dim=1)
+        nearest = (centroids @ centroids.T).argsort(dim=1, descending=True).numpy()
+    unused = set(range(len(names)))
+    batches = []
+    while unused:
+        seed = int(rng.choice(sorted(unused)))
+        chosen = [seed]
+        for g in nearest[seed][1:]:
+            if len(chosen) >= options.groups_per_batch // 2:
+                break
+            chosen.append(int(g))
+        pool = sorted(unused - set(chosen))
+        extra = rng.choice(pool, size=min(len(pool), options.groups_per_batch - len(chosen)), replace=False) if pool else []
+        chosen += [int(g) for g in extra]
+        unused -= set(chosen)
+        batch = []
+        for g in chosen:
+            m = members[names[g]]
+            batch += list(rng.choice(m, size=min(len(m), options.images_per_group), replace=False))
+        batches.append(np.array(batch))
+    return batches
+
+
+def _matchnet_loss(net: MatchNet, fmaps: Tensor, groups: list[str | None]) -> Tensor:
+    emb = net.embed_fmap(fmaps)
+    table: dict[str, int] = {}
+    codes = torch.tensor([table.setdefault(g, len(table)) if g is not None else -1 - i for i, g in enumerate(groups)])
+    same = (codes[:, None] == codes[None, :]) & ~torch.eye(len(groups), dtype=torch.bool)
+    logits = emb @ emb.T / 0.05
+    logits = logits.masked_fill(torch.eye(len(groups), dtype=torch.bool), float("-inf"))
+    log_prob = logits.log_softmax(dim=1)
+    has_pos = same.any(dim=1)
+    infonce = -(log_prob.masked_fill(~same, 0).sum(1)[has_pos] / same.sum(1)[has_pos]).mean()
+    i, j = torch.triu_indices(len(groups), len(groups), offset=1)
+    labels = same[i, j].float()
+    head = net.head_logit(fmaps[i], fmaps[j])
+    pos_weight = ((1 - labels).sum() / labels.sum().clamp(min=1)).clamp(max=20)
+    bce = F.binary_cross_entropy_with_logits(head, labels, pos_weight=pos_weight)
+    return infonce + bce
+
+
+def _paper_loss(net: PaperNet, fmaps_a: Tensor, fmaps_b: Tensor, labels: Tensor, margin: float = 2.0) -> Tensor:
+    """Contrastive loss (Hadsell et al. 2006) as in the paper: similar pairs pulled, others pushed to the margin."""
+    d = net.distance(fmaps_a, fmaps_b)
+    return (labels * d.pow(2) + (1 - labels) * F.relu(margin - d).pow(2)).mean()
+
+
+def _pca_init(net: MatchNet, fmaps: Tensor) -> None:
+    """Start the embedding projection at the principal components of the pooled features."""
+    pooled = fmaps.float().mean(dim=(2, 3))
+    centred = pooled - pooled.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    k = min(net.embed_proj.out_features, v.shape[0])
+    with torch.no_grad():
+        net.embed_proj.weight.zero_()
+        net.embed_proj.weight[:k] = v[:k]
+        net.embed_proj.bias.copy_(-(pooled.mean(0) @ net.embed_proj.weight.T))
+
+
+def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, options: TrainOptions) -> tuple[SimilarityModel, dict]:
+    """Train a model on ``data`` and save it to ``out_dir``; returns the best model and its inner-validation metrics."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    model = build_model(config)
+    net = model.net
+    fit_idx, val_idx = split(data, options.inner_val_fraction, options.seed)
+    fit, val = data.subset(fit_idx), data.subset(val_idx)
+    started = time.time()
+    fit_cache = cached_feature_maps(model, fit.paths, options.cache_dir, with_flips=True, progress=options.progress)
+    val_fmaps = cached_feature_maps(model, val.paths, options.cache_dir, with_flips=False, progress=options.progress).fmaps
+    feature_seconds = time.time() - started
+    if isinstance(net, MatchNet):
+        _pca_init(net, fit_cache.fmaps)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=options.weight_decay)
+    start_epoch, best, best_epoch, history = 0, -1.0, -1, []
+    resume_path = out_dir / RESUME_FILE
+    if options.resume and resume_path.is_file():
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        net.load_trained_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
+        history = json.loads(state["history"])
+        rng = np.random.default_rng(options.seed + start_epoch)
+    criterion = "recall@1" if data.form == "groups" else "pair_auc"
+    bar = tqdm(range(start_epoch, options.epochs), desc="train", unit="epoch", disable=not options.progress)
+    for epoch in bar:
+        net.train()
+        losses = []
+        for batch_fmaps, batch_loss in _epoch_batches(net, fit, fit_cache, options, rng):
+            optimizer.zero_grad()
+            loss = batch_loss(batch_fmaps)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+        metrics = evaluate_fmaps(net, val_fmaps, val.groups, data.form, None, options.seed)
+        score = metrics[criterion] + (metrics["pair_auc"] if criterion != "pair_auc" else 0)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **{k: round(float(v), 4) for k, v in metrics.items()}})
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{criterion: f"{metrics[criterion]:.3f}", "auc": f"{metrics['pair_auc']:.3f}"})
+        if score > best:
+            best, best_epoch = score, epoch
+            save_checkpoint(net, config, out_dir)
+        torch.save({"net": net.trained_state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                    "best": best, "best_epoch": best_epoch, "history": json.dumps(history)}, resume_path)
+        if epoch - best_epoch >= options.patience:
+            break
+    best_model = _reload(config, out_dir, model)
+    threshold_pairs = _threshold_pairs(best_model.net, val_fmaps, val.groups, options.seed)
+    config.threshold = best_threshold(*threshold_pairs)
+    final = evaluate_fmaps(best_model.net, val_fmaps, val.groups, data.form, config.threshold, options.seed)
+    config.provenance.update({
+        "data": str(data.root), "form": data.form, "images": len(data), "fit_images": len(fit), "inner_val_images": len(val),
+        "best_epoch": best_epoch, "epochs_run": len(history), "feature_seconds": round(feature_seconds, 1),
+        "train_seconds": round(time.time() - started, 1), "inner_val_metrics": {k: round(float(v), 4) for k, v in final.items()},
+        **options.extra,
+    })
+    best_model.config = config
+    save_checkpoint(best_model.net, config, out_dir)
+    (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    resume_path.unlink(missing_ok=True)
+    return best_model, final
+
+
+def _threshold_pairs(net: SiameseNet, fmaps: Tensor, groups: list[str | None], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced pairs (one similar, one dissimilar partner per image) to place the decision threshold."""
+    i, j, labels = paper_pairs(groups, seed)
+    return pair_scores(net, fmaps, i, j), labels
+
+
+def _reload(config: ModelConfig, out_dir: Path, model: SimilarityModel) -> SimilarityModel:
+    from safetensors.torch import load_file
+
+    model.net.load_trained_state_dict(load_file(str(out_dir / "model.safetensors")))
+    model.net.eval()
+    return model
+
+
+def _epoch_batches(net: SiameseNet, fit: LabelledImages, cache: CachedFeatures, options: TrainOptions, rng: np.random.Generator):
+    """(feature maps, loss function) per step; each image is seen as itself or mirrored at random."""
+
+    def views(idx: np.ndarray) -> Tensor:
+        flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
+        chosen = torch.where(flip.view(-1, 1, 1, 1), cache.flipped[idx], cache.fmaps[idx]) if cache.flipped is not None else cache.fmaps[idx]
+        return chosen.float()
+
+    if isinstance(net, MatchNet):
+        for batch in _hard_batches(net, cache.fmaps, fit.groups, options, rng):
+            groups = [fit.groups[i] for i in batch]
+            yield views(batch), (lambda f, g=groups: _matchnet_loss(net, f, g))
+        return
+    i, j, labels = paper_pairs(fit.groups, int(rng.integers(1 << 31)))
+    order = rng.permutation(len(i))
+    size = options.groups_per_batch * options.images_per_group
+    for start in range(0, len(order), size):
+        sel = order[start : start + size]
+        lab = torch.from_numpy(labels[sel]).float()
+        both = views(np.concatenate([i[sel], j[sel]]))
+        yield both, (lambda f, lab=lab, n=len(sel): _paper_loss(net, f[:n], f[n:], lab))
