@@ -106,8 +106,9 @@ class MatchNet(SiameseNet):
 class PaperNet(SiameseNet):
     """The seed method (Livieris et al. 2023): GAP → Linear 256 → ReLU → Linear 2, Euclidean distance.
 
-    Fixed: the similarity is exp(-distance), smooth everywhere, instead of a distance clipped at 1
-    (which zeroed the gradients of every dissimilar pair and blanked its heatmaps).
+    Fixed: the similarity is 1 / (1 + distance), smooth and strictly decreasing everywhere, instead
+    of a distance clipped at 1 (which zeroed the gradients of every dissimilar pair and blanked its
+    heatmaps); unlike exp(-distance) its gradient cannot underflow for far-apart pairs.
     """
 
     def __init__(self, backbone: Backbone, config: ModelConfig) -> None:
@@ -123,7 +124,7 @@ class PaperNet(SiameseNet):
         return torch.sqrt((diff * diff).sum(dim=1) + 1e-12)
 
     def score_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
-        return torch.exp(-self.distance(fmap_a, fmap_b))
+        return 1 / (1 + self.distance(fmap_a, fmap_b))
 
 
 def build_net(config: ModelConfig, backbone: Backbone) -> SiameseNet:

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from engine.config import ModelConfig
 from engine.data import LabelledImages, paper_pairs, split
 from engine.inference import SimilarityModel, build_model, save_checkpoint
-from engine.metrics import best_threshold, pair_metrics, retrieval_metrics
+from engine.evaluate import evaluate_fmaps, pair_scores
+from engine.metrics import best_threshold
 from engine.model import MatchNet, PaperNet, SiameseNet
 
 RESUME_FILE = "resume.pt"
@@ -84,35 +85,6 @@ def cached_feature_maps(model: SimilarityModel, paths: list[Path], cache_dir: Pa
     torch.save({"fmaps": result.fmaps, **({"flipped": result.flipped} if with_flips else {})}, tmp)
     tmp.replace(cache_file)
     return result
-
-
-def evaluate_fmaps(net: SiameseNet, fmaps: Tensor, groups: list[str | None], form: str, threshold: float | None, seed: int = 0) -> dict[str, float]:
-    """Metrics of a net on cached feature maps: retrieval + all-pairs AUC (groups) or paper-pair accuracy (classes)."""
-    net.eval()
-    with torch.inference_mode():
-        emb = net.embed_fmap(fmaps.float())
-        if form == "groups":
-            if net.config.metric == "l2":
-                sims = -torch.cdist(emb, emb)
-            else:
-                sims = emb @ emb.T
-            ids = list(range(len(groups)))
-            emb_np = emb.numpy()
-            result = retrieval_metrics(emb_np, groups, emb_np, groups, query_ids=ids, gallery_ids=ids, scores=sims.numpy())
-            i, j = np.triu_indices(len(groups), k=1)
-            labels = np.array([groups[a] is not None and groups[a] == groups[b] for a, b in zip(i, j)], dtype=np.int64)
-            scores = pair_scores(net, fmaps, i, j)
-            result.update(pair_metrics(scores, labels, threshold))
-            return result
-        i, j, labels = paper_pairs(groups, seed)
-        return pair_metrics(pair_scores(net, fmaps, i, j), labels, threshold)
-
-
-def pair_scores(net: SiameseNet, fmaps: Tensor, i: np.ndarray, j: np.ndarray, chunk: int = 512) -> np.ndarray:
-    with torch.inference_mode():
-        return np.concatenate(
-            [net.score_fmaps(fmaps[i[s : s + chunk]].float(), fmaps[j[s : s + chunk]].float()).numpy() for s in range(0, len(i), chunk)]
-        ) if len(i) else np.zeros(0, np.float32)
 
 
 def _group_index(groups: list[str | None]) -> dict[str, list[int]]:
@@ -226,7 +198,7 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
             loss.backward()
             optimizer.step()
             losses.append(float(loss))
-        metrics = evaluate_fmaps(net, val_fmaps, val.groups, data.form, None, options.seed)
+        metrics = evaluate_fmaps(net, val_fmaps, val.groups, data.form, None, seed=options.seed)
         score = metrics[criterion] + (metrics["pair_auc"] if criterion != "pair_auc" else 0)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), **{k: round(float(v), 4) for k, v in metrics.items()}})
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{criterion: f"{metrics[criterion]:.3f}", "auc": f"{metrics['pair_auc']:.3f}"})
@@ -240,7 +212,7 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
     best_model = _reload(config, out_dir, model)
     threshold_pairs = _threshold_pairs(best_model.net, val_fmaps, val.groups, options.seed)
     config.threshold = best_threshold(*threshold_pairs)
-    final = evaluate_fmaps(best_model.net, val_fmaps, val.groups, data.form, config.threshold, options.seed)
+    final = evaluate_fmaps(best_model.net, val_fmaps, val.groups, data.form, config.threshold, seed=options.seed)
     config.provenance.update({
         "data": str(data.root), "form": data.form, "images": len(data), "fit_images": len(fit), "inner_val_images": len(val),
         "best_epoch": best_epoch, "epochs_run": len(history), "feature_seconds": round(feature_seconds, 1),
@@ -257,7 +229,7 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
 def _threshold_pairs(net: SiameseNet, fmaps: Tensor, groups: list[str | None], seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Balanced pairs (one similar, one dissimilar partner per image) to place the decision threshold."""
     i, j, labels = paper_pairs(groups, seed)
-    return pair_scores(net, fmaps, i, j), labels
+    return pair_scores(net, fmaps, fmaps, i, j), labels
 
 
 def _reload(config: ModelConfig, out_dir: Path, model: SimilarityModel) -> SimilarityModel:

@@ -1,0 +1,133 @@
+"""Engine subcommands of the ``whymatch`` CLI: ``train``, ``compare``, ``eval``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from engine.config import ModelConfig, Settings
+from engine.data import load_labelled_images, split
+from engine.errors import ImageLoadError, WeightsNotInstalledError
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return ctx.obj if isinstance(ctx.obj, Settings) else Settings()
+
+
+def _load(ctx: click.Context, model_path: Path | None):
+    from engine.inference import load_model
+
+    settings = _settings(ctx)
+    try:
+        return load_model(model_path or settings.model_path, threads=settings.threads, batch_size=settings.batch_size)
+    except (FileNotFoundError, WeightsNotInstalledError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.command("train")
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="Class folders, or duplicate groups (groups.csv or <folder>/<city>_<listing>_<n>.jpg).")
+@click.option("--form", type=click.Choice(["groups", "classes"]), default=None, help="Default: groups when a groups CSV exists, else classes.")
+@click.option("--groups-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Checkpoint directory (config.json + model.safetensors).")
+@click.option("--preset", type=click.Choice(["whymatch", "paper"]), default="whymatch", show_default=True)
+@click.option("--backbone", default=None, help="Registered backbone (mobilenet_v2, efficientnet_lite0, ...).")
+@click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False), default=None, help="Local state_dict for backbones without packaged weights.")
+@click.option("--input-size", type=int, default=None)
+@click.option("--embed-dim", type=int, default=None)
+@click.option("--holdout", type=float, default=0.0, show_default=True, help="Fraction of groups held apart (never trained on, for benchmarks).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=int, default=40, show_default=True)
+@click.option("--patience", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/resume.pt.")
+@click.option("--json", "as_json", is_flag=True, help="Print the inner-validation metrics as JSON.")
+@click.pass_context
+def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_csv: Path | None, out_dir: Path, preset: str,
+                  backbone: str | None, backbone_weights: str | None, input_size: int | None, embed_dim: int | None,
+                  holdout: float, seed: int, epochs: int, patience: int, lr: float, resume: bool, as_json: bool) -> None:
+    """Train a Siamese model (frozen backbone, cached features) and save it to OUT."""
+    from engine.train import TrainOptions, train
+
+    settings = _settings(ctx)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    data = load_labelled_images(data_dir, form, groups_csv)
+    if holdout > 0:
+        kept, held = split(data, holdout, seed)
+        data = data.subset(kept)
+    config = ModelConfig.for_preset(preset, backbone=backbone, backbone_weights=backbone_weights, input_size=input_size, embed_dim=embed_dim)
+    command = "whymatch " + " ".join(sys.argv[1:])
+    options = TrainOptions(epochs=epochs, patience=patience, learning_rate=lr, seed=seed, resume=resume,
+                           cache_dir=settings.data_dir / "cache" / "features",
+                           extra={"command": command, "holdout": holdout, "seed": seed})
+    _, metrics = train(config, data, out_dir, options)
+    if as_json:
+        click.echo(json.dumps({k: float(v) for k, v in metrics.items()}))
+    else:
+        click.echo(f"saved {out_dir}; inner validation: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+@click.command("compare")
+@click.argument("image_a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("image_b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the explanation figure (PNG).")
+@click.option("--model", "model_path", type=click.Path(exists=True, path_type=Path), default=None)
+@click.option("--method", type=click.Choice(["gradcam", "hirescam"]), default="gradcam", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print score, decision and the four maps as JSON.")
+@click.pass_context
+def compare_command(ctx: click.Context, image_a: Path, image_b: Path, out: Path | None, model_path: Path | None, method: str, as_json: bool) -> None:
+    """Score two images and explain the decision with factual and counterfactual Grad-CAM maps."""
+    from engine.figures import pair_figure
+
+    model = _load(ctx, model_path)
+    try:
+        explanation = model.explain(image_a, [image_b], method=method)[0]
+        if out:
+            pictures = model.load([image_a, image_b])
+            pair_figure(pictures[0], pictures[1], explanation, out, titles=(image_a.name, image_b.name))
+    except ImageLoadError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps({"image_a": str(image_a), "image_b": str(image_b), **explanation.to_dict(), "figure": str(out) if out else None}))
+        return
+    decision = "match" if explanation.is_match else "no match"
+    click.echo(f"similarity {explanation.similarity:.4f} → {decision} (threshold {explanation.threshold:.3f})")
+    if explanation.empty_maps:
+        click.echo("maps without any evidence: " + ", ".join(explanation.empty_maps))
+    if out:
+        click.echo(f"figure: {out}")
+
+
+@click.command("eval")
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--gallery", "galleries", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True, help="Extra distractor folders searched too.")
+@click.option("--form", type=click.Choice(["groups", "classes"]), default=None)
+@click.option("--groups-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--holdout", type=float, default=0.0, help="Evaluate only on the held-apart split of --data (as train --holdout with the same --seed).")
+@click.option("--seed", type=int, default=0)
+@click.option("--model", "model_path", type=click.Path(exists=True, path_type=Path), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def eval_command(ctx: click.Context, data_dir: Path, galleries: tuple[Path, ...], form: str | None, groups_csv: Path | None,
+                 holdout: float, seed: int, model_path: Path | None, as_json: bool) -> None:
+    """Retrieval R@1/R@5/mAP and pair AUC (duplicate groups) or pair AUC/accuracy (class folders)."""
+    from engine.data import list_images
+    from engine.evaluate import evaluate_fmaps
+
+    model = _load(ctx, model_path)
+    data = load_labelled_images(data_dir, form, groups_csv)
+    if holdout > 0:
+        data = data.subset(split(data, holdout, seed)[1])
+    fmaps = model.feature_maps(data.paths)
+    gallery_paths = [p for g in galleries for p in list_images(g)]
+    gallery = model.feature_maps(gallery_paths) if gallery_paths else None
+    metrics = evaluate_fmaps(model.net, fmaps, data.groups, data.form, model.threshold, gallery_fmaps=gallery, seed=seed)
+    if as_json:
+        click.echo(json.dumps({k: float(v) for k, v in metrics.items()}))
+        return
+    for key, value in metrics.items():
+        click.echo(f"{key:>24}  {value:.4f}" if isinstance(value, float) else f"{key:>24}  {value}")

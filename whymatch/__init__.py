@@ -1,0 +1,1 @@
+"""whymatch: image similarity search that says why two images match."""

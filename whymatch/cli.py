@@ -1,0 +1,20 @@
+"""The ``whymatch`` command: one subcommand per pipeline stage, each defined by the package that owns it."""
+
+from __future__ import annotations
+
+import click
+
+from engine.cli import compare_command, eval_command, train_command
+from engine.config import Settings
+from whymatch.demo import demo_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """whymatch — image similarity search that says why two images match."""
+    ctx.obj = Settings()
+
+
+for command in (demo_command, train_command, compare_command, eval_command):
+    main.add_command(command)

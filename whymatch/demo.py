@@ -1,0 +1,120 @@
+"""The main job on an embedded default: a small demo catalogue, the shipped model, explained pairs.
+
+The catalogue is a sample of ``../shared/data/airbnb`` when it is there, else photos that
+scikit-image ships with generated edits (crop, mirror, exposure, rotation) as known near-duplicates,
+else a folder the user names.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+from engine.data import list_images, load_labelled_images
+
+SHARED_AIRBNB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "airbnb"
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "immunohistochemistry", "camera", "hubble_deep_field")
+
+
+def skimage_catalogue(out_dir: Path) -> Path:
+    """Write scikit-image's sample photos and three edits of each (a known duplicate group per photo)."""
+    from skimage import data as samples
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in SKIMAGE_PHOTOS:
+        photo = Image.fromarray(getattr(samples, name)()).convert("RGB")
+        w, h = photo.size
+        variants = {
+            "original": photo,
+            "crop": photo.crop((w // 10, h // 12, w - w // 8, h - h // 10)),
+            "mirror-bright": ImageEnhance.Brightness(ImageOps.mirror(photo)).enhance(1.35),
+            "rotate-dark": ImageEnhance.Brightness(photo.rotate(6, resample=Image.BICUBIC, expand=False)).enhance(0.7),
+        }
+        for variant, picture in variants.items():
+            relative = f"{name}_{variant}.jpg"
+            picture.save(out_dir / relative, quality=90)
+            rows.append((relative, name))
+    with open(out_dir / "groups.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "group"])
+        writer.writerows(rows)
+    return out_dir
+
+
+def airbnb_sample(out_dir: Path, n_groups: int = 30, seed: int = 0) -> Path:
+    """A small catalogue of AirBnB duplicate groups (symlinks) with its groups.csv."""
+    data = load_labelled_images(SHARED_AIRBNB)
+    rng = np.random.default_rng(seed)
+    groups = sorted({g for g in data.groups if g is not None and data.groups.count(g) >= 2})
+    chosen = set(rng.choice(groups, size=min(n_groups, len(groups)), replace=False))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path, name, group in zip(data.paths, data.names, data.groups):
+        if group in chosen:
+            link = out_dir / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(path)
+            rows.append((name, group))
+    with open(out_dir / "groups.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "group"])
+        writer.writerows(rows)
+    return out_dir
+
+
+def demo_catalogue(data_dir: Path, catalogue: Path | None) -> Path:
+    if catalogue is not None:
+        return catalogue
+    if SHARED_AIRBNB.is_dir():
+        return airbnb_sample(data_dir / "demo-airbnb")
+    return skimage_catalogue(data_dir / "demo-skimage")
+
+
+@click.command("demo")
+@click.option("--catalogue", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Use this folder instead of the built-in demo catalogue.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo"), show_default=True)
+@click.option("--pairs", type=int, default=3, show_default=True, help="How many best-matching pairs to explain.")
+@click.pass_context
+def demo_command(ctx: click.Context, catalogue: Path | None, out_dir: Path, pairs: int) -> None:
+    """Explain the best and the worst matching pairs of a demo catalogue and write their figures."""
+    from engine.figures import pair_figure
+    from engine.inference import load_model
+
+    settings = ctx.obj
+    model = load_model(settings.model_path, threads=settings.threads, batch_size=settings.batch_size)
+    root = demo_catalogue(settings.data_dir, catalogue)
+    paths = list_images(root)
+    if len(paths) < 2:
+        raise click.ClickException(f"the demo catalogue {root} needs at least two images")
+    click.echo(f"catalogue: {root} ({len(paths)} images); model: {model.config.preset}/{model.config.backbone}")
+    fmaps = model.feature_maps(paths)
+    emb = model.embed_fmaps(fmaps)
+    sims = emb @ emb.T if model.metric == "cosine" else -np.linalg.norm(emb[:, None] - emb[None], axis=2)
+    i, j = np.triu_indices(len(paths), k=1)
+    order = np.argsort(-sims[i, j])
+    candidates = np.concatenate([order[: 4 * pairs], order[-1:]])
+    head = model.score_fmaps(fmaps[i[candidates]], fmaps[j[candidates]])
+    ranked = [candidates[k] for k in np.argsort(-head[: 4 * pairs])[:pairs]] + [candidates[-1]]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = []
+    from engine.explain import explain_fmaps
+
+    for rank, pair in enumerate(ranked):
+        a, b = int(i[pair]), int(j[pair])
+        explanation = explain_fmaps(model.net, fmaps[a : a + 1], fmaps[b : b + 1], model.threshold)[0]
+        kind = "best" if rank < len(ranked) - 1 else "worst"
+        figure = out_dir / f"{kind}-{rank + 1}.png"
+        pictures = model.load([paths[a], paths[b]])
+        pair_figure(pictures[0], pictures[1], explanation, figure, titles=(paths[a].name, paths[b].name))
+        decision = "match" if explanation.is_match else "no match"
+        click.echo(f"{kind:>5}  {explanation.similarity:.3f}  {decision:<8}  {paths[a].relative_to(root)}  ~  {paths[b].relative_to(root)}  → {figure}")
+        report.append({"kind": kind, "a": str(paths[a]), "b": str(paths[b]), "similarity": explanation.similarity,
+                       "is_match": explanation.is_match, "figure": str(figure)})
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
