@@ -5,7 +5,9 @@ Both networks share the contract the rest of the engine relies on:
 * ``backbone.features(x)`` — the Grad-CAM layer's activations (frozen ImageNet backbone);
 * ``embed_fmap(fmap)`` — the embedding stored in FAISS;
 * ``score_fmaps(fmap_a, fmap_b)`` — a similarity in (0, 1), differentiable with respect to *both*
-  feature maps and never clipped, so every pair has gradients for Grad-CAM.
+  feature maps and never clipped, so every pair has gradients for Grad-CAM;
+* ``describe(fmap)`` / ``score_descriptions(da, db)`` — the same score split in a per-image part and
+  a per-pair part, so scoring many pairs of few images describes each image once.
 
 Only the layers after the backbone are trained and saved.
 """
@@ -32,8 +34,15 @@ class SiameseNet(nn.Module):
     def embed_fmap(self, fmap: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def score_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
+    def describe(self, fmap: Tensor) -> tuple[Tensor, ...]:
+        """Per-image tensors the pair score is computed from (batch first)."""
         raise NotImplementedError
+
+    def score_descriptions(self, desc_a: tuple[Tensor, ...], desc_b: tuple[Tensor, ...]) -> Tensor:
+        raise NotImplementedError
+
+    def score_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
+        return self.score_descriptions(self.describe(fmap_a), self.describe(fmap_b))
 
     def forward(self, images_a: Tensor, images_b: Tensor) -> Tensor:
         """Similarity of two image batches (for hooks-based Grad-CAM tools that call the module)."""
@@ -76,6 +85,8 @@ class MatchNet(SiameseNet):
         self.log_temperature = nn.Parameter(torch.tensor(-3.0))
         self.head_weights = nn.Parameter(torch.tensor([2.0, 2.0]))
         self.head_bias = nn.Parameter(torch.tensor(-2.0))
+        # Platt scaling (scale, shift) fitted after training so the score reads as a probability.
+        self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
 
     def embed_fmap(self, fmap: Tensor) -> Tensor:
         return F.normalize(self.embed_proj(fmap.float().mean(dim=(2, 3))), dim=1)
@@ -84,23 +95,25 @@ class MatchNet(SiameseNet):
         """B×HW×D unit-length descriptors, one per feature-map cell."""
         return F.normalize(self.local_proj(fmap.float()).flatten(2).transpose(1, 2), dim=2)
 
-    def local_match(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
+    def describe(self, fmap: Tensor) -> tuple[Tensor, Tensor]:
+        return self.embed_fmap(fmap), self.local_descriptors(fmap)
+
+    def local_match(self, la: Tensor, lb: Tensor) -> Tensor:
         """Mean soft-best-match similarity of each cell to the other image's cells, both ways."""
-        la, lb = self.local_descriptors(fmap_a), self.local_descriptors(fmap_b)
         corr = la @ lb.transpose(1, 2)
         temperature = self.log_temperature.exp()
         a_to_b = (torch.softmax(corr / temperature, dim=2) * corr).sum(dim=2).mean(dim=1)
         b_to_a = (torch.softmax(corr / temperature, dim=1) * corr).sum(dim=1).mean(dim=1)
         return (a_to_b + b_to_a) / 2
 
-    def head_logit(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
-        cosine = (self.embed_fmap(fmap_a) * self.embed_fmap(fmap_b)).sum(dim=1)
-        local = self.local_match(fmap_a, fmap_b)
+    def head_logit(self, desc_a: tuple[Tensor, Tensor], desc_b: tuple[Tensor, Tensor]) -> Tensor:
+        cosine = (desc_a[0] * desc_b[0]).sum(dim=1)
+        local = self.local_match(desc_a[1], desc_b[1])
         weights = F.softplus(self.head_weights)
-        return weights[0] * 10 * cosine + weights[1] * 10 * local + self.head_bias * 10
+        return 10 * (weights[0] * cosine + weights[1] * local + self.head_bias)
 
-    def score_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
-        return torch.sigmoid(self.head_logit(fmap_a, fmap_b))
+    def score_descriptions(self, desc_a: tuple[Tensor, Tensor], desc_b: tuple[Tensor, Tensor]) -> Tensor:
+        return torch.sigmoid(self.calibration[0] * self.head_logit(desc_a, desc_b) + self.calibration[1])
 
 
 class PaperNet(SiameseNet):
@@ -118,13 +131,17 @@ class PaperNet(SiameseNet):
     def embed_fmap(self, fmap: Tensor) -> Tensor:
         return self.mlp(fmap.float().mean(dim=(2, 3)))
 
-    def distance(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
+    def describe(self, fmap: Tensor) -> tuple[Tensor]:
+        return (self.embed_fmap(fmap),)
+
+    @staticmethod
+    def distance(emb_a: Tensor, emb_b: Tensor) -> Tensor:
         # The epsilon keeps the gradient of the norm finite for identical embeddings.
-        diff = self.embed_fmap(fmap_a) - self.embed_fmap(fmap_b)
+        diff = emb_a - emb_b
         return torch.sqrt((diff * diff).sum(dim=1) + 1e-12)
 
-    def score_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
-        return 1 / (1 + self.distance(fmap_a, fmap_b))
+    def score_descriptions(self, desc_a: tuple[Tensor], desc_b: tuple[Tensor]) -> Tensor:
+        return 1 / (1 + self.distance(desc_a[0], desc_b[0]))
 
 
 def build_net(config: ModelConfig, backbone: Backbone) -> SiameseNet:

@@ -125,7 +125,7 @@ def _hard_batches(net: MatchNet, fmaps: Tensor, groups: list[str | None], option
 
 
 def _matchnet_loss(net: MatchNet, fmaps: Tensor, groups: list[str | None]) -> Tensor:
-    emb = net.embed_fmap(fmaps)
+    emb, local = net.describe(fmaps)
     table: dict[str, int] = {}
     codes = torch.tensor([table.setdefault(g, len(table)) if g is not None else -1 - i for i, g in enumerate(groups)])
     same = (codes[:, None] == codes[None, :]) & ~torch.eye(len(groups), dtype=torch.bool)
@@ -136,7 +136,7 @@ def _matchnet_loss(net: MatchNet, fmaps: Tensor, groups: list[str | None]) -> Te
     infonce = -(log_prob.masked_fill(~same, 0).sum(1)[has_pos] / same.sum(1)[has_pos]).mean()
     i, j = torch.triu_indices(len(groups), len(groups), offset=1)
     labels = same[i, j].float()
-    head = net.head_logit(fmaps[i], fmaps[j])
+    head = net.head_logit((emb[i], local[i]), (emb[j], local[j]))
     pos_weight = ((1 - labels).sum() / labels.sum().clamp(min=1)).clamp(max=20)
     bce = F.binary_cross_entropy_with_logits(head, labels, pos_weight=pos_weight)
     return infonce + bce
@@ -144,7 +144,7 @@ def _matchnet_loss(net: MatchNet, fmaps: Tensor, groups: list[str | None]) -> Te
 
 def _paper_loss(net: PaperNet, fmaps_a: Tensor, fmaps_b: Tensor, labels: Tensor, margin: float = 2.0) -> Tensor:
     """Contrastive loss (Hadsell et al. 2006) as in the paper: similar pairs pulled, others pushed to the margin."""
-    d = net.distance(fmaps_a, fmaps_b)
+    d = net.distance(net.embed_fmap(fmaps_a), net.embed_fmap(fmaps_b))
     return (labels * d.pow(2) + (1 - labels) * F.relu(margin - d).pow(2)).mean()
 
 
@@ -197,7 +197,7 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
             loss = batch_loss(batch_fmaps)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         metrics = evaluate_fmaps(net, val_fmaps, val.groups, data.form, None, seed=options.seed)
         score = metrics[criterion] + (metrics["pair_auc"] if criterion != "pair_auc" else 0)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), **{k: round(float(v), 4) for k, v in metrics.items()}})
@@ -210,8 +210,9 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
         if epoch - best_epoch >= options.patience:
             break
     best_model = _reload(config, out_dir, model)
-    threshold_pairs = _threshold_pairs(best_model.net, val_fmaps, val.groups, options.seed)
-    config.threshold = best_threshold(*threshold_pairs)
+    if isinstance(best_model.net, MatchNet):
+        _calibrate(best_model.net, val_fmaps, val.groups, options.seed)
+    config.threshold = best_threshold(*_threshold_pairs(best_model.net, val_fmaps, val.groups, options.seed))
     final = evaluate_fmaps(best_model.net, val_fmaps, val.groups, data.form, config.threshold, seed=options.seed)
     config.provenance.update({
         "data": str(data.root), "form": data.form, "images": len(data), "fit_images": len(fit), "inner_val_images": len(val),
@@ -224,6 +225,18 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
     (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     resume_path.unlink(missing_ok=True)
     return best_model, final
+
+
+def _calibrate(net: MatchNet, fmaps: Tensor, groups: list[str | None], seed: int) -> None:
+    """Platt scaling of the head on balanced held-aside pairs, so that similarity ≈ P(match)."""
+    from sklearn.linear_model import LogisticRegression
+
+    i, j, labels = paper_pairs(groups, seed)
+    with torch.inference_mode():
+        emb, local = net.describe(fmaps.float())
+        logits = net.head_logit((emb[i], local[i]), (emb[j], local[j])).numpy().reshape(-1, 1)
+    fit = LogisticRegression(C=100.0).fit(logits, labels)
+    net.calibration.copy_(torch.tensor([float(fit.coef_[0, 0]), float(fit.intercept_[0])]))
 
 
 def _threshold_pairs(net: SiameseNet, fmaps: Tensor, groups: list[str | None], seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -101,7 +101,7 @@ def test_far_apart_pair_still_has_gradients():
     fmap_a = torch.rand(1, 1280, 4, 4) * 20
     fmap_b = (torch.rand(1, 1280, 4, 4) * 20 + 100).requires_grad_(True)
     score = model.net.score_fmaps(fmap_a, fmap_b)
-    assert model.net.distance(fmap_a, fmap_b).item() > 1.0
+    assert model.net.distance(model.net.embed_fmap(fmap_a), model.net.embed_fmap(fmap_b)).item() > 1.0
     (grad,) = torch.autograd.grad(score.sum(), fmap_b)
     assert grad.abs().sum() > 0
     explanation = explain_fmaps(model.net, fmap_a, fmap_b.detach(), threshold=0.5)[0]
