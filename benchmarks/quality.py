@@ -1,0 +1,214 @@
+"""Quality benchmark: whymatch against an off-the-shelf backbone and the paper's method, in one run.
+
+Every model is scored on the same held-apart split (``split(data, 0.3, seed=0)[1]``) and trained only on
+the kept split, so no figure rewards memorising the test photos. AirBnB is the duplicate-listing task
+(retrieval + pair AUC over all pairs); flowers and skin-cancer are the paper's class tasks (balanced pairs).
+
+    .venv/bin/python benchmarks/quality.py                       # full run, records docs/benchmarks.md
+    .venv/bin/python benchmarks/quality.py --limit 40 --epochs 2  # smoke run, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import BENCH_DIR, add_model_option, command_line, load_bench_model, markdown_table, record, shared_data
+from engine.config import ModelConfig, Preset
+from engine.data import LabelledImages, load_labelled_images, split
+from engine.evaluate import RERANK_K, evaluate_fmaps
+from engine.inference import SimilarityModel, build_model
+from engine.metrics import all_pairs, pair_metrics, retrieval_metrics
+from engine.train import TrainOptions, cached_feature_maps, train
+
+HOLDOUT, SEED = 0.3, 0
+TARGET_R1, TARGET_AUC, TARGET_FLOWERS_ACCURACY = 0.90, 0.99, 0.95
+CLASS_SETS = ("flowers", "skin-cancer")
+CLASS_INPUT_SIZE = 224  # flowers and skin-cancer photos are at most 320 / 224 px
+
+
+@dataclass
+class Bench:
+    """Where this run puts its models and (fresh, so training times include feature extraction) features."""
+
+    models: Path
+    features: Path
+    epochs: int
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def limited(data: LabelledImages, limit: int | None) -> LabelledImages:
+    """The first ``limit`` groups (groups form) or first ``limit`` images of each class (classes form)."""
+    if limit is None:
+        return data
+    if data.form == "groups":
+        first = set(list(dict.fromkeys(g for g in data.groups if g is not None))[:limit])
+        return data.subset([i for i, g in enumerate(data.groups) if g in first])
+    taken: dict[str, int] = {}
+    keep = []
+    for i, cls in enumerate(data.classes):
+        if taken.get(cls, 0) < limit:
+            taken[cls] = taken.get(cls, 0) + 1
+            keep.append(i)
+    return data.subset(keep)
+
+
+def kept_and_held(name: str, limit: int | None) -> tuple[LabelledImages, LabelledImages]:
+    """Split the whole set first, then limit each side: a smoke run's test photos stay truly held apart."""
+    data = load_labelled_images(shared_data(name))
+    kept, held = split(data, HOLDOUT, SEED)
+    return limited(data.subset(kept), limit), limited(data.subset(held), limit)
+
+
+def describe_split(name: str, kept: LabelledImages, held: LabelledImages) -> str:
+    unit = "groups" if held.form == "groups" else "classes"
+    return (f"**{name}**: held-apart split of {len(held)} images in {len(set(held.groups))} {unit}; "
+            f"models trained on the kept {len(kept)} images.")
+
+
+def fmaps_of(model: SimilarityModel, data: LabelledImages, bench: Bench) -> torch.Tensor:
+    return cached_feature_maps(model, data.paths, bench.features, with_flips=False, progress=False).fmaps
+
+
+def train_on(preset: Preset, name: str, kept: LabelledImages, bench: Bench, **overrides: int) -> tuple[SimilarityModel, float]:
+    """Train a preset on the kept split; returns the model and the wall seconds of ``train`` (features included)."""
+    options = TrainOptions(seed=SEED, progress=False, cache_dir=bench.features, epochs=bench.epochs,
+                           extra={"holdout": HOLDOUT, "seed": SEED})
+    start = time.perf_counter()
+    model, _ = train(ModelConfig.for_preset(preset, **overrides), kept, bench.models / f"{name}-{preset}", options)
+    seconds = time.perf_counter() - start
+    log(f"{name}: trained {preset} in {seconds:.1f} s")
+    return model, seconds
+
+
+def off_the_shelf(held: LabelledImages, input_size: int, bench: Bench) -> dict[str, float]:
+    """ImageNet MobileNetV2 as is: cosine of globally average-pooled last-conv features."""
+    model = build_model(ModelConfig.for_preset("whymatch", input_size=input_size))
+    emb = F.normalize(fmaps_of(model, held, bench).float().mean((2, 3)), dim=1).numpy()
+    ids = list(range(len(held)))
+    result = retrieval_metrics(emb, held.groups, emb, held.groups, query_ids=ids, gallery_ids=ids)
+    i, j, labels = all_pairs(held.groups)
+    result.update(pair_metrics((emb @ emb.T)[i, j], labels))
+    return result
+
+
+def shipped_if_held_apart(model: SimilarityModel) -> bool:
+    """Whether the model was trained on exactly this benchmark's kept AirBnB split."""
+    p = model.config.provenance
+    return p.get("holdout") == HOLDOUT and p.get("seed") == SEED and Path(str(p.get("data", ""))).name == "airbnb"
+
+
+def status(met: bool) -> str:
+    return "met" if met else "**not met**"
+
+
+def airbnb(bench: Bench, limit: int | None, model_path: Path | None) -> str:
+    kept, held = kept_and_held("airbnb", limit)
+    default = load_bench_model(model_path)
+    rows: list[list[object]] = []
+
+    def row(label: str, m: dict[str, float], seconds: float | str | None, prefix: str = "") -> None:
+        rows.append([label, m[f"{prefix}recall@1"], m[f"{prefix}recall@5"], m[f"{prefix}map"], m[f"{prefix}pair_auc"],
+                     f"{seconds:.0f}" if isinstance(seconds, float) else seconds])
+
+    for size in dict.fromkeys([224, default.config.input_size]):
+        log(f"airbnb: off-the-shelf MobileNetV2 at {size} px")
+        row(f"off-the-shelf MobileNetV2, {size} px (pooled cosine)", off_the_shelf(held, size, bench), None)
+    paper, paper_seconds = train_on("paper", "airbnb", kept, bench)
+    row("paper preset (trained, 224 px)", evaluate_fmaps(paper.net, fmaps_of(paper, held, bench), held.groups, "groups", paper.threshold, seed=SEED), paper_seconds)
+
+    if shipped_if_held_apart(default):
+        ours, ours_seconds, source = default, "shipped", "the shipped model (trained on this kept split: holdout 0.3, seed 0)"
+    else:
+        ours, ours_seconds = train_on("whymatch", "airbnb", kept, bench)
+        source = "a whymatch model trained in this run (the shipped one was not trained with holdout 0.3, seed 0 on airbnb)"
+    m = evaluate_fmaps(ours.net, fmaps_of(ours, held, bench), held.groups, "groups", ours.threshold, seed=SEED)
+    size = ours.config.input_size
+    row(f"whymatch, {size} px: embedding only", m, ours_seconds, prefix="embedding_")
+    row(f"whymatch, {size} px: + head re-scoring (top {RERANK_K})", m, ours_seconds)
+
+    targets = (f"Targets (whymatch with head re-scoring): R@1 ≥ {TARGET_R1:.2f} — {status(m['recall@1'] >= TARGET_R1)} "
+               f"({m['recall@1']:.3f}); pair AUC ≥ {TARGET_AUC:.2f} — {status(m['pair_auc'] >= TARGET_AUC)} ({m['pair_auc']:.3f}). "
+               f"whymatch rows: {source}.")
+    table = markdown_table(["AirBnB duplicates", "R@1", "R@5", "mAP", "pair AUC (all pairs)", "train s"], rows)
+    return "\n\n".join([describe_split("AirBnB duplicates", kept, held), table, targets])
+
+
+def class_sets(names: list[str], bench: Bench, limit: int | None) -> str:
+    rows: list[list[object]] = []
+    parts, targets = [], []
+    for name in names:
+        kept, held = kept_and_held(name, limit)
+        parts.append(describe_split(name, kept, held))
+        scores = {}
+        for preset in ("paper", "whymatch"):
+            model, seconds = train_on(preset, name, kept, bench, input_size=CLASS_INPUT_SIZE)
+            m = evaluate_fmaps(model.net, fmaps_of(model, held, bench), held.groups, "classes", model.threshold, seed=SEED)
+            scores[preset] = m
+            rows.append([name, f"{preset} preset, {CLASS_INPUT_SIZE} px", m["pair_accuracy"], m["pair_auc"], f"{seconds:.0f}"])
+        ours, paper = scores["whymatch"], scores["paper"]
+        line = (f"{name}: whymatch ahead on accuracy — {status(ours['pair_accuracy'] > paper['pair_accuracy'])}, "
+                f"on AUC — {status(ours['pair_auc'] > paper['pair_auc'])}")
+        if name == "flowers":
+            line += f"; accuracy ≥ {TARGET_FLOWERS_ACCURACY:.2f} — {status(ours['pair_accuracy'] >= TARGET_FLOWERS_ACCURACY)}"
+        targets.append(line + ".")
+    table = markdown_table(["data set", "model", "pair accuracy", "pair AUC", "train s"], rows)
+    return "\n\n".join([*parts, table, "Targets: " + " ".join(targets)])
+
+
+NOTES = f"""\
+Held-apart split: `split(data, 0.3, seed=0)[1]` of each data set; every trained model saw only the kept
+split (its inner validation split, also taken from the kept side, picks the epoch and the threshold).
+AirBnB: every held-apart image with a duplicate queries all the others (never itself); pair AUC covers
+every pair of held-apart images. The paper preset ranks by its Euclidean distance; whymatch re-scores
+the top {RERANK_K} by embedding with its Siamese head, as search does. Flowers / skin-cancer: the paper's
+balanced pairs (one similar and one dissimilar partner per image), accuracy at the model's own
+threshold. "train s" is the wall time of training on 2 threads, backbone feature extraction included
+(fresh feature cache)."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default="airbnb,flowers,skin-cancer", help="comma-separated subset of airbnb,flowers,skin-cancer")
+    parser.add_argument("--limit", type=int, default=None, help="first N groups / images per class of each side (smoke run)")
+    parser.add_argument("--epochs", type=int, default=TrainOptions().epochs, help="maximum training epochs")
+    parser.add_argument("--record", action="store_true", help="record docs/benchmarks.md even with --limit")
+    add_model_option(parser)
+    args = parser.parse_args()
+    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    unknown = set(names) - {"airbnb", *CLASS_SETS}
+    if unknown or not names:
+        parser.error(f"unknown data sets {sorted(unknown)}; choose from airbnb, flowers, skin-cancer")
+
+    torch.set_num_threads(2)
+    torch.manual_seed(SEED)
+    np.random.seed(SEED)
+    run_dir = BENCH_DIR / (f"limit{args.limit}" if args.limit else "full")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix="features-") as features:
+        bench = Bench(run_dir, Path(features), args.epochs)
+        sections = []
+        if "airbnb" in names:
+            sections.append(airbnb(bench, args.limit, args.model))
+        if classes := [n for n in CLASS_SETS if n in names]:
+            sections.append(class_sets(classes, bench, args.limit))
+    tables = "\n\n".join(sections)
+    notes = NOTES + (f"\n\n**Smoke run** (`--limit {args.limit}`): not comparable with the full figures." if args.limit else "")
+    print(tables + "\n\n" + notes)
+    if args.record or args.limit is None:
+        log(f"recorded in {record('quality', command_line(), tables, notes)}")
+
+
+if __name__ == "__main__":
+    main()
