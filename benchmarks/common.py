@@ -17,6 +17,10 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.inference import SimilarityModel
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -51,7 +55,7 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
                         help=f"checkpoint directory (default: ${MODEL_ENV}, else the shipped engine/models/default)")
 
 
-def load_bench_model(path: Path | None):
+def load_bench_model(path: Path | None) -> SimilarityModel:
     """``load_model(path)``, or exit explaining how to point at a checkpoint when there is none."""
     from engine.inference import load_model
 
@@ -112,7 +116,7 @@ def record(section: str, command: str, table_markdown: str, notes: str = "") -> 
     begin, end = f"<!-- section:{section} -->", f"<!-- /section:{section} -->"
     body = "\n\n".join(part for part in [
         begin,
-        f"## {section}",
+        f"## {section.replace('-', ' ').capitalize()}",
         f"Command: `{command}`  \nDate: {date.today().isoformat()} · torch {torch.__version__} · CPU: {cpu_model()}",
         table_markdown.strip(),
         notes.strip(),

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -128,11 +127,12 @@ def airbnb(bench: Bench, limit: int | None, model_path: Path | None) -> str:
     paper, paper_seconds = train_on("paper", "airbnb", kept, bench)
     row("paper preset (trained, 224 px)", evaluate_fmaps(paper.net, fmaps_of(paper, held, bench), held.groups, "groups", paper.threshold, seed=SEED), paper_seconds)
 
+    given = f"the model at {model_path}" if model_path else "the shipped model"
     if shipped_if_held_apart(default):
-        ours, ours_seconds, source = default, "shipped", "the shipped model (trained on this kept split: holdout 0.3, seed 0)"
+        ours, ours_seconds, source = default, "shipped", f"{given}, trained on this kept split (holdout 0.3, seed 0)"
     else:
         ours, ours_seconds = train_on("whymatch", "airbnb", kept, bench)
-        source = "a whymatch model trained in this run (the shipped one was not trained with holdout 0.3, seed 0 on airbnb)"
+        source = f"a whymatch model trained in this run ({given} was not trained with holdout 0.3, seed 0 on airbnb)"
     m = evaluate_fmaps(ours.net, fmaps_of(ours, held, bench), held.groups, "groups", ours.threshold, seed=SEED)
     size = ours.config.input_size
     row(f"whymatch, {size} px: embedding only", m, ours_seconds, prefix="embedding_")
@@ -192,8 +192,6 @@ def main() -> None:
         parser.error(f"unknown data sets {sorted(unknown)}; choose from airbnb, flowers, skin-cancer")
 
     torch.set_num_threads(2)
-    torch.manual_seed(SEED)
-    np.random.seed(SEED)
     run_dir = BENCH_DIR / (f"limit{args.limit}" if args.limit else "full")
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=run_dir, prefix="features-") as features:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Preset = Literal["whymatch", "paper"]
@@ -62,3 +63,14 @@ class Settings(BaseSettings):
     threads: int = 0
     batch_size: int = 32
     data_dir: Path = Path("data")
+    # The catalogue database: SQLite in ``data_dir`` unless this names another (e.g. PostgreSQL:
+    # ``postgresql+psycopg://user:password@host:5432/whymatch``).
+    database_url: str | None = None
+    # A FAISS ``index_factory`` string (e.g. ``HNSW32``, ``IVF1024,PQ32``); None = chosen by catalogue size.
+    index_factory: str | None = None
+
+    @model_validator(mode="after")
+    def _default_database_url(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'whymatch.db').as_posix()}"
+        return self

@@ -1,0 +1,252 @@
+"""Queries on the catalogue database. Each function works inside the caller's session/transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from indexer.catalogue import ItemState
+from indexer.models import (
+    DECISIONS,
+    CatalogueState,
+    DedupCalibration,
+    DedupRun,
+    DuplicateGroup,
+    DuplicatePair,
+    IndexGeneration,
+    Item,
+    MatchReview,
+    utcnow,
+)
+
+_IN_CHUNK = 500  # ids per IN (...) clause: well below SQLite's and PostgreSQL's parameter limits
+
+
+def _chunks(values: Sequence, size: int = _IN_CHUNK) -> Iterator[Sequence]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+# ------------------------------------------------------------------------------------ embeddings
+
+
+def pack(vector: np.ndarray) -> bytes:
+    """An embedding as little-endian float32 bytes."""
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def unpack(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ catalogue version
+
+
+def bump_version(session: Session) -> int:
+    """Mark a change to the items; call once in every transaction that changes them."""
+    session.execute(update(CatalogueState).where(CatalogueState.id == 1).values(version=CatalogueState.version + 1))
+    return catalogue_version(session)
+
+
+def catalogue_version(session: Session) -> int:
+    return int(session.scalar(select(CatalogueState.version).where(CatalogueState.id == 1)) or 0)
+
+
+# ------------------------------------------------------------------------------------ items
+
+
+def item_states(session: Session, model_key: str) -> list[ItemState]:
+    """Every item as the diff sees it (without loading embeddings)."""
+    rows = session.execute(
+        select(Item.id, Item.source, Item.origin, Item.listing, Item.sha256, Item.size_bytes, Item.mtime_ns,
+               (Item.embedding.is_not(None) & (Item.model_key == model_key)).label("embedded"))
+    )
+    return [ItemState(r.id, r.source, r.origin, r.listing, r.sha256, r.size_bytes, r.mtime_ns, bool(r.embedded)) for r in rows]
+
+
+def embedded_shas(session: Session, model_key: str) -> dict[str, int]:
+    """sha256 → id of an item holding an embedding by ``model_key`` (for exact duplicates)."""
+    rows = session.execute(
+        select(Item.sha256, func.min(Item.id))
+        .where(Item.embedding.is_not(None), Item.model_key == model_key)
+        .group_by(Item.sha256)
+    )
+    return {sha: int(item_id) for sha, item_id in rows}
+
+
+def get_item(session: Session, item_id: int) -> Item | None:
+    return session.get(Item, item_id)
+
+
+def items_by_ids(session: Session, ids: Iterable[int]) -> dict[int, Item]:
+    ids = [int(i) for i in ids]
+    found: dict[int, Item] = {}
+    for chunk in _chunks(ids):
+        for item in session.scalars(select(Item).where(Item.id.in_(chunk))):
+            found[item.id] = item
+    return found
+
+
+def item_ids_by_source(session: Session, sources: Iterable[str]) -> dict[str, int]:
+    sources = list(sources)
+    found: dict[str, int] = {}
+    for chunk in _chunks(sources):
+        found.update({s: i for s, i in session.execute(select(Item.source, Item.id).where(Item.source.in_(chunk)))})
+    return found
+
+
+def item_ids_by_sha(session: Session, sha256: str) -> list[int]:
+    return list(session.scalars(select(Item.id).where(Item.sha256 == sha256).order_by(Item.id)))
+
+
+def delete_items(session: Session, ids: Sequence[int]) -> int:
+    """Delete items (their reviews and duplicate pairs go with them: ON DELETE CASCADE)."""
+    n = 0
+    for chunk in _chunks(list(ids)):
+        n += session.execute(delete(Item).where(Item.id.in_(chunk))).rowcount or 0
+    return n
+
+
+def clear_embeddings(session: Session) -> int:
+    """Forget every embedding (``--rebuild``): all files will be re-read, re-hashed and re-embedded."""
+    return session.execute(update(Item).values(embedding=None, model_key=None, updated_at=utcnow())).rowcount or 0
+
+
+def count_items(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(Item)) or 0)
+
+
+def count_embedded(session: Session, model_key: str) -> int:
+    return int(session.scalar(select(func.count()).select_from(Item).where(Item.embedding.is_not(None), Item.model_key == model_key)) or 0)
+
+
+def embedded_ids(session: Session, model_key: str) -> np.ndarray:
+    rows = session.scalars(select(Item.id).where(Item.embedding.is_not(None), Item.model_key == model_key).order_by(Item.id))
+    return np.fromiter(rows, dtype=np.int64)
+
+
+def iter_embeddings(session: Session, model_key: str, ids: Sequence[int] | None = None, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) batches of the items embedded by ``model_key`` (all, or only ``ids``), by id."""
+    if ids is not None:
+        for chunk in _chunks(sorted(int(i) for i in ids)):
+            rows = session.execute(
+                select(Item.id, Item.embedding)
+                .where(Item.id.in_(chunk), Item.embedding.is_not(None), Item.model_key == model_key)
+                .order_by(Item.id)
+            ).all()
+            if rows:
+                yield np.array([r[0] for r in rows], np.int64), np.stack([unpack(r[1]) for r in rows])
+        return
+    last = -1
+    while True:
+        rows = session.execute(
+            select(Item.id, Item.embedding)
+            .where(Item.id > last, Item.embedding.is_not(None), Item.model_key == model_key)
+            .order_by(Item.id)
+            .limit(batch)
+        ).all()
+        if not rows:
+            return
+        last = rows[-1][0]
+        yield np.array([r[0] for r in rows], np.int64), np.stack([unpack(r[1]) for r in rows])
+
+
+def all_embeddings(session: Session, model_key: str, dim: int, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    parts = list(iter_embeddings(session, model_key, ids))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def ids_embedded_since(session: Session, model_key: str, version: int) -> list[int]:
+    """Items whose embedding was written after catalogue ``version`` (i.e. not in that index)."""
+    return list(session.scalars(
+        select(Item.id).where(Item.embedding.is_not(None), Item.model_key == model_key, Item.embedded_version > version)
+    ))
+
+
+# ------------------------------------------------------------------------------------ index generations
+
+
+def latest_generation(session: Session) -> IndexGeneration | None:
+    return session.scalars(
+        select(IndexGeneration).where(IndexGeneration.status == "complete").order_by(IndexGeneration.id.desc()).limit(1)
+    ).first()
+
+
+def start_generation(session: Session, **fields) -> IndexGeneration:
+    generation = IndexGeneration(status="building", filename="", **fields)
+    session.add(generation)
+    session.flush()
+    return generation
+
+
+def complete_generation(session: Session, generation_id: int, filename: str) -> None:
+    session.execute(
+        update(IndexGeneration).where(IndexGeneration.id == generation_id)
+        .values(status="complete", filename=filename, finished_at=utcnow())
+    )
+    # Rows of runs killed while saving their index never became complete: drop them.
+    session.execute(delete(IndexGeneration).where(IndexGeneration.status == "building", IndexGeneration.id < generation_id))
+
+
+def complete_filenames(session: Session, keep_last: int = 2) -> set[str]:
+    rows = session.scalars(
+        select(IndexGeneration.filename).where(IndexGeneration.status == "complete").order_by(IndexGeneration.id.desc()).limit(keep_last)
+    )
+    return set(rows)
+
+
+# ------------------------------------------------------------------------------------ reviews
+
+
+def add_review(session: Session, item_a: int, item_b: int, decision: str, reviewer: str, note: str | None = None) -> MatchReview:
+    """Record a reviewer's decision on a pair (stored with the smaller id first)."""
+    if decision not in DECISIONS:
+        raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
+    if item_a == item_b:
+        raise ValueError("a review needs two different items")
+    a, b = sorted((int(item_a), int(item_b)))
+    review = MatchReview(item_a_id=a, item_b_id=b, decision=decision, reviewer=reviewer, note=note)
+    session.add(review)
+    session.flush()
+    return review
+
+
+def latest_reviews(session: Session) -> dict[tuple[int, int], str]:
+    """(item_a, item_b) → the latest decision on that pair."""
+    decisions: dict[tuple[int, int], str] = {}
+    for review in session.scalars(select(MatchReview).order_by(MatchReview.created_at, MatchReview.id)):
+        decisions[(review.item_a_id, review.item_b_id)] = review.decision
+    return decisions
+
+
+def reviews_of(session: Session, item_a: int, item_b: int) -> list[MatchReview]:
+    a, b = sorted((int(item_a), int(item_b)))
+    return list(session.scalars(
+        select(MatchReview).where(MatchReview.item_a_id == a, MatchReview.item_b_id == b).order_by(MatchReview.id)
+    ))
+
+
+# ------------------------------------------------------------------------------------ dedup
+
+
+def latest_calibration(session: Session, model_key: str) -> DedupCalibration | None:
+    return session.scalars(
+        select(DedupCalibration).where(DedupCalibration.model_key == model_key).order_by(DedupCalibration.id.desc()).limit(1)
+    ).first()
+
+
+def latest_dedup_run(session: Session) -> DedupRun | None:
+    return session.scalars(select(DedupRun).order_by(DedupRun.id.desc()).limit(1)).first()
+
+
+def dedup_pairs(session: Session, run_id: int) -> list[DuplicatePair]:
+    return list(session.scalars(select(DuplicatePair).where(DuplicatePair.run_id == run_id).order_by(DuplicatePair.head_score.desc())))
+
+
+def dedup_groups(session: Session, run_id: int) -> list[DuplicateGroup]:
+    return list(session.scalars(select(DuplicateGroup).where(DuplicateGroup.run_id == run_id).order_by(DuplicateGroup.id)))
