@@ -42,7 +42,7 @@ def _load(ctx: click.Context, model_path: Path | None):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--epochs", type=int, default=40, show_default=True)
 @click.option("--patience", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=float, default=3e-4, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/resume.pt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the inner-validation metrics as JSON.")
 @click.pass_context

@@ -20,7 +20,7 @@ class ModelConfig:
     preset: Preset = "whymatch"
     backbone: str = "mobilenet_v2"
     backbone_weights: str | None = None
-    input_size: int = 384
+    input_size: int = 448
     embed_dim: int = 256
     local_dim: int = 128
     threshold: float = 0.5

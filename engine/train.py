@@ -39,8 +39,7 @@ RESUME_FILE = "resume.pt"
 class TrainOptions:
     epochs: int = 40
     patience: int = 8
-    learning_rate: float = 1e-3
-    embedding_lr_scale: float = 0.1
+    learning_rate: float = 3e-4
     weight_decay: float = 1e-4
     groups_per_batch: int = 16
     images_per_group: int = 3
@@ -149,20 +148,6 @@ def _paper_loss(net: PaperNet, fmaps_a: Tensor, fmaps_b: Tensor, labels: Tensor,
     return (labels * d.pow(2) + (1 - labels) * F.relu(margin - d).pow(2)).mean()
 
 
-def _parameter_groups(net: SiameseNet, options: TrainOptions) -> list[dict]:
-    """The PCA-initialised embedding projection learns slower than the head: with a few hundred
-    training photos, moving it far from the principal components loses more than it gains."""
-    slow = list(net.embed_proj.parameters()) if isinstance(net, MatchNet) else []
-    slow_ids = {id(p) for p in slow}
-    fast = [p for p in net.parameters() if p.requires_grad and id(p) not in slow_ids]
-    groups = [{"params": fast, "lr": options.learning_rate}]
-    if slow and options.embedding_lr_scale > 0:
-        groups.append({"params": slow, "lr": options.learning_rate * options.embedding_lr_scale})
-    elif slow:
-        net.embed_proj.requires_grad_(False)
-    return groups
-
-
 def _pca_init(net: MatchNet, fmaps: Tensor) -> None:
     """Start the embedding projection at the principal components of the pooled features."""
     pooled = fmaps.float().mean(dim=(2, 3))
@@ -191,7 +176,8 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
     feature_seconds = time.time() - started
     if isinstance(net, MatchNet):
         _pca_init(net, fit_cache.fmaps)
-    optimizer = torch.optim.AdamW(_parameter_groups(net, options), weight_decay=options.weight_decay)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=options.weight_decay)
     start_epoch, best, best_epoch, history = 0, -1.0, -1, []
     resume_path = out_dir / RESUME_FILE
     if options.resume and resume_path.is_file():
