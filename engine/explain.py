@@ -59,7 +59,7 @@ def explain_fmaps(
 ) -> list[PairExplanation]:
     """Explain image a (1×C×h×w) against k images (k×C×h×w) in one forward and one backward pass."""
     k = fmaps_b.shape[0]
-    cam = CAM_METHODS[method](net.score_fmaps)
+    cam = CAM_METHODS[method](net.evidence_fmaps, net.score_from_evidence)
     cams = cam(fmap_a.expand(k, -1, -1, -1), fmaps_b, targets=[similarity, dissimilarity])
     explanations = []
     for i in range(k):

@@ -44,6 +44,14 @@ class SiameseNet(nn.Module):
     def score_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
         return self.score_descriptions(self.describe(fmap_a), self.describe(fmap_b))
 
+    def evidence_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
+        """An unbounded, increasing function of the score (its logit); Grad-CAM differentiates this
+        so that a saturated score (similarity rounding to 1.0 in float32) cannot blank the maps."""
+        raise NotImplementedError
+
+    def score_from_evidence(self, evidence: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def forward(self, images_a: Tensor, images_b: Tensor) -> Tensor:
         """Similarity of two image batches (for hooks-based Grad-CAM tools that call the module)."""
         return self.score_fmaps(self.backbone.features(images_a), self.backbone.features(images_b))
@@ -112,8 +120,17 @@ class MatchNet(SiameseNet):
         weights = F.softplus(self.head_weights)
         return 10 * (weights[0] * cosine + weights[1] * local + self.head_bias)
 
+    def calibrated_logit(self, desc_a: tuple[Tensor, Tensor], desc_b: tuple[Tensor, Tensor]) -> Tensor:
+        return self.calibration[0] * self.head_logit(desc_a, desc_b) + self.calibration[1]
+
     def score_descriptions(self, desc_a: tuple[Tensor, Tensor], desc_b: tuple[Tensor, Tensor]) -> Tensor:
-        return torch.sigmoid(self.calibration[0] * self.head_logit(desc_a, desc_b) + self.calibration[1])
+        return torch.sigmoid(self.calibrated_logit(desc_a, desc_b))
+
+    def evidence_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
+        return self.calibrated_logit(self.describe(fmap_a), self.describe(fmap_b))
+
+    def score_from_evidence(self, evidence: Tensor) -> Tensor:
+        return torch.sigmoid(evidence)
 
 
 class PaperNet(SiameseNet):
@@ -142,6 +159,12 @@ class PaperNet(SiameseNet):
 
     def score_descriptions(self, desc_a: tuple[Tensor], desc_b: tuple[Tensor]) -> Tensor:
         return 1 / (1 + self.distance(desc_a[0], desc_b[0]))
+
+    def evidence_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
+        return -torch.log1p(self.distance(self.embed_fmap(fmap_a), self.embed_fmap(fmap_b)))
+
+    def score_from_evidence(self, evidence: Tensor) -> Tensor:
+        return torch.exp(evidence)
 
 
 def build_net(config: ModelConfig, backbone: Backbone) -> SiameseNet:

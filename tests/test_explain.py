@@ -109,6 +109,18 @@ def test_far_apart_pair_still_has_gradients():
     assert len(explanation.empty_maps) < 4
 
 
+def test_saturated_score_still_has_maps(tiny_model, photos):
+    """A near-duplicate scoring 1.0 in float32 (sigmoid saturated) must keep its maps."""
+    model = make_model()
+    moderate = model.explain(photos["cat"], [photos["cat_crop"]])[0]
+    model.net.calibration.copy_(torch.tensor([50.0, 0.0]))
+    saturated = model.explain(photos["cat"], [photos["cat_crop"]])[0]
+    assert saturated.similarity == 1.0 and saturated.is_match and moderate.is_match
+    assert saturated.empty_maps == moderate.empty_maps
+    np.testing.assert_allclose(saturated.factual_a, moderate.factual_a, atol=1e-5)
+    np.testing.assert_allclose(saturated.factual_b, moderate.factual_b, atol=1e-5)
+
+
 def test_all_zero_map_is_reported_not_normalised():
     values, empty = normalise_map(np.zeros((3, 3), np.float32))
     assert empty and not values.any() and np.isfinite(values).all()
