@@ -18,7 +18,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from engine.data import list_images, load_labelled_images
 
 SHARED_AIRBNB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "airbnb"
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "immunohistochemistry", "camera", "hubble_deep_field")
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "retina", "immunohistochemistry", "camera", "hubble_deep_field")
 
 
 def skimage_catalogue(out_dir: Path) -> Path:
