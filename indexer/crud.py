@@ -112,7 +112,7 @@ def delete_items(session: Session, ids: Sequence[int]) -> int:
 
 def clear_embeddings(session: Session) -> int:
     """Forget every embedding (``--rebuild``): all files will be re-read, re-hashed and re-embedded."""
-    return session.execute(update(Item).values(embedding=None, model_key=None, updated_at=utcnow())).rowcount or 0
+    return session.execute(update(Item).values(embedding=None, model_key=None, embedded_version=None, updated_at=utcnow())).rowcount or 0
 
 
 def count_items(session: Session) -> int:

@@ -57,12 +57,20 @@ def create_db_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
+            # Python's sqlite3 only opens a transaction before INSERT/UPDATE/DELETE, so DDL (the
+            # migrations!) would autocommit statement by statement and a killed upgrade would leave
+            # half a schema. Take over: no implicit transactions, an explicit BEGIN below.
+            dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
             # WAL: readers never block the writer, and a killed writer leaves the last committed state.
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection) -> None:  # noqa: ANN001
+            connection.exec_driver_sql("BEGIN")
 
         return engine
     return create_engine(url, pool_pre_ping=True)

@@ -6,6 +6,7 @@ import click
 
 from engine.cli import compare_command, eval_command, train_command
 from engine.config import Settings
+from indexer.cli import COMMANDS as INDEXER_COMMANDS
 from whymatch.demo import demo_command
 
 
@@ -16,5 +17,5 @@ def main(ctx: click.Context) -> None:
     ctx.obj = Settings()
 
 
-for command in (demo_command, train_command, compare_command, eval_command):
+for command in (demo_command, train_command, compare_command, eval_command, *INDEXER_COMMANDS):
     main.add_command(command)

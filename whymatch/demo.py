@@ -84,6 +84,7 @@ def demo_catalogue(data_dir: Path, catalogue: Path | None) -> Path:
 @click.pass_context
 def demo_command(ctx: click.Context, catalogue: Path | None, out_dir: Path, pairs: int) -> None:
     """Explain the best and the worst matching pairs of a demo catalogue and write their figures."""
+    from engine.explain import explain_fmaps
     from engine.figures import pair_figure
     from engine.inference import load_model
 
@@ -104,8 +105,6 @@ def demo_command(ctx: click.Context, catalogue: Path | None, out_dir: Path, pair
     ranked = [candidates[k] for k in np.argsort(-head[: 4 * pairs])[:pairs]] + [candidates[-1]]
     out_dir.mkdir(parents=True, exist_ok=True)
     report = []
-    from engine.explain import explain_fmaps
-
     for rank, pair in enumerate(ranked):
         a, b = int(i[pair]), int(j[pair])
         explanation = explain_fmaps(model.net, fmaps[a : a + 1], fmaps[b : b + 1], model.threshold)[0]
