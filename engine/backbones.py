@@ -184,17 +184,16 @@ def _local_only(name: str) -> Callable[[Path | None], Path]:
     return require
 
 
-@register_backbone("resnet50", channels=2048)
-def _resnet50(weights: Path | None) -> Backbone:
-    model = torchvision.models.resnet50()
-    model.load_state_dict(_load_state(_local_only("resnet50")(weights)), strict=True)
-    stem = nn.Sequential(*(list(model.children())[:-2]))
-    return Backbone(stem, model.fc, 2048)
+def _register_torchvision_resnet(name: str, channels: int) -> None:
+    """ResNets have no packaged weights here: they take a local torchvision state_dict file."""
+
+    @register_backbone(name, channels=channels)
+    def build(weights: Path | None) -> Backbone:
+        model = getattr(torchvision.models, name)()
+        model.load_state_dict(_load_state(_local_only(name)(weights)), strict=True)
+        stem = nn.Sequential(*(list(model.children())[:-2]))
+        return Backbone(stem, model.fc, channels)
 
 
-@register_backbone("resnet18", channels=512)
-def _resnet18(weights: Path | None) -> Backbone:
-    model = torchvision.models.resnet18()
-    model.load_state_dict(_load_state(_local_only("resnet18")(weights)), strict=True)
-    stem = nn.Sequential(*(list(model.children())[:-2]))
-    return Backbone(stem, model.fc, 512)
+_register_torchvision_resnet("resnet18", 512)
+_register_torchvision_resnet("resnet50", 2048)

@@ -40,11 +40,7 @@ def skimage_catalogue(out_dir: Path) -> Path:
             relative = f"{name}_{variant}.jpg"
             picture.save(out_dir / relative, quality=90)
             rows.append((relative, name))
-    with open(out_dir / "groups.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "group"])
-        writer.writerows(rows)
-    return out_dir
+    return _write_groups_csv(out_dir, rows)
 
 
 def airbnb_sample(out_dir: Path, n_groups: int = 30, seed: int = 0) -> Path:
@@ -62,6 +58,10 @@ def airbnb_sample(out_dir: Path, n_groups: int = 30, seed: int = 0) -> Path:
             if not link.exists():
                 link.symlink_to(path)
             rows.append((name, group))
+    return _write_groups_csv(out_dir, rows)
+
+
+def _write_groups_csv(out_dir: Path, rows: list[tuple[str, str]]) -> Path:
     with open(out_dir / "groups.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "group"])
