@@ -72,6 +72,8 @@ class SimilarityModel:
 
     def feature_maps(self, images: Sequence[ImageSource]) -> Tensor:
         """Backbone feature maps of images, batched."""
+        if not len(images):
+            raise ValueError("feature_maps needs at least one image")
         return torch.cat([self.fmaps_from_pixels(self.pixels(chunk)) for chunk in _chunks(images, self.batch_size)])
 
     @torch.inference_mode()
@@ -80,9 +82,8 @@ class SimilarityModel:
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
         """(n, d) float32 embeddings (unit length for the whymatch preset), as stored in the index."""
-        return np.concatenate(
-            [self.embed_fmaps(self.fmaps_from_pixels(self.pixels(chunk))) for chunk in _chunks(images, self.batch_size)]
-        ) if len(images) else np.zeros((0, self.config.embed_dim), np.float32)
+        parts = [self.embed_fmaps(self.fmaps_from_pixels(self.pixels(chunk))) for chunk in _chunks(images, self.batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.config.embed_dim), np.float32)
 
     @torch.inference_mode()
     def score_fmaps(self, fmaps_a: Tensor, fmaps_b: Tensor) -> np.ndarray:
@@ -92,10 +93,9 @@ class SimilarityModel:
         """(n,) head similarities in (0, 1) of pairs (images_a[i], images_b[i])."""
         if len(images_a) != len(images_b):
             raise ValueError(f"score needs as many images in a as in b ({len(images_a)} != {len(images_b)})")
-        return np.concatenate(
-            [self.score_fmaps(self.feature_maps(a), self.feature_maps(b))
-             for a, b in zip(_chunks(images_a, self.batch_size), _chunks(images_b, self.batch_size))]
-        ) if len(images_a) else np.zeros(0, np.float32)
+        parts = [self.score_fmaps(self.feature_maps(a), self.feature_maps(b))
+                 for a, b in zip(_chunks(images_a, self.batch_size), _chunks(images_b, self.batch_size))]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def explain(self, image_a: ImageSource, images_b: Sequence[ImageSource] | ImageSource, method: str = "gradcam") -> list[PairExplanation]:
         """Explain image a against each of images_b: one batched forward + backward for all pairs."""
