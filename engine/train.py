@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
 from engine.config import ModelConfig
 from engine.data import LabelledImages, paper_pairs, split
-from engine.inference import SimilarityModel, build_model, save_checkpoint
+from engine.inference import WEIGHTS_FILE, SimilarityModel, build_model, save_checkpoint
 from engine.evaluate import evaluate_fmaps, pair_scores
 from engine.metrics import best_threshold
 from engine.model import MatchNet, PaperNet, SiameseNet
@@ -209,7 +210,7 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
                     "best": best, "best_epoch": best_epoch, "history": json.dumps(history)}, resume_path)
         if epoch - best_epoch >= options.patience:
             break
-    best_model = _reload(config, out_dir, model)
+    best_model = _reload(out_dir, model)
     if isinstance(best_model.net, MatchNet):
         _calibrate(best_model.net, val_fmaps, val.groups, options.seed)
     config.threshold = best_threshold(*_threshold_pairs(best_model.net, val_fmaps, val.groups, options.seed))
@@ -245,10 +246,9 @@ def _threshold_pairs(net: SiameseNet, fmaps: Tensor, groups: list[str | None], s
     return pair_scores(net, fmaps, fmaps, i, j), labels
 
 
-def _reload(config: ModelConfig, out_dir: Path, model: SimilarityModel) -> SimilarityModel:
-    from safetensors.torch import load_file
-
-    model.net.load_trained_state_dict(load_file(str(out_dir / "model.safetensors")))
+def _reload(out_dir: Path, model: SimilarityModel) -> SimilarityModel:
+    """Put the best epoch's weights (saved during training) back into the model."""
+    model.net.load_trained_state_dict(load_file(str(out_dir / WEIGHTS_FILE)))
     model.net.eval()
     return model
 
