@@ -110,9 +110,13 @@ def delete_items(session: Session, ids: Sequence[int]) -> int:
     return n
 
 
-def clear_embeddings(session: Session) -> int:
-    """Forget every embedding (``--rebuild``): all files will be re-read, re-hashed and re-embedded."""
-    return session.execute(update(Item).values(embedding=None, model_key=None, embedded_version=None, updated_at=utcnow())).rowcount or 0
+def clear_embeddings(session: Session, origin: str | None = None) -> int:
+    """Forget the embeddings of an origin's items, or of all (``--rebuild``): their files will be
+    re-read, re-hashed and re-embedded."""
+    statement = update(Item).values(embedding=None, model_key=None, embedded_version=None, updated_at=utcnow())
+    if origin is not None:
+        statement = statement.where(Item.origin == origin)
+    return session.execute(statement).rowcount or 0
 
 
 def count_items(session: Session) -> int:

@@ -1,0 +1,166 @@
+"""Indexer subcommands of the ``whymatch`` CLI: ``index``, ``search``, ``dedup`` and ``db upgrade``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from engine.config import Settings
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return ctx.obj if isinstance(ctx.obj, Settings) else Settings()
+
+
+def _catalogue(ctx: click.Context, model_path: Path | None = None):
+    from engine.errors import WeightsNotInstalledError
+    from indexer.service import Catalogue
+
+    settings = _settings(ctx)
+    overrides = {"model_path": model_path} if model_path else {}
+    catalogue = Catalogue.from_settings(settings, **overrides)
+    try:
+        catalogue.model  # noqa: B018 - load now, so a missing model is reported before any work
+    except (FileNotFoundError, WeightsNotInstalledError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    return catalogue
+
+
+_model_option = click.option("--model", "model_path", type=click.Path(exists=True, path_type=Path), default=None,
+                             help="Checkpoint directory (default: WHYMATCH_MODEL_PATH or the shipped model).")
+
+
+@click.command("index")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--rebuild", is_flag=True, help="Re-read and re-embed every file and build the FAISS index afresh.")
+@click.option("--index-factory", default=None, help="FAISS index_factory string (e.g. HNSW32, IVF1024,PQ32); default: by catalogue size.")
+@click.option("--listing-regex", default=None, help="Listing key from the path relative to the folder (named group 'listing' or group 1); default: the file's folder.")
+@click.option("--max-pixels", type=int, default=None, help="Refuse images with more pixels (decompression bombs); default 60 MP.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's report as JSON.")
+@_model_option
+@click.pass_context
+def index_command(ctx: click.Context, source: Path, rebuild: bool, index_factory: str | None, listing_regex: str | None,
+                  max_pixels: int | None, progress: bool | None, as_json: bool, model_path: Path | None) -> None:
+    """Index a folder of images (recursively) or a CSV of path[,listing] rows: incremental, crash-safe."""
+    catalogue = _catalogue(ctx, model_path)
+    try:
+        report = catalogue.index(source, rebuild=rebuild, index_factory=index_factory, listing_regex=listing_regex,
+                                 max_pixels=max_pixels, progress=progress)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for skipped in report.skipped:
+        click.echo(f"skipped {skipped.source}: {skipped.reason}", err=True)
+    click.echo(json.dumps(report.to_dict()) if as_json else report.summary())
+
+
+@click.command("search")
+@click.argument("query", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--candidates", type=click.IntRange(min=1), default=None, help="FAISS candidates re-scored by the head (default max(4k, k+20)).")
+@click.option("--explain", "explain_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Explain each match: factual and counterfactual overlay PNGs of both images go to this folder.")
+@click.option("--method", type=click.Choice(["gradcam", "hirescam"]), default="gradcam", show_default=True)
+@click.option("--include-self", is_flag=True, help="Keep the query's own catalogue item in the results.")
+@click.option("--json", "as_json", is_flag=True)
+@_model_option
+@click.pass_context
+def search_command(ctx: click.Context, query: Path, k: int, candidates: int | None, explain_dir: Path | None, method: str,
+                   include_self: bool, as_json: bool, model_path: Path | None) -> None:
+    """Find the catalogue images most similar to QUERY, re-scored by the Siamese head."""
+    from engine.errors import ImageLoadError
+
+    catalogue = _catalogue(ctx, model_path)
+    try:
+        result = catalogue.search(query, k=k, candidates=candidates, exclude_self=not include_self,
+                                  explain_dir=explain_dir, method=method)
+    except ImageLoadError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for bad in result.unreadable:
+        click.echo(f"candidate left out: {bad.source}: {bad.reason}", err=True)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    click.echo(f"{len(result.matches)} matches for {result.query} (head threshold {result.threshold:.3f}, "
+               f"{result.n_candidates} candidates re-scored{', index is stale' if result.stale_index else ''})")
+    click.echo(f"{'rank':>4} {'was':>4} {'head':>7} {'index':>7}  match  listing / source")
+    for m in result.matches:
+        click.echo(f"{m.rank_after:>4} {m.rank_before:>4} {m.head_score:7.4f} {m.index_similarity:7.4f}  "
+                   f"{'yes' if m.is_match else 'no ':5}  {m.listing or '-'}  {m.source}")
+    if explain_dir is not None:
+        click.echo(f"explanations: {explain_dir}")
+
+
+@click.command("dedup")
+@click.option("--threshold", type=float, default=None, help="Keep pairs whose head score is at least this.")
+@click.option("--precision", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Calibrate the threshold for this precision on labelled pairs (--labels and/or reviews); stored per model.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV path,group of known duplicate groups (paths relative to the CSV), for --precision.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per item in the candidate graph.")
+@click.option("--min-index-similarity", type=float, default=None, help="Skip candidate pairs below this index similarity.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (pairs, groups, listings) as JSON.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print the kept pairs as CSV.")
+@_model_option
+@click.pass_context
+def dedup_command(ctx: click.Context, threshold: float | None, precision: float | None, labels: Path | None, k: int,
+                  min_index_similarity: float | None, as_json: bool, as_csv: bool, model_path: Path | None) -> None:
+    """Find duplicate photos and the listings that share them; results are stored for review."""
+    if threshold is not None and precision is not None:
+        raise click.UsageError("give --threshold or --precision, not both")
+    if as_json and as_csv:
+        raise click.UsageError("give --json or --csv, not both")
+    catalogue = _catalogue(ctx, model_path)
+    try:
+        report = catalogue.dedup(k=k, threshold=threshold, precision=precision, labels=labels,
+                                 min_index_similarity=min_index_similarity)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    elif as_csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=report.CSV_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(report.csv_rows())
+    else:
+        click.echo(report.summary())
+
+
+@click.group("db")
+def db_group() -> None:
+    """The catalogue database (SQLite in the data directory, or WHYMATCH_DATABASE_URL)."""
+
+
+@db_group.command("upgrade")
+@click.argument("revision", default="head")
+@click.pass_context
+def db_upgrade_command(ctx: click.Context, revision: str) -> None:
+    """Apply the migrations up to REVISION (default: the newest)."""
+    from indexer.db import Database, upgrade
+
+    db = Database(_settings(ctx).database_url, migrate=False)
+    try:
+        current = upgrade(db.engine, revision)
+    finally:
+        db.dispose()
+    click.echo(f"{db!r} is at revision {current}")
+
+
+@db_group.command("current")
+@click.pass_context
+def db_current_command(ctx: click.Context) -> None:
+    """Print the database's migration revision and the newest one."""
+    from indexer.db import Database, current_revision, head_revision
+
+    db = Database(_settings(ctx).database_url, migrate=False)
+    try:
+        click.echo(f"{db!r}: revision {current_revision(db.engine)} (newest {head_revision()})")
+    finally:
+        db.dispose()
+
+
+COMMANDS = (index_command, search_command, dedup_command, db_group)

@@ -1,0 +1,410 @@
+"""Duplicate listing detection over the whole catalogue.
+
+1. **Candidates** from a FAISS k-nearest-neighbour graph: every item's ``k`` nearest neighbours,
+   searched in batches of embeddings streamed from the database (memory O(N·k), never N×N), plus
+   every pair of byte-identical items (same sha256, which need no scoring: head score 1).
+2. **Re-scoring** of each candidate pair by the full Siamese head. Feature maps are computed once
+   per item and kept in an LRU cache of bounded size (``max_cache_bytes``); pairs are visited in
+   item order so most maps are reused.
+3. **Threshold**: given (``threshold``), or calibrated for a target ``precision`` on labelled pairs
+   (a ``path,group`` CSV such as ``groups.csv``, and reviewers' accept/reject decisions, which take
+   precedence) with ``engine.metrics.threshold_for_precision`` on the candidate pairs themselves —
+   so the precision is that of what dedup outputs. A calibration is stored per model and used by
+   later runs that give neither; without any, the model's own threshold is used.
+4. **Groups** are the connected components of the kept pairs; the **listing report** says which
+   listings share photos, how many, strongest evidence first. Everything is stored in the database
+   (``dedup_runs``, ``duplicate_groups``, ``duplicate_pairs``) for review.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+from sqlalchemy import select
+
+from engine.errors import ImageLoadError
+from engine.metrics import threshold_for_precision
+from indexer import crud
+from indexer import faiss_index as fx
+from indexer.catalogue import Skipped
+from indexer.db import Database
+from indexer.models import DedupCalibration, DedupRun, DuplicateGroup, DuplicatePair, Item
+
+MAX_EXACT_CLIQUE = 50  # larger sets of identical files are linked as a star, not every pair
+
+
+@dataclass
+class DedupOptions:
+    k: int = 10
+    threshold: float | None = None
+    precision: float | None = None
+    labels: str | os.PathLike | None = None  # CSV path,group (relative paths: to the CSV's folder)
+    min_index_similarity: float | None = None  # skip candidate pairs below this before re-scoring
+    pair_batch: int = 32
+    max_cache_bytes: int = 1 << 30
+
+
+@dataclass
+class PairResult:
+    item_a: int
+    item_b: int
+    source_a: str
+    source_b: str
+    listing_a: str | None
+    listing_b: str | None
+    index_similarity: float
+    head_score: float
+    exact: bool
+    group: int = -1  # position in DedupReport.groups
+    review: str | None = None  # latest reviewer decision on this pair, if any
+
+
+@dataclass
+class GroupResult:
+    items: list[int]
+    sources: list[str]
+    listings: list[str]
+    max_score: float
+    n_pairs: int
+    id: int | None = None
+
+
+@dataclass
+class ListingShare:
+    listing_a: str
+    listing_b: str
+    n_pairs: int
+    photos_a: int  # distinct photos of listing a in these pairs
+    photos_b: int
+    n_exact: int
+    max_score: float
+    mean_score: float
+
+
+@dataclass
+class DedupReport:
+    threshold: float
+    threshold_source: str  # "given", "calibrated", "stored calibration" or "model"
+    precision_target: float | None
+    k: int
+    n_items: int
+    n_candidates: int
+    pairs: list[PairResult]
+    groups: list[GroupResult]
+    listings: list[ListingShare]
+    calibration: dict | None = None
+    unreadable: list[Skipped] = field(default_factory=list)
+    run_id: int | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["unreadable"] = [{"source": s.source, "reason": s.reason} for s in self.unreadable]
+        return data
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.n_items} items, {self.n_candidates} candidate pairs (k={self.k}); threshold {self.threshold:.4f} "
+            f"({self.threshold_source}); {len(self.pairs)} duplicate pairs in {len(self.groups)} groups "
+            f"(run {self.run_id}, {self.seconds:.1f} s)",
+        ]
+        if self.calibration:
+            c = self.calibration
+            lines.append(f"calibrated for precision {c['precision_target']:g} on {c['n_pairs']} labelled pairs "
+                         f"({c['n_positive']} duplicates): recall {c['recall']:.3f}")
+        if self.listings:
+            lines.append("listings sharing photos (strongest evidence first):")
+            for share in self.listings[:50]:
+                lines.append(f"  {share.listing_a} ~ {share.listing_b}: {share.n_pairs} pairs "
+                             f"({share.photos_a}/{share.photos_b} photos, {share.n_exact} identical), "
+                             f"max {share.max_score:.3f}, mean {share.mean_score:.3f}")
+        if self.unreadable:
+            lines.append(f"{len(self.unreadable)} items could not be read and were left out")
+        return "\n".join(lines)
+
+    CSV_FIELDS = ("group", "item_a", "item_b", "source_a", "source_b", "listing_a", "listing_b",
+                  "index_similarity", "head_score", "exact", "review")
+
+    def csv_rows(self) -> list[dict]:
+        return [{name: getattr(p, name) for name in self.CSV_FIELDS} for p in self.pairs]
+
+
+# ------------------------------------------------------------------------------------ candidates
+
+
+def knn_candidates(db: Database, index: faiss.Index, model_key: str, k: int, valid: set[int]) -> dict[tuple[int, int], float]:
+    """(a, b) with a < b → index similarity, for every item's k nearest neighbours."""
+    pairs: dict[tuple[int, int], float] = {}
+    with db.session() as session:
+        for ids, vectors in crud.iter_embeddings(session, model_key, batch=1024):
+            sims, neighbours = fx.search(index, vectors, k + 1)
+            for row, a in enumerate(ids.tolist()):
+                for b, sim in zip(neighbours[row].tolist(), sims[row].tolist()):
+                    if b < 0 or b == a or b not in valid:
+                        continue
+                    key = (a, b) if a < b else (b, a)
+                    if sim > pairs.get(key, -np.inf):
+                        pairs[key] = float(sim)
+    return pairs
+
+
+def exact_pairs(by_sha: dict[str, list[int]]) -> set[tuple[int, int]]:
+    pairs: set[tuple[int, int]] = set()
+    for ids in by_sha.values():
+        ids = sorted(ids)
+        if len(ids) < 2:
+            continue
+        if len(ids) <= MAX_EXACT_CLIQUE:
+            pairs.update((a, b) for n, a in enumerate(ids) for b in ids[n + 1 :])
+        else:
+            pairs.update((ids[0], b) for b in ids[1:])
+    return pairs
+
+
+# ------------------------------------------------------------------------------------ re-scoring
+
+
+class _FmapCache:
+    """Feature maps by item id, least recently used dropped first; unreadable items remembered."""
+
+    def __init__(self, model, sources: dict[int, str], max_bytes: int, min_entries: int) -> None:
+        self.model, self.sources = model, sources
+        self.max_bytes, self.min_entries = max_bytes, min_entries
+        self.maps: OrderedDict[int, object] = OrderedDict()
+        self.capacity: int | None = None
+        self.unreadable: dict[int, str] = {}
+
+    def ensure(self, ids: list[int]) -> None:
+        missing = [i for i in dict.fromkeys(ids) if i not in self.maps and i not in self.unreadable]
+        pictures, loaded = [], []
+        for item_id in missing:
+            try:
+                pictures.append(self.model.load([self.sources[item_id]])[0])
+                loaded.append(item_id)
+            except ImageLoadError as exc:
+                self.unreadable[item_id] = str(exc)
+        if pictures:
+            fmaps = self.model.feature_maps(pictures)
+            if self.capacity is None:
+                per_item = fmaps[0].numel() * fmaps.element_size()
+                self.capacity = max(self.min_entries, self.max_bytes // max(per_item, 1))
+            for item_id, fmap in zip(loaded, fmaps):
+                self.maps[item_id] = fmap.clone()
+        for item_id in ids:
+            if item_id in self.maps:
+                self.maps.move_to_end(item_id)
+        while self.capacity is not None and len(self.maps) > self.capacity:
+            self.maps.popitem(last=False)
+
+
+def rescore(model, pairs: list[tuple[int, int]], sources: dict[int, str], options: DedupOptions) -> tuple[dict[tuple[int, int], float], dict[int, str]]:
+    """Head scores of ``pairs`` (sorted by item); pairs with an unreadable item are left out."""
+    import torch
+
+    batch = max(1, options.pair_batch)
+    cache = _FmapCache(model, sources, options.max_cache_bytes, min_entries=2 * batch)
+    scores: dict[tuple[int, int], float] = {}
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start : start + batch]
+        cache.ensure([i for pair in chunk for i in pair])
+        chunk = [(a, b) for a, b in chunk if a in cache.maps and b in cache.maps]
+        if not chunk:
+            continue
+        fa = torch.stack([cache.maps[a] for a, _ in chunk])
+        fb = torch.stack([cache.maps[b] for _, b in chunk])
+        for pair, score in zip(chunk, model.score_fmaps(fa, fb).tolist()):
+            scores[pair] = float(score)
+    return scores, cache.unreadable
+
+
+# ------------------------------------------------------------------------------------ labels and threshold
+
+
+def read_labels(path: str | os.PathLike, sources: dict[int, str]) -> dict[int, str]:
+    """item id → group from a ``path,group`` CSV (paths relative to the CSV's folder, or absolute)."""
+    path = Path(path)
+    base = path.resolve().parent
+    by_source = {source: item_id for item_id, source in sources.items()}
+    labels: dict[int, str] = {}
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or "path" not in reader.fieldnames or not ({"group", "listing"} & set(reader.fieldnames)):
+            raise ValueError(f"{path}: expected a header with columns 'path,group'")
+        column = "group" if "group" in reader.fieldnames else "listing"
+        for row in reader:
+            if not row.get("path") or not row.get(column):
+                continue
+            item_id = by_source.get(os.path.abspath(base / row["path"].strip()))
+            if item_id is not None:
+                labels[item_id] = row[column].strip()
+    return labels
+
+
+def calibrate(scores: dict[tuple[int, int], float], labels: dict[int, str], reviews: dict[tuple[int, int], str],
+              precision: float) -> dict:
+    """The lowest threshold reaching ``precision`` on the labelled candidate pairs."""
+    s, y = [], []
+    for pair, score in scores.items():
+        if pair in reviews:
+            label = reviews[pair] == "accept"
+        elif pair[0] in labels and pair[1] in labels:
+            label = labels[pair[0]] == labels[pair[1]]
+        else:
+            continue
+        s.append(score)
+        y.append(int(label))
+    s_arr, y_arr = np.asarray(s, np.float64), np.asarray(y, np.int64)
+    if y_arr.sum() == 0:
+        raise ValueError(f"no labelled duplicate among the {len(s)} labelled candidate pairs: cannot calibrate "
+                         "(give --labels with a path,group CSV covering the catalogue, or review some pairs)")
+    threshold = threshold_for_precision(s_arr, y_arr, precision)
+    kept = s_arr >= threshold
+    return {"precision_target": precision, "threshold": float(threshold), "n_pairs": int(len(s)),
+            "n_positive": int(y_arr.sum()), "recall": float(y_arr[kept].sum() / y_arr.sum()),
+            "precision": float(y_arr[kept].mean()) if kept.any() else 1.0}
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def find_duplicates(*, model, db: Database, index: faiss.Index, model_key: str, generation_id: int | None = None,
+                    options: DedupOptions | None = None) -> DedupReport:
+    options = options or DedupOptions()
+    if options.threshold is not None and options.precision is not None:
+        raise ValueError("give either a threshold or a precision target, not both")
+    started = time.perf_counter()
+    with db.session() as session:
+        rows = session.execute(select(Item.id, Item.source, Item.listing, Item.sha256)
+                               .where(Item.embedding.is_not(None), Item.model_key == model_key)).all()
+        reviews = crud.latest_reviews(session)
+    sources = {r.id: r.source for r in rows}
+    listings = {r.id: r.listing for r in rows}
+    by_sha: dict[str, list[int]] = defaultdict(list)
+    for r in rows:
+        by_sha[r.sha256].append(r.id)
+    sha_of = {r.id: r.sha256 for r in rows}
+
+    candidates = knn_candidates(db, index, model_key, options.k, set(sources)) if rows else {}
+    identical = exact_pairs(by_sha)
+    for pair in identical:
+        candidates.setdefault(pair, 1.0)
+    to_score = sorted(p for p, sim in candidates.items()
+                      if sha_of[p[0]] != sha_of[p[1]] and (options.min_index_similarity is None or sim >= options.min_index_similarity))
+    head, unreadable = rescore(model, to_score, sources, options)
+    scores = {p: 1.0 for p in candidates if sha_of[p[0]] == sha_of[p[1]]}
+    scores.update(head)
+
+    calibration = None
+    if options.threshold is not None:
+        threshold, how = float(options.threshold), "given"
+    elif options.precision is not None:
+        labels = read_labels(options.labels, sources) if options.labels else {}
+        calibration = calibrate(scores, labels, reviews, options.precision)
+        calibration["labels"] = os.path.abspath(options.labels) if options.labels else None
+        threshold, how = calibration["threshold"], "calibrated"
+    else:
+        with db.session() as session:
+            stored = crud.latest_calibration(session, model_key)
+        if stored is not None:
+            threshold, how = stored.threshold, "stored calibration"
+        else:
+            threshold, how = float(model.threshold), "model"
+
+    kept = sorted((p for p, score in scores.items() if score >= threshold), key=lambda p: (-scores[p], p))
+    groups = _components(kept)
+    group_of = {item: n for n, members in enumerate(groups) for item in members}
+    pairs = [PairResult(a, b, sources[a], sources[b], listings[a], listings[b], candidates[(a, b)], scores[(a, b)],
+                        sha_of[a] == sha_of[b], group_of[a], reviews.get((a, b))) for a, b in kept]
+    pairs_of: dict[int, list[PairResult]] = defaultdict(list)
+    for p in pairs:
+        pairs_of[p.group].append(p)
+    group_results = []
+    for n, members in enumerate(groups):
+        member_pairs = pairs_of[n]
+        group_results.append(GroupResult(sorted(members), [sources[i] for i in sorted(members)],
+                                         sorted({listings[i] for i in members if listings[i] is not None}),
+                                         max(p.head_score for p in member_pairs), len(member_pairs)))
+    report = DedupReport(threshold, how, options.precision, options.k, len(rows), len(candidates), pairs, group_results,
+                         listing_report(pairs), calibration,
+                         [Skipped(sources[i], reason) for i, reason in sorted(unreadable.items())])
+    _store(db, report, model_key, generation_id)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _components(pairs: list[tuple[int, int]]) -> list[set[int]]:
+    """Connected components (union-find), strongest first as the pairs are given."""
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    members: dict[int, set[int]] = {}
+    order: list[int] = []
+    for a, b in pairs:  # groups in order of their strongest pair
+        root = find(a)
+        if root not in members:
+            members[root] = set()
+            order.append(root)
+        members[root].update((a, b))
+    return [members[root] for root in order]
+
+
+def listing_report(pairs: list[PairResult]) -> list[ListingShare]:
+    """Pairs of different listings that share photos, strongest evidence first."""
+    shared: dict[tuple[str, str], list[PairResult]] = defaultdict(list)
+    for p in pairs:
+        if p.listing_a is None or p.listing_b is None or p.listing_a == p.listing_b:
+            continue
+        shared[tuple(sorted((p.listing_a, p.listing_b)))].append(p)
+    result = []
+    for (la, lb), ps in shared.items():
+        photos_a = {p.item_a if p.listing_a == la else p.item_b for p in ps}
+        photos_b = {p.item_b if p.listing_b == lb else p.item_a for p in ps}
+        scores = [p.head_score for p in ps]
+        result.append(ListingShare(la, lb, len(ps), len(photos_a), len(photos_b), sum(p.exact for p in ps),
+                                   max(scores), float(np.mean(scores))))
+    result.sort(key=lambda s: (-s.max_score, -s.n_pairs, -s.n_exact, s.listing_a, s.listing_b))
+    return result
+
+
+def _store(db: Database, report: DedupReport, model_key: str, generation_id: int | None) -> None:
+    with db.session() as session:
+        if report.calibration is not None:
+            c = report.calibration
+            session.add(DedupCalibration(model_key=model_key, precision_target=c["precision_target"], threshold=c["threshold"],
+                                         n_pairs=c["n_pairs"], n_positive=c["n_positive"], recall=c["recall"],
+                                         labels=c.get("labels")))
+        run = DedupRun(generation_id=generation_id, model_key=model_key, threshold=report.threshold,
+                       threshold_source=report.threshold_source, precision_target=report.precision_target, k=report.k,
+                       n_items=report.n_items, n_candidates=report.n_candidates, n_pairs=len(report.pairs),
+                       n_groups=len(report.groups))
+        session.add(run)
+        session.flush()
+        rows = []
+        for group in report.groups:
+            row = DuplicateGroup(run_id=run.id, size=len(group.items), n_listings=len(group.listings), max_score=group.max_score)
+            session.add(row)
+            rows.append(row)
+        session.flush()
+        for group, row in zip(report.groups, rows):
+            group.id = row.id
+        session.add_all(DuplicatePair(run_id=run.id, group_id=rows[p.group].id, item_a_id=p.item_a, item_b_id=p.item_b,
+                                      index_similarity=p.index_similarity, head_score=p.head_score, exact=p.exact)
+                        for p in report.pairs)
+        report.run_id = run.id

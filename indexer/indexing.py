@@ -1,0 +1,419 @@
+"""One indexing run: scan → diff → embed new/changed files in batches → save a FAISS generation.
+
+Crash safety: the database is the source of truth. Every batch of embeddings is committed in one
+transaction (with the file's sha256, size and mtime), so a run killed at any moment (SIGKILL
+included) leaves items that are either fully recorded or not at all; the next run's diff picks up
+exactly the files still to do. The FAISS file is derived data: each one belongs to an index
+generation row that records the catalogue version it was built from; it is written to a temporary
+name, fsynced and renamed, and the row is marked complete only afterwards. A run that finds the
+newest complete generation behind the catalogue updates or rebuilds the index from the embeddings
+in the database. Runs on one data directory are serialised by a lock file (``flock``, released by
+the kernel when a process dies).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+from sqlalchemy import update
+from tqdm import tqdm
+
+from engine.errors import ImageLoadError
+from engine.images import DEFAULT_MAX_PIXELS, load_image
+from indexer import crud
+from indexer import faiss_index as fx
+from indexer.catalogue import Diff, Skipped, Work, diff, image_size, scan
+from indexer.db import Database
+from indexer.models import IndexGeneration, Item, utcnow
+
+
+@dataclass
+class IndexOptions:
+    rebuild: bool = False  # re-read, re-hash and re-embed every file of this origin; build the FAISS index afresh
+    index_factory: str | None = None  # FAISS index_factory string; None = chosen by catalogue size
+    batch_size: int = 32
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused (decompression bombs)
+    listing_regex: str | None = None  # listing key from the relative path (folders); see catalogue.listing_from_path
+    progress: bool | None = None  # progress bar on stderr; None = only when stderr is a terminal
+
+
+@dataclass
+class IndexReport:
+    source: str
+    scanned: int = 0
+    added: int = 0
+    updated: int = 0  # existing items re-embedded (bytes changed, or no embedding by this model)
+    touched: int = 0  # metadata only: same bytes with a new mtime, or a new listing key
+    unchanged: int = 0
+    removed: int = 0  # items deleted: file gone, or now unreadable
+    exact_duplicates: int = 0  # embeddings copied from a byte-identical file (no network run)
+    embedded: int = 0  # images that went through the network
+    embed_seconds: float = 0.0
+    skipped: list[Skipped] = field(default_factory=list)
+    generation: int | None = None
+    index_factory: str | None = None
+    index_action: str = ""  # "unchanged", "updated" or "rebuilt"
+    ntotal: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["skipped"] = [{"source": s.source, "reason": s.reason} for s in self.skipped]
+        data["images_per_second"] = round(self.images_per_second, 2)
+        return data
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.source}: {self.scanned} files in {self.seconds:.1f} s — {self.added} added, {self.updated} re-embedded, "
+            f"{self.removed} removed, {self.touched} metadata-only, {self.unchanged} unchanged, "
+            f"{self.exact_duplicates} exact duplicates (not re-embedded), {len(self.skipped)} skipped",
+            f"embedded {self.embedded} images ({self.images_per_second:.1f} images/s); FAISS {self.index_factory} index "
+            f"{self.index_action}: {self.ntotal} vectors (generation {self.generation})",
+        ]
+        return "\n".join(lines)
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of the model's config and weights: embeddings by another model are never mixed in."""
+    digest = hashlib.sha256()
+    config = {k: v for k, v in asdict(model.config).items() if k != "provenance"}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def run_lock(directory: Path, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """An exclusive lock on the data directory's index folder for the whole run."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log:
+                log(f"waiting for another whymatch run holding {directory / '.lock'}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------------------------ reading files
+
+
+@dataclass
+class _Prepared:
+    work: Work
+    kind: str  # "same" (bytes unchanged), "copy" (known sha), "embed", "broken"
+    sha256: str = ""
+    size: int = 0
+    mtime_ns: int = 0
+    image: object = None
+    width: int = 0
+    height: int = 0
+    reason: str = ""
+
+
+def _prepare(work: Work, known: dict[str, int], input_size: int, max_pixels: int) -> _Prepared:
+    """Read, hash and (unless the bytes are known) decode one file. Runs in a worker thread."""
+    source = work.entry.source
+    try:
+        with open(source, "rb") as handle:
+            data = handle.read()
+            st = os.fstat(handle.fileno())
+    except OSError as exc:
+        return _Prepared(work, "broken", reason=f"cannot read file: {exc.strerror or exc}")
+    sha = hashlib.sha256(data).hexdigest()
+    facts = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if work.item is not None and work.item.embedded and work.item.sha256 == sha:
+        return _Prepared(work, "same", **facts)
+    if sha in known:
+        return _Prepared(work, "copy", **facts)
+    try:
+        image = load_image(data, target_size=input_size, max_pixels=max_pixels)
+        width, height = image_size(data)
+    except ImageLoadError as exc:
+        return _Prepared(work, "broken", reason=str(exc), **facts)
+    except Exception as exc:  # noqa: BLE001 - header re-read failing after a good decode: report, go on
+        return _Prepared(work, "broken", reason=f"cannot read image header: {exc}", **facts)
+    return _Prepared(work, "embed", image=image, width=width, height=height, **facts)
+
+
+def _prepare_batch(batch: Sequence[Work], known: dict[str, int], input_size: int, max_pixels: int) -> list[_Prepared]:
+    return [_prepare(work, known, input_size, max_pixels) for work in batch]
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def index_catalogue(
+    target: str | os.PathLike,
+    *,
+    model,
+    db: Database,
+    index_dir: str | os.PathLike,
+    options: IndexOptions | None = None,
+    log: Callable[[str], None] | None = None,
+) -> IndexReport:
+    """Bring the catalogue of ``target`` (a folder or a CSV) up to date and save its FAISS index."""
+    options = options or IndexOptions()
+    index_dir = Path(index_dir)
+    started = time.perf_counter()
+    report = IndexReport(source=str(target))
+    with run_lock(index_dir, log):
+        model_key = model_fingerprint(model)
+        dim, metric = int(model.config.embed_dim), model.metric
+        if options.index_factory:
+            fx.new_index(dim, metric, options.index_factory)  # fail now on a bad string, not after embedding
+        result = scan(target, options.listing_regex)
+        report.scanned = len(result.entries) + len(result.skipped)
+        report.skipped.extend(result.skipped)
+
+        if options.rebuild:
+            with db.session() as session:
+                crud.clear_embeddings(session, origin=result.origin)
+                crud.bump_version(session)
+        with db.session() as session:
+            changes = diff(result, crud.item_states(session, model_key))
+        report.unchanged = changes.unchanged
+        _apply_deletions(db, changes, report)
+        _embed(db, model, model_key, result.origin, changes.work, options, report)
+
+        generation, index, action = sync_index(
+            db, fx.IndexStore(index_dir), model_key=model_key, metric=metric, dim=dim,
+            factory=options.index_factory, rebuild=options.rebuild, report=report,
+        )
+        report.generation, report.index_factory, report.index_action, report.ntotal = generation.id, generation.factory, action, index.ntotal
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _apply_deletions(db: Database, changes: Diff, report: IndexReport) -> None:
+    if not changes.deleted and not changes.relisted:
+        return
+    with db.session() as session:
+        report.removed += crud.delete_items(session, changes.deleted)
+        for item_id, listing, origin in changes.relisted:
+            session.execute(update(Item).where(Item.id == item_id).values(listing=listing, origin=origin, updated_at=utcnow()))
+        report.touched += len(changes.relisted)
+        crud.bump_version(session)
+
+
+def _embed(db: Database, model, model_key: str, origin: str, work: list[Work], options: IndexOptions, report: IndexReport) -> None:
+    if not work:
+        return
+    with db.session() as session:
+        known = crud.embedded_shas(session, model_key)
+    size = max(1, int(options.batch_size))
+    batches = [work[i : i + size] for i in range(0, len(work), size)]
+    show = sys.stderr.isatty() if options.progress is None else options.progress
+    input_size = int(model.config.input_size)
+    bar = tqdm(total=len(work), unit="img", desc="indexing", disable=not show, dynamic_ncols=True)
+    # One thread reads, hashes and decodes the next batch while the network embeds this one.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="whymatch-decode") as pool:
+        pending = pool.submit(_prepare_batch, batches[0], known, input_size, options.max_pixels)
+        for number in range(len(batches)):
+            prepared = pending.result()
+            if number + 1 < len(batches):
+                pending = pool.submit(_prepare_batch, batches[number + 1], known, input_size, options.max_pixels)
+            _commit_batch(db, model, model_key, origin, prepared, known, options, report)
+            bar.update(len(prepared))
+            bar.set_postfix(skipped=len(report.skipped), refresh=False)
+    bar.close()
+
+
+def _commit_batch(db, model, model_key: str, origin: str, prepared: list[_Prepared], known: dict[str, int],
+                  options: IndexOptions, report: IndexReport) -> None:
+    """Embed what needs it, then write the whole batch in one transaction.
+
+    ``known`` (sha256 → id of an item embedded by this model) is kept true as items change, so a
+    copy is only ever taken from an item whose embedding is of those very bytes.
+    """
+    input_size = int(model.config.input_size)
+    for n, p in enumerate(prepared):
+        if p.kind == "copy" and p.sha256 not in known:  # its source item changed since the reader looked
+            prepared[n] = _prepare(p.work, {}, input_size, options.max_pixels)
+    fresh: dict[str, _Prepared] = {}
+    for p in prepared:
+        if p.kind == "embed" and p.sha256 not in known and p.sha256 not in fresh:
+            fresh[p.sha256] = p
+    vectors: dict[str, tuple[bytes, int, int]] = {}
+    if fresh:
+        t0 = time.perf_counter()
+        embeddings = model.embed([p.image for p in fresh.values()])
+        report.embed_seconds += time.perf_counter() - t0
+        report.embedded += len(fresh)
+        for p, vector in zip(fresh.values(), embeddings):
+            vectors[p.sha256] = (crud.pack(vector), p.width, p.height)
+
+    written: list[tuple[str, Item | int]] = []
+    forgotten: list[tuple[str, int]] = []  # (old sha, id) of items that no longer hold those bytes
+    with db.session() as session:
+        # Read copy sources before this batch writes anything.
+        needed = {p.sha256 for p in prepared if p.kind in ("copy", "embed") and p.sha256 not in vectors}
+        sources = crud.items_by_ids(session, [known[sha] for sha in needed])
+        for sha in needed:
+            source_item = sources.get(known[sha])
+            if source_item is None or source_item.embedding is None or source_item.sha256 != sha:
+                raise RuntimeError(f"lost the embedding of {sha} while indexing")
+            vectors[sha] = (source_item.embedding, source_item.width, source_item.height)
+
+        writes = any(p.kind != "broken" or p.work.item is not None for p in prepared)
+        version = crud.bump_version(session) if writes else crud.catalogue_version(session)
+        for p in prepared:
+            entry, item = p.work.entry, p.work.item
+            if p.kind == "broken":
+                report.skipped.append(Skipped(entry.source, p.reason))
+                if item is not None:
+                    report.removed += crud.delete_items(session, [item.id])
+                    forgotten.append((item.sha256, item.id))
+                continue
+            stat = {"size_bytes": p.size, "mtime_ns": p.mtime_ns, "listing": entry.listing, "origin": origin}
+            if p.kind == "same":
+                session.execute(update(Item).where(Item.id == item.id).values(**stat, updated_at=utcnow()))
+                report.touched += 1
+                continue
+            if fresh.get(p.sha256) is not p:
+                report.exact_duplicates += 1
+            blob, width, height = vectors[p.sha256]
+            values = {**stat, "sha256": p.sha256, "width": width, "height": height, "embedding": blob,
+                      "model_key": model_key, "embedded_version": version}
+            if item is None:
+                row = Item(source=entry.source, **values)
+                session.add(row)
+                written.append((p.sha256, row))
+                report.added += 1
+            else:
+                session.execute(update(Item).where(Item.id == item.id).values(**values, updated_at=utcnow()))
+                written.append((p.sha256, item.id))
+                if item.sha256 != p.sha256:
+                    forgotten.append((item.sha256, item.id))
+                report.updated += 1
+        session.flush()
+        written_ids = [(sha, row if isinstance(row, int) else row.id) for sha, row in written]
+    # Committed: now the map may point at these items.
+    for sha, item_id in forgotten:
+        if known.get(sha) == item_id:
+            del known[sha]
+    for sha, item_id in written_ids:
+        known.setdefault(sha, item_id)
+
+
+# ------------------------------------------------------------------------------------ the FAISS index
+
+
+def sync_index(db: Database, store: fx.IndexStore, *, model_key: str, metric: str, dim: int, factory: str | None = None,
+               rebuild: bool = False, report: IndexReport | None = None) -> tuple[IndexGeneration, faiss.Index, str]:
+    """Make the newest complete generation match the database: keep it, update it, or rebuild it."""
+    with db.session() as session:
+        version = crud.catalogue_version(session)
+        latest = crud.latest_generation(session)
+        n = crud.count_embedded(session, model_key)
+    wanted = factory or fx.choose_factory(n, dim)
+    usable = (latest is not None and not rebuild and latest.model_key == model_key and latest.metric == metric
+              and latest.dim == dim and latest.factory == wanted and store.exists(latest.filename))
+    index = None
+    if usable:
+        try:
+            index = store.load(latest.filename)
+        except (RuntimeError, ValueError):
+            index = None
+    if index is not None and latest.catalogue_version == version and index.ntotal == n == latest.ntotal:
+        return latest, index, "unchanged"
+
+    action = "updated"
+    if index is not None and index.ntotal == latest.ntotal:
+        index, version = _update_index(db, index, model_key, dim, latest.catalogue_version)
+    else:
+        index = None
+    if index is None:
+        action = "rebuilt"
+        with db.session() as session:
+            version = crud.catalogue_version(session)
+            ids, vectors = crud.all_embeddings(session, model_key, dim)
+        wanted = factory or fx.choose_factory(len(ids), dim)
+        index = fx.build_index(vectors, ids, metric, wanted)
+
+    counts = {}
+    if report is not None:
+        counts = {"n_added": report.added, "n_updated": report.updated, "n_removed": report.removed,
+                  "n_exact_duplicates": report.exact_duplicates, "n_skipped": len(report.skipped)}
+    with db.session() as session:
+        generation = crud.start_generation(session, catalogue_version=version, model_key=model_key, metric=metric, dim=dim,
+                                           factory=wanted, ntotal=int(index.ntotal), **counts)
+    filename = store.filename(generation.id)
+    store.save(index, filename)
+    with db.session() as session:
+        crud.complete_generation(session, generation.id, filename)
+        keep = crud.complete_filenames(session)
+        generation = session.get(IndexGeneration, generation.id)
+    store.cleanup(keep)
+    return generation, index, action
+
+
+def _update_index(db: Database, index: faiss.Index, model_key: str, dim: int, built_at: int) -> tuple[faiss.Index | None, int]:
+    """Remove deleted and re-embedded ids, add new ones; None when this index kind cannot remove."""
+    with db.session() as session:
+        version = crud.catalogue_version(session)
+        db_ids = crud.embedded_ids(session, model_key)
+        changed = np.asarray(crud.ids_embedded_since(session, model_key, built_at), np.int64)
+        have = fx.ids_of(index)
+        stale = np.union1d(np.setdiff1d(have, db_ids), np.intersect1d(have, changed))
+        try:
+            fx.remove(index, stale)
+        except RuntimeError:
+            return None, version
+        missing = np.setdiff1d(db_ids, fx.ids_of(index))
+        ids, vectors = crud.all_embeddings(session, model_key, dim, ids=missing.tolist())
+    fx.add(index, vectors, ids)
+    if index.ntotal != len(db_ids) or not np.array_equal(np.sort(fx.ids_of(index)), db_ids):
+        return None, version
+    return index, version
+
+
+def load_current_index(db: Database, store: fx.IndexStore, *, model_key: str, metric: str, dim: int,
+                       log: Callable[[str], None] | None = None) -> tuple[faiss.Index, IndexGeneration | None, bool]:
+    """The index to search: the newest complete generation, checked against the database.
+
+    Returns (index, generation, stale). A missing or unreadable file, or one made by another model,
+    is replaced by an index built in memory from the database's embeddings. A file behind the
+    database (an index run was interrupted) is used as it is and reported stale: ids it holds that
+    are gone from the database are dropped from results by the caller.
+    """
+    with db.session() as session:
+        latest = crud.latest_generation(session)
+        version = crud.catalogue_version(session)
+    if latest is not None and latest.model_key == model_key and latest.metric == metric and latest.dim == dim:
+        try:
+            index = store.load(latest.filename)
+            if index.ntotal == latest.ntotal:
+                stale = latest.catalogue_version != version
+                if stale and log:
+                    log(f"the index (generation {latest.id}) is behind the catalogue: run `whymatch index` to bring it up to date")
+                return index, latest, stale
+        except (RuntimeError, ValueError, OSError):
+            pass
+    if log:
+        log("no usable index file: building one in memory from the database (run `whymatch index` to save one)")
+    with db.session() as session:
+        ids, vectors = crud.all_embeddings(session, model_key, dim)
+    return fx.build_index(vectors, ids, metric, fx.choose_factory(len(ids), dim)), None, False

@@ -1,0 +1,189 @@
+"""Query by image: FAISS candidates, re-scored by the full Siamese head, re-ranked, optionally explained.
+
+The index similarity (cosine of the embeddings) is cheap but coarse; the head compares both images'
+local features and is what the model's threshold is calibrated on. So more candidates than asked for
+are fetched from FAISS (``candidates``, default ``max(4k, k + 20)``), each is decoded and re-scored
+against the query, and the best ``k`` by head score are returned with both ranks. Explanations
+(factual and counterfactual Grad-CAM maps of both images) come from one batched ``model.explain``
+call over the top ``k``; overlay PNGs are written with ``engine.figures.overlay``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from engine import PairExplanation
+from engine.errors import ImageLoadError
+from engine.figures import overlay
+from engine.images import ImageSource
+from indexer import crud
+from indexer import faiss_index as fx
+from indexer.catalogue import Skipped
+from indexer.db import Database
+
+OVERLAYS = {
+    "query_factual": ("query", "factual_a"),
+    "query_counterfactual": ("query", "counterfactual_a"),
+    "match_factual": ("match", "factual_b"),
+    "match_counterfactual": ("match", "counterfactual_b"),
+}
+
+
+@dataclass
+class Match:
+    item_id: int
+    source: str
+    listing: str | None
+    sha256: str
+    index_similarity: float  # cosine of the embeddings (negated L2 distance for the paper preset)
+    head_score: float  # the Siamese head's calibrated similarity in (0, 1)
+    is_match: bool  # head_score >= the model's threshold
+    rank_before: int  # 1-based rank by index similarity among the candidates
+    rank_after: int  # 1-based rank by head score
+    explanation: PairExplanation | None = None
+    overlays: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = {k: getattr(self, k) for k in ("item_id", "source", "listing", "sha256", "index_similarity", "head_score",
+                                              "is_match", "rank_before", "rank_after")}
+        if self.explanation is not None:
+            data["explanation"] = self.explanation.to_dict()
+        if self.overlays:
+            data["overlays"] = self.overlays
+        return data
+
+
+@dataclass
+class SearchResult:
+    query: str
+    k: int
+    threshold: float
+    n_candidates: int
+    matches: list[Match]
+    excluded: list[int] = field(default_factory=list)  # catalogue items that are the query itself
+    unreadable: list[Skipped] = field(default_factory=list)  # candidates whose file can no longer be decoded
+    generation: int | None = None
+    stale_index: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "query": self.query, "k": self.k, "threshold": self.threshold, "n_candidates": self.n_candidates,
+            "excluded": self.excluded, "generation": self.generation, "stale_index": self.stale_index,
+            "unreadable": [{"source": s.source, "reason": s.reason} for s in self.unreadable],
+            "matches": [m.to_dict() for m in self.matches],
+        }
+
+
+def _query_identity(query: ImageSource) -> tuple[str, str | None, str | None]:
+    """(display name, absolute source path or None, sha256 of bytes or None)."""
+    if isinstance(query, (str, os.PathLike)):
+        return os.fspath(query), os.path.abspath(query), None
+    if isinstance(query, (bytes, bytearray, memoryview)):
+        return "<bytes>", None, hashlib.sha256(bytes(query)).hexdigest()
+    return f"<{type(query).__name__}>", None, None
+
+
+def search(
+    query: ImageSource,
+    *,
+    model,
+    db: Database,
+    index: faiss.Index,
+    k: int = 10,
+    candidates: int | None = None,
+    exclude_self: bool = True,
+    explain: bool = False,
+    explain_dir: str | os.PathLike | None = None,
+    method: str = "gradcam",
+    generation: int | None = None,
+    stale_index: bool = False,
+) -> SearchResult:
+    """The ``k`` best catalogue matches of ``query``, re-scored by the head.
+
+    ``exclude_self`` drops catalogue items that *are* the query: the same path for a path query,
+    the same bytes (sha256) for a bytes query. ``explain_dir`` (implies ``explain``) receives four
+    overlay PNGs per match: ``<rank>_item<id>_{query,match}_{factual,counterfactual}.png``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    explain = explain or explain_dir is not None
+    name, source, sha = _query_identity(query)
+    excluded: list[int] = []
+    if exclude_self and (source or sha):
+        with db.session() as session:
+            if source:
+                excluded = list(crud.item_ids_by_source(session, [source]).values())
+            else:
+                excluded = crud.item_ids_by_sha(session, sha)
+
+    query_image = model.load([query])[0]
+    query_fmap = model.feature_maps([query_image])
+    query_vec = model.embed_fmaps(query_fmap)
+
+    wanted = candidates if candidates is not None else max(4 * k, k + 20)
+    wanted = max(wanted, k)
+    sims, ids = fx.search(index, query_vec, min(index.ntotal, wanted + len(excluded)))
+    skip = set(excluded)
+    order = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0 and int(i) not in skip]
+    with db.session() as session:
+        items = crud.items_by_ids(session, [i for i, _ in order])
+    order = [(i, s) for i, s in order if i in items][:wanted]  # a stale index may hold deleted ids
+
+    unreadable: list[Skipped] = []
+    kept: list[tuple[int, float]] = []
+    pictures = []
+    for item_id, sim in order:
+        try:
+            pictures.append(model.load([items[item_id].source])[0])
+        except ImageLoadError as exc:
+            unreadable.append(Skipped(items[item_id].source, str(exc)))
+            continue
+        kept.append((item_id, sim))
+
+    head = _head_scores(model, query_fmap, pictures)
+    before = {item_id: rank for rank, (item_id, _) in enumerate(kept, start=1)}
+    ranked = sorted(range(len(kept)), key=lambda n: (-head[n], n))[:k]
+    matches = []
+    for rank, n in enumerate(ranked, start=1):
+        item_id, sim = kept[n]
+        item = items[item_id]
+        score = float(head[n])
+        matches.append(Match(item_id, item.source, item.listing, item.sha256, sim, score, score >= model.threshold,
+                             before[item_id], rank))
+
+    if explain and matches:
+        explanations = model.explain(query_image, [pictures[n] for n in ranked], method=method)
+        for match, n, explanation in zip(matches, ranked, explanations):
+            match.explanation = explanation
+            if explain_dir is not None:
+                match.overlays = _write_overlays(Path(explain_dir), match, query_image, pictures[n], explanation)
+
+    return SearchResult(name, k, float(model.threshold), len(kept), matches, excluded, unreadable, generation, stale_index)
+
+
+def _head_scores(model, query_fmap, pictures: list) -> np.ndarray:
+    if not pictures:
+        return np.zeros(0, np.float32)
+    scores = []
+    step = max(1, int(getattr(model, "batch_size", 32)))
+    for start in range(0, len(pictures), step):
+        fmaps = model.feature_maps(pictures[start : start + step])
+        scores.append(model.score_fmaps(query_fmap.expand(len(fmaps), *query_fmap.shape[1:]), fmaps))
+    return np.concatenate(scores)
+
+
+def _write_overlays(directory: Path, match: Match, query_image, match_image, explanation: PairExplanation) -> dict[str, str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for suffix, (which, attribute) in OVERLAYS.items():
+        image = query_image if which == "query" else match_image
+        path = directory / f"{match.rank_after:02d}_item{match.item_id}_{suffix}.png"
+        overlay(image, getattr(explanation, attribute)).save(path)
+        written[suffix] = str(path)
+    return written

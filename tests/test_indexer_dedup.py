@@ -1,0 +1,158 @@
+"""Duplicate listing detection: kNN candidates, head re-scoring, threshold calibration, groups, listing report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from indexer_fixtures import _one_torch_thread, catalogue_for, database_url, edited, tiles, tiny_checkpoint, write_catalogue  # noqa: F401
+from sqlalchemy import func, select
+
+from indexer import crud
+from indexer.dedup import DedupOptions, exact_pairs, knn_candidates
+from indexer.models import DedupCalibration, DedupRun, DuplicateGroup, DuplicatePair
+from whymatch.cli import main
+
+
+
+def _separating_threshold(model, group_2: set[str], group_5: set[str], root) -> float:
+    """Midway between the planted duplicates' lowest head score and everything else's highest.
+
+    The tiny model is untrained, so its scores sit in a narrow band whose place may change with the
+    engine; what the tests rely on is only that it ranks edited copies above different photos.
+    """
+    import itertools
+
+    paths = sorted(str(p) for p in root.rglob("*.jpg"))
+    fmaps = model.feature_maps(paths)
+    pairs = list(itertools.combinations(range(len(paths)), 2))
+    scores = model.score_fmaps(fmaps[[a for a, _ in pairs]], fmaps[[b for _, b in pairs]])
+    planted, other = [], []
+    for (a, b), score in zip(pairs, scores):
+        same = any({paths[a], paths[b]} <= g for g in (group_2, group_5))
+        if same and open(paths[a], "rb").read() != open(paths[b], "rb").read():
+            planted.append(float(score))
+        elif not same:
+            other.append(float(score))
+    assert min(planted) > max(other), f"the tiny model no longer separates edited copies: {planted} vs max {max(other)}"
+    return (min(planted) + max(other)) / 2
+
+
+def _plant(root):
+    """8 distinct photos in listing_0..3, plus an exact and an edited copy of photo 2 and an edited copy of photo 5."""
+    paths = write_catalogue(root, 8)
+    (root / "listing_8").mkdir()
+    (root / "listing_9").mkdir()
+    shutil.copy(paths[2], root / "listing_8" / "copy_2.jpg")
+    edited(tiles()[2]).save(root / "listing_9" / "edited_2.jpg", quality=90)
+    edited(tiles()[5]).save(root / "listing_9" / "edited_5.jpg", quality=90)
+    group_2 = {str(paths[2]), str(root / "listing_8" / "copy_2.jpg"), str(root / "listing_9" / "edited_2.jpg")}
+    group_5 = {str(paths[5]), str(root / "listing_9" / "edited_5.jpg")}
+    return paths, group_2, group_5
+
+
+def _labels(root, paths) -> str:
+    rows = [f"{p.relative_to(root).as_posix()},g{n}" for n, p in enumerate(paths)]
+    rows += ["listing_8/copy_2.jpg,g2", "listing_9/edited_2.jpg,g2", "listing_9/edited_5.jpg,g5"]
+    (root / "groups.csv").write_text("path,group\n" + "\n".join(rows) + "\n")
+    return str(root / "groups.csv")
+
+
+def test_dedup_finds_the_planted_groups_and_listings(tmp_path, tiny_model, database_url):  # noqa: F811
+    root = tmp_path / "photos"
+    _, group_2, group_5 = _plant(root)
+    catalogue = catalogue_for(tmp_path, tiny_model, database_url)
+    catalogue.index(root)
+    threshold = _separating_threshold(tiny_model, group_2, group_5, root)
+    report = catalogue.dedup(k=4, threshold=threshold)
+    assert report.threshold_source == "given" and report.n_items == 11
+    assert [set(g.sources) for g in report.groups] in ([group_2, group_5], [group_5, group_2])
+    exact = [p for p in report.pairs if p.exact]
+    assert len(exact) == 1 and exact[0].head_score == 1.0 and {exact[0].source_a, exact[0].source_b} < group_2
+    assert all(p.head_score >= threshold for p in report.pairs) and len(report.pairs) == 4
+    shares = {(s.listing_a, s.listing_b): s for s in report.listings}
+    assert set(shares) == {("listing_2", "listing_8"), ("listing_2", "listing_9"), ("listing_8", "listing_9"), ("listing_1", "listing_9")}
+    assert shares[("listing_2", "listing_8")].n_exact == 1 and report.listings[0].max_score == 1.0  # strongest first
+    assert [s.max_score for s in report.listings] == sorted((s.max_score for s in report.listings), reverse=True)
+    with catalogue.db.session() as session:  # stored for review
+        run = session.get(DedupRun, report.run_id)
+        assert (run.n_pairs, run.n_groups, run.k) == (4, 2, 4) and run.threshold == pytest.approx(threshold)
+        assert session.scalar(select(func.count()).select_from(DuplicatePair).where(DuplicatePair.run_id == run.id)) == 4
+        assert sorted(g.size for g in session.scalars(select(DuplicateGroup).where(DuplicateGroup.run_id == run.id))) == [2, 3]
+    assert "listings sharing photos" in report.summary()
+    json.dumps(report.to_dict())
+
+
+def test_threshold_calibrated_for_precision_and_stored(tmp_path, tiny_model):
+    root = tmp_path / "photos"
+    paths, group_2, group_5 = _plant(root)
+    labels = _labels(root, paths)
+    catalogue = catalogue_for(tmp_path, tiny_model)
+    catalogue.index(root)
+    report = catalogue.dedup(k=4, precision=1.0, labels=labels)
+    assert report.threshold_source == "calibrated" and report.calibration["precision"] == 1.0
+    assert report.calibration["n_positive"] == 4 and report.calibration["recall"] == 1.0
+    assert sorted(len(g.items) for g in report.groups) == [2, 3]
+    with catalogue.db.session() as session:
+        stored = crud.latest_calibration(session, catalogue.model_key)
+        assert stored.threshold == report.threshold and stored.labels == labels
+    later = catalogue.dedup(k=4)  # neither threshold nor precision: the stored calibration for this model
+    assert later.threshold_source == "stored calibration" and later.threshold == report.threshold
+    with pytest.raises(ValueError, match="no labelled duplicate"):
+        catalogue.dedup(k=4, precision=0.9)  # nothing labelled: no calibration possible
+
+
+def test_reviews_label_pairs_for_calibration(tmp_path, tiny_model):
+    root = tmp_path / "photos"
+    _, group_2, group_5 = _plant(root)
+    catalogue = catalogue_for(tmp_path, tiny_model)
+    catalogue.index(root)
+    first = catalogue.dedup(k=4, threshold=_separating_threshold(tiny_model, group_2, group_5, root))
+    assert len(first.pairs) == 4
+    with catalogue.db.session() as session:
+        for pair in first.pairs:
+            crud.add_review(session, pair.item_a, pair.item_b, "accept", reviewer="test")
+        with catalogue.db.session() as other:
+            assert other.scalar(select(func.count()).select_from(DedupCalibration)) == 0
+    calibrated = catalogue.dedup(k=4, precision=1.0)
+    assert calibrated.calibration["n_positive"] == 4 and calibrated.calibration["n_pairs"] == 4
+    assert all(p.review == "accept" for p in calibrated.pairs)
+
+
+def test_candidates_come_from_a_knn_graph(tmp_path, tiny_model):
+    root = tmp_path / "photos"
+    write_catalogue(root, 12)
+    catalogue = catalogue_for(tmp_path, tiny_model)
+    catalogue.index(root)
+    index, _, _ = catalogue.current_index()
+    valid = set(int(i) for i in crud.embedded_ids(catalogue.db.sessionmaker(), catalogue.model_key))
+    pairs = knn_candidates(catalogue.db, index, catalogue.model_key, 3, valid)
+    assert 12 * 3 / 2 <= len(pairs) <= 12 * 3  # each item's 3 neighbours, never all 66 pairs
+    assert all(a < b for a, b in pairs) and all(-1.0 <= s <= 1.0001 for s in pairs.values())
+    assert exact_pairs({"x": [5, 1, 3], "y": [2]}) == {(1, 3), (1, 5), (3, 5)}
+    assert DedupOptions().k == 10
+
+
+def test_dedup_command_csv_and_json(tmp_path, tiny_model, tiny_checkpoint):  # noqa: F811
+    root = tmp_path / "photos"
+    paths, group_2, group_5 = _plant(root)
+    labels = _labels(root, paths)
+    env = {"WHYMATCH_DATA_DIR": str(tmp_path / "data"), "WHYMATCH_MODEL_PATH": str(tiny_checkpoint)}
+    assert CliRunner().invoke(main, ["index", str(root)], env=env).exit_code == 0
+    threshold = _separating_threshold(tiny_model, group_2, group_5, root)
+    result = CliRunner().invoke(main, ["dedup", "-k", "4", "--threshold", str(threshold), "--csv"], env=env)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 4 and {r["source_a"] for r in rows} | {r["source_b"] for r in rows} == group_2 | group_5
+    result = CliRunner().invoke(main, ["dedup", "-k", "4", "--precision", "1", "--labels", labels, "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["threshold_source"] == "calibrated" and len(payload["groups"]) == 2 and payload["listings"]
+    text = CliRunner().invoke(main, ["dedup", "-k", "4"], env=env)
+    assert text.exit_code == 0 and "stored calibration" in text.stdout and "listing_2 ~ listing_8" in text.stdout
+    both = CliRunner().invoke(main, ["dedup", "--threshold", "0.5", "--precision", "0.9"], env=env)
+    assert both.exit_code != 0 and "not both" in both.output

@@ -1,0 +1,151 @@
+"""Query by image: FAISS candidates re-scored by the head, self-exclusion, explanations, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from indexer_fixtures import _one_torch_thread, catalogue_for, edited, tiles, tiny_checkpoint, write_catalogue  # noqa: F401
+from PIL import Image
+
+from indexer import crud
+from whymatch.cli import main
+
+N = 10
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, tiny_model):
+    """10 distinct photos in 4 listings plus a byte-identical copy of photo 4, indexed."""
+    tmp = tmp_path_factory.mktemp("search")
+    paths = write_catalogue(tmp / "photos", N)
+    copy = tmp / "photos" / "listing_3" / "copy_of_4.jpg"
+    shutil.copy(paths[4], copy)
+    catalogue = catalogue_for(tmp, tiny_model)
+    catalogue.index(tmp / "photos")
+    return tmp, catalogue, paths, copy
+
+
+def test_an_edited_copy_ranks_first(indexed, tmp_path):
+    _, catalogue, paths, copy = indexed
+    query = tmp_path / "query.jpg"
+    edited(tiles()[6]).save(query, quality=85)
+    result = catalogue.search(query, k=3, candidates=6)
+    assert result.matches[0].source == str(paths[6])
+    assert result.n_candidates == 6 and result.excluded == [] and not result.stale_index
+    assert [m.rank_after for m in result.matches] == [1, 2, 3]
+    assert sorted(m.rank_before for m in result.matches) == sorted(set(m.rank_before for m in result.matches))
+    heads = [m.head_score for m in result.matches]
+    assert heads == sorted(heads, reverse=True) and heads[0] > heads[1]
+    assert all(m.is_match == (m.head_score >= catalogue.model.threshold) for m in result.matches)
+    assert result.matches[0].index_similarity > 0.8 and result.matches[0].listing == paths[6].parent.name
+    json.dumps(result.to_dict())
+
+
+def test_a_query_in_the_catalogue_excludes_itself(indexed):
+    _, catalogue, paths, copy = indexed
+    with catalogue.db.session() as session:
+        own_id = crud.item_ids_by_source(session, [str(paths[4])])[str(paths[4])]
+    result = catalogue.search(paths[4], k=2, candidates=4)
+    assert result.excluded == [own_id]
+    assert own_id not in [m.item_id for m in result.matches]
+    assert result.matches[0].source == str(copy) and result.matches[0].index_similarity == pytest.approx(1.0, abs=1e-5)
+    kept = catalogue.search(paths[4], k=2, candidates=4, exclude_self=False)
+    assert {m.item_id for m in kept.matches} == {own_id, result.matches[0].item_id}
+    as_bytes = catalogue.search(paths[4].read_bytes(), k=2, candidates=4)  # bytes: every item with these bytes
+    assert len(as_bytes.excluded) == 2 and as_bytes.matches[0].source not in (str(paths[4]), str(copy))
+
+
+def test_candidates_are_re_ranked_by_the_head(indexed, tiny_model, tmp_path):
+    """A head that disagrees with the index reorders the candidates; both ranks are reported."""
+    _, catalogue, paths, _ = indexed
+
+    class Contrary:
+        def __init__(self, model):
+            self._model = model
+
+        def __getattr__(self, name):
+            return getattr(self._model, name)
+
+        def score_fmaps(self, fa, fb):
+            return 1.0 - self._model.score_fmaps(fa, fb)
+
+    from indexer.search import search
+
+    index, generation, stale = catalogue.current_index()
+    query = tmp_path / "q.jpg"
+    edited(tiles()[2]).save(query)
+    normal = search(query, model=tiny_model, db=catalogue.db, index=index, k=5, candidates=5)
+    contrary = search(query, model=Contrary(tiny_model), db=catalogue.db, index=index, k=5, candidates=5)
+    assert normal.matches[0].source == contrary.matches[-1].source == str(paths[2])
+    assert contrary.matches[-1].rank_before == 1 and contrary.matches[-1].rank_after == 5
+    by_id = {m.item_id: m for m in normal.matches}
+    for m in contrary.matches:
+        assert m.rank_before == by_id[m.item_id].rank_before
+        assert m.head_score == pytest.approx(1.0 - by_id[m.item_id].head_score, abs=1e-5)
+
+
+def test_explanations_write_overlay_pngs(indexed, tmp_path):
+    _, catalogue, paths, _ = indexed
+    query = tmp_path / "query.jpg"
+    edited(tiles()[1]).save(query)
+    out = tmp_path / "why"
+    result = catalogue.search(query, k=2, candidates=4, explain_dir=out)
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 8
+    for m in result.matches:
+        assert set(m.overlays) == {"query_factual", "query_counterfactual", "match_factual", "match_counterfactual"}
+        for path in m.overlays.values():
+            with Image.open(path) as image:
+                assert image.format == "PNG" and min(image.size) >= 120
+        e = m.explanation
+        assert e.similarity == pytest.approx(m.head_score, abs=1e-4)
+        assert e.factual_a.shape == e.counterfactual_b.shape and 0.0 <= e.factual_a.min() <= e.factual_a.max() <= 1.0
+    payload = result.to_dict()
+    assert len(payload["matches"][0]["explanation"]["factual_a"]) == result.matches[0].explanation.factual_a.shape[0]
+    without = catalogue.search(query, k=2, candidates=4)
+    assert without.matches[0].explanation is None and "explanation" not in without.to_dict()["matches"][0]
+
+
+def test_stale_or_missing_index_still_searches(indexed, tiny_model, tmp_path):
+    tmp, _, paths, _ = indexed
+    work = tmp_path / "copy"
+    shutil.copytree(tmp / "data", work / "data")  # a private copy of the catalogue to break
+    catalogue = catalogue_for(work, tiny_model)
+    with catalogue.db.session() as session:  # as if a run was killed after deleting an item
+        gone = crud.item_ids_by_source(session, [str(paths[3])])[str(paths[3])]
+        crud.delete_items(session, [gone])
+        crud.bump_version(session)
+    query = tmp_path / "q.jpg"
+    edited(tiles()[3]).save(query)
+    result = catalogue.search(query, k=3, candidates=N)
+    assert result.stale_index and gone not in [m.item_id for m in result.matches]
+    for path in (work / "data" / "index").glob("*.faiss"):
+        path.unlink()
+    fresh = catalogue_for(work, tiny_model)
+    result = fresh.search(query, k=3, candidates=N)  # rebuilt in memory from the database
+    assert result.generation is None and len(result.matches) == 3 and gone not in [m.item_id for m in result.matches]
+
+
+def test_search_command(tmp_path, tiny_checkpoint):  # noqa: F811
+    paths = write_catalogue(tmp_path / "photos", 5)
+    env = {"WHYMATCH_DATA_DIR": str(tmp_path / "data"), "WHYMATCH_MODEL_PATH": str(tiny_checkpoint)}
+    assert CliRunner().invoke(main, ["index", str(tmp_path / "photos")], env=env).exit_code == 0
+    query = tmp_path / "query.jpg"
+    edited(tiles()[3]).save(query)
+    result = CliRunner().invoke(main, ["search", str(query), "-k", "2", "--json", "--explain", str(tmp_path / "why")], env=env)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["matches"][0]["source"] == str(paths[3]) and len(payload["matches"]) == 2
+    assert all(len(m["overlays"]) == 4 for m in payload["matches"])
+    assert len(list((tmp_path / "why").glob("*.png"))) == 8
+    text = CliRunner().invoke(main, ["search", str(paths[0]), "-k", "3"], env=env)
+    assert text.exit_code == 0 and "3 matches" in text.stdout and str(paths[0]) not in text.stdout.split("source", 1)[1]
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    failed = CliRunner().invoke(main, ["search", str(bad)], env=env)
+    assert failed.exit_code != 0 and "not an image" in failed.output
+    assert np.isfinite(payload["matches"][0]["head_score"])
