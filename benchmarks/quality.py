@@ -24,7 +24,7 @@ from common import BENCH_DIR, add_model_option, command_line, load_bench_model, 
 from engine.config import ModelConfig, Preset
 from engine.data import LabelledImages, load_labelled_images, split
 from engine.evaluate import RERANK_K, evaluate_fmaps
-from engine.inference import SimilarityModel, build_model
+from engine.inference import SimilarityModel, build_model, load_model
 from engine.metrics import all_pairs, pair_metrics, retrieval_metrics
 from engine.train import TrainOptions, cached_feature_maps, train
 
@@ -41,6 +41,7 @@ class Bench:
     models: Path
     features: Path
     epochs: int
+    reuse: frozenset[str] = frozenset()
 
 
 def log(message: str) -> None:
@@ -82,6 +83,12 @@ def fmaps_of(model: SimilarityModel, data: LabelledImages, bench: Bench) -> torc
 
 def train_on(preset: Preset, name: str, kept: LabelledImages, bench: Bench, **overrides: int) -> tuple[SimilarityModel, float]:
     """Train a preset on the kept split; returns the model and the wall seconds of ``train`` (features included)."""
+    out_dir = bench.models / f"{name}-{preset}"
+    if preset in bench.reuse and (out_dir / "config.json").is_file():
+        model = load_model(out_dir)
+        seconds = float(model.config.provenance["train_seconds"])
+        log(f"{name}: reusing {preset} trained by an earlier run ({seconds:.1f} s then)")
+        return model, seconds
     options = TrainOptions(seed=SEED, progress=False, cache_dir=bench.features, epochs=bench.epochs,
                            extra={"holdout": HOLDOUT, "seed": SEED})
     start = time.perf_counter()
@@ -184,6 +191,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N groups / images per class of each side (smoke run)")
     parser.add_argument("--epochs", type=int, default=TrainOptions().epochs, help="maximum training epochs")
     parser.add_argument("--record", action="store_true", help="record docs/benchmarks.md even with --limit")
+    parser.add_argument("--reuse", default="", help="comma-separated presets whose models an earlier run of this script trained "
+                        "on the same split are loaded instead of retrained (their recorded training time is shown)")
     add_model_option(parser)
     args = parser.parse_args()
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
@@ -195,7 +204,7 @@ def main() -> None:
     run_dir = BENCH_DIR / (f"limit{args.limit}" if args.limit else "full")
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=run_dir, prefix="features-") as features:
-        bench = Bench(run_dir, Path(features), args.epochs)
+        bench = Bench(run_dir, Path(features), args.epochs, frozenset(p for p in args.reuse.split(",") if p))
         sections = []
         if "airbnb" in names:
             sections.append(airbnb(bench, args.limit, args.model))

@@ -96,32 +96,38 @@ def _group_index(groups: list[str | None]) -> dict[str, list[int]]:
     return members
 
 
+def _units(groups: list[str | None], size: int, rng: np.random.Generator) -> list[list[int]]:
+    """Each group's images, shuffled and cut into units of about ``size`` (never a lone image when the
+    group has two or more), so an epoch shows every image once even when a group is a whole class."""
+    units = []
+    for members in _group_index(groups).values():
+        order = [int(i) for i in rng.permutation(members)]
+        chunks = [order[s : s + size] for s in range(0, len(order), size)]
+        if len(chunks) > 1 and len(chunks[-1]) == 1:
+            lone = chunks.pop()
+            chunks[-1] += lone
+        units += chunks
+    return [u for u in units if len(u) >= 2] or units
+
+
 def _hard_batches(net: MatchNet, fmaps: Tensor, groups: list[str | None], options: TrainOptions, rng: np.random.Generator) -> list[np.ndarray]:
-    """Batches of whole groups, each seeded by a random group plus the groups nearest to it now."""
-    members = _group_index(groups)
-    names = [g for g, m in members.items() if len(m) >= 2] or list(members)
+    """Batches of units of same-group images, each seeded by a random unit plus the units nearest to
+    it under the current embeddings (hard negatives), filled up with random ones."""
+    units = _units(groups, options.images_per_group, rng)
     with torch.inference_mode():
         emb = net.embed_fmap(fmaps.float())
-        centroids = F.normalize(torch.stack([emb[members[g]].mean(0) for g in names]), dim=1)
+        centroids = F.normalize(torch.stack([emb[u].mean(0) for u in units]), dim=1)
         nearest = (centroids @ centroids.T).argsort(dim=1, descending=True).numpy()
-    unused = set(range(len(names)))
+    unused = set(range(len(units)))
     batches = []
     while unused:
         seed = int(rng.choice(sorted(unused)))
-        chosen = [seed]
-        for g in nearest[seed][1:]:
-            if len(chosen) >= options.groups_per_batch // 2:
-                break
-            chosen.append(int(g))
+        chosen = [seed] + [int(u) for u in nearest[seed][1:] if int(u) in unused][: options.groups_per_batch // 2 - 1]
         pool = sorted(unused - set(chosen))
         extra = rng.choice(pool, size=min(len(pool), options.groups_per_batch - len(chosen)), replace=False) if pool else []
-        chosen += [int(g) for g in extra]
+        chosen += [int(u) for u in extra]
         unused -= set(chosen)
-        batch = []
-        for g in chosen:
-            m = members[names[g]]
-            batch += list(rng.choice(m, size=min(len(m), options.images_per_group), replace=False))
-        batches.append(np.array(batch))
+        batches.append(np.array([i for u in chosen for i in units[u]]))
     return batches
 
 
