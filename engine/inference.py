@@ -8,6 +8,7 @@ layers and all gradients for Grad-CAM run in float32.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -70,11 +71,26 @@ class SimilarityModel:
             fmap = self.net.backbone.features(pixels)
         return fmap.float().contiguous()
 
+    def pixel_batches(self, images: Sequence[ImageSource]) -> Iterator[Tensor]:
+        """Preprocessed batches; the next batch is decoded in a thread while the caller runs the
+        current one through the network (decoding releases the GIL), so JPEG decoding hides behind
+        the forward pass."""
+        chunks = list(_chunks(images, self.batch_size))
+        if not chunks:
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.pixels, chunks[0])
+            for following in [*chunks[1:], None]:
+                batch = pending.result()
+                if following is not None:
+                    pending = pool.submit(self.pixels, following)
+                yield batch
+
     def feature_maps(self, images: Sequence[ImageSource]) -> Tensor:
         """Backbone feature maps of images, batched."""
         if not len(images):
             raise ValueError("feature_maps needs at least one image")
-        return torch.cat([self.fmaps_from_pixels(self.pixels(chunk)) for chunk in _chunks(images, self.batch_size)])
+        return torch.cat([self.fmaps_from_pixels(batch) for batch in self.pixel_batches(images)])
 
     @torch.inference_mode()
     def embed_fmaps(self, fmaps: Tensor) -> np.ndarray:
@@ -82,7 +98,7 @@ class SimilarityModel:
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
         """(n, d) float32 embeddings (unit length for the whymatch preset), as stored in the index."""
-        parts = [self.embed_fmaps(self.fmaps_from_pixels(self.pixels(chunk))) for chunk in _chunks(images, self.batch_size)]
+        parts = [self.embed_fmaps(self.fmaps_from_pixels(batch)) for batch in self.pixel_batches(images)]
         return np.concatenate(parts) if parts else np.zeros((0, self.config.embed_dim), np.float32)
 
     @torch.inference_mode()
@@ -102,7 +118,12 @@ class SimilarityModel:
         if not isinstance(images_b, (list, tuple)):
             images_b = [images_b]
         fmaps = self.feature_maps([image_a, *images_b])
-        return explain_fmaps(self.net, fmaps[:1], fmaps[1:], self.threshold, method)
+        return self.explain_feature_maps(fmaps[:1], fmaps[1:], method)
+
+    def explain_feature_maps(self, fmap_a: Tensor, fmaps_b: Tensor, method: str = "gradcam") -> list[PairExplanation]:
+        """Explain from feature maps already computed (e.g. for re-scoring): only the head runs,
+        one forward and one backward pass for all pairs."""
+        return explain_fmaps(self.net, fmap_a, fmaps_b, self.threshold, method)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` (trained layers only) and ``config.json``."""

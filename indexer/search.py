@@ -4,7 +4,7 @@ The index similarity (cosine of the embeddings) is cheap but coarse; the head co
 local features and is what the model's threshold is calibrated on. So more candidates than asked for
 are fetched from FAISS (``candidates``, default ``max(4k, k + 20)``), each is decoded and re-scored
 against the query, and the best ``k`` by head score are returned with both ranks. Explanations
-(factual and counterfactual Grad-CAM maps of both images) come from one batched ``model.explain``
+(factual and counterfactual Grad-CAM maps of both images) come from one batched ``model.explain_feature_maps``
 call over the top ``k``; overlay PNGs are written with ``engine.figures.overlay``.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from engine import PairExplanation
 from engine.errors import ImageLoadError
@@ -146,7 +147,7 @@ def search(
             continue
         kept.append((item_id, sim))
 
-    head = _head_scores(model, query_fmap, pictures)
+    head, candidate_fmaps = _head_scores(model, query_fmap, pictures)
     before = {item_id: rank for rank, (item_id, _) in enumerate(kept, start=1)}
     ranked = sorted(range(len(kept)), key=lambda n: (-head[n], n))[:k]
     matches = []
@@ -158,7 +159,8 @@ def search(
                              before[item_id], rank))
 
     if explain and matches:
-        explanations = model.explain(query_image, [pictures[n] for n in ranked], method=method)
+        # The candidates' feature maps from re-scoring are reused: explaining costs only the head.
+        explanations = model.explain_feature_maps(query_fmap, candidate_fmaps[ranked], method=method)
         for match, n, explanation in zip(matches, ranked, explanations):
             match.explanation = explanation
             if explain_dir is not None:
@@ -167,15 +169,12 @@ def search(
     return SearchResult(name, k, float(model.threshold), len(kept), matches, excluded, unreadable, generation, stale_index)
 
 
-def _head_scores(model, query_fmap, pictures: list) -> np.ndarray:
+def _head_scores(model, query_fmap, pictures: list) -> tuple[np.ndarray, torch.Tensor | None]:
+    """Head scores of the query against each candidate, and the candidates' feature maps."""
     if not pictures:
-        return np.zeros(0, np.float32)
-    scores = []
-    step = max(1, int(getattr(model, "batch_size", 32)))
-    for start in range(0, len(pictures), step):
-        fmaps = model.feature_maps(pictures[start : start + step])
-        scores.append(model.score_fmaps(query_fmap.expand(len(fmaps), *query_fmap.shape[1:]), fmaps))
-    return np.concatenate(scores)
+        return np.zeros(0, np.float32), None
+    fmaps = model.feature_maps(pictures)
+    return model.score_fmaps(query_fmap.expand(len(fmaps), *query_fmap.shape[1:]), fmaps), fmaps
 
 
 def _write_overlays(directory: Path, match: Match, query_image, match_image, explanation: PairExplanation) -> dict[str, str]:
