@@ -230,7 +230,7 @@ def rescore(model, pairs: list[tuple[int, int]], sources: dict[int, str], option
 def read_labels(path: str | os.PathLike, sources: dict[int, str]) -> dict[int, str]:
     """item id → group from a ``path,group`` CSV (paths relative to the CSV's folder, or absolute)."""
     path = Path(path)
-    base = path.resolve().parent
+    base = Path(os.path.abspath(path)).parent  # as the catalogue names sources: symlinks kept
     by_source = {source: item_id for item_id, source in sources.items()}
     labels: dict[int, str] = {}
     with open(path, newline="", encoding="utf-8-sig") as handle:
