@@ -207,7 +207,7 @@ def best_threshold(similarities: np.ndarray, labels: np.ndarray) -> float:
     """
     s, y = _as_pairs(similarities, labels)
     values, tp, fp = _sorted_cumulative(s, y)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    n_neg = int((~y).sum())
     # Candidate k predicts positive for values[:k]; k = 0 predicts nothing positive.
     tp = np.r_[0, tp]
     fp = np.r_[0, fp]
