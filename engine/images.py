@@ -304,7 +304,8 @@ def to_tensor(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> torch.Tensor:
-    """Resize each image to size×size and return a normalised float32 batch B×3×size×size.
+    """Resize each image to size×size and return a normalised float32 batch B×3×size×size
+    (in channels_last memory layout).
 
     The *whole* image is squeezed to a square, not centre-cropped: for duplicate detection a
     change in the border matters as much as one in the middle.  Pillow's bilinear resize is
@@ -329,8 +330,10 @@ def to_tensor(
 
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    # (x / 255 - mean) / std as one multiply-subtract over the whole batch.
-    x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(torch.float32).contiguous()
+    # (x / 255 - mean) / std as one multiply-subtract over the whole batch. The pixels stay in
+    # their decoded HWC order, i.e. torch's channels_last layout, which the CPU convolutions want:
+    # no copy to NCHW and back.
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(torch.float32)
     return x.mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
 
 

@@ -232,7 +232,7 @@ def test_to_tensor_shape_dtype_normalisation() -> None:
     imgs = [Image.new("RGB", (50, 30), (255, 0, 128)), Image.new("L", (8, 80), 51)]
     mean, std = (0.5, 0.25, 0.1), (0.5, 0.25, 0.2)
     x = to_tensor(imgs, 16, mean, std)
-    assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32 and x.is_contiguous()
+    assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
     for c, v in enumerate((255, 0, 128)):
         expected = (v / 255 - mean[c]) / std[c]
         assert torch.allclose(x[0, c], torch.full((16, 16), expected), atol=1e-5)
