@@ -13,13 +13,14 @@ Splits never put one image file on both sides: byte-identical files count as one
 from __future__ import annotations
 
 import csv
-import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from engine.images import image_sha256
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 Form = Literal["groups", "classes"]
@@ -102,7 +103,7 @@ def _read_groups_csv(path: Path) -> dict[str, str]:
 
 def file_identities(paths: list[Path]) -> list[str]:
     """Content hash of each file: byte-identical copies are one image for splitting."""
-    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    return [image_sha256(p) for p in paths]
 
 
 def split(data: LabelledImages, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

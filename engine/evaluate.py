@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from engine.data import paper_pairs
-from engine.metrics import pair_metrics, retrieval_metrics
+from engine.metrics import all_pairs, pair_metrics, retrieval_metrics
 from engine.model import SiameseNet
 
 RERANK_K = 20
@@ -71,8 +71,7 @@ def evaluate_fmaps(
     plain = retrieval_metrics(emb[:n].numpy(), groups, emb.numpy(), gallery_groups, query_ids=ids[:n], gallery_ids=ids, scores=sims)
     reranked_sims = _rerank(net, fmaps, all_fmaps, sims, rerank_k)
     result = retrieval_metrics(emb[:n].numpy(), groups, emb.numpy(), gallery_groups, query_ids=ids[:n], gallery_ids=ids, scores=reranked_sims)
-    i, j = np.triu_indices(n, k=1)
-    labels = np.array([groups[a] is not None and groups[a] == groups[b] for a, b in zip(i, j)], dtype=np.int64)
+    i, j, labels = all_pairs(groups)
     result.update(pair_metrics(pair_scores(net, fmaps, fmaps, i, j), labels, threshold))
     result.update({f"embedding_{k}": v for k, v in plain.items() if k != "n_queries"})
     result["embedding_pair_auc"] = pair_metrics(sims[i, j], labels)["pair_auc"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from engine.data import list_images, load_labelled_images
@@ -84,6 +85,7 @@ def demo_catalogue(data_dir: Path, catalogue: Path | None) -> Path:
 @click.pass_context
 def demo_command(ctx: click.Context, catalogue: Path | None, out_dir: Path, pairs: int) -> None:
     """Explain the best and the worst matching pairs of a demo catalogue and write their figures."""
+    from engine.evaluate import embedding_similarities
     from engine.explain import explain_fmaps
     from engine.figures import pair_figure
     from engine.inference import load_model
@@ -97,7 +99,7 @@ def demo_command(ctx: click.Context, catalogue: Path | None, out_dir: Path, pair
     click.echo(f"catalogue: {root} ({len(paths)} images); model: {model.config.preset}/{model.config.backbone}")
     fmaps = model.feature_maps(paths)
     emb = model.embed_fmaps(fmaps)
-    sims = emb @ emb.T if model.metric == "cosine" else -np.linalg.norm(emb[:, None] - emb[None], axis=2)
+    sims = embedding_similarities(model.net, torch.from_numpy(emb), torch.from_numpy(emb)).numpy()
     i, j = np.triu_indices(len(paths), k=1)
     order = np.argsort(-sims[i, j])
     candidates = np.concatenate([order[: 4 * pairs], order[-1:]])
