@@ -8,13 +8,13 @@ layers and all gradients for Grad-CAM run in float32.
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 from torch import Tensor
 
 from engine.backbones import backbone_spec, create_backbone
@@ -96,6 +96,32 @@ class SimilarityModel:
     def embed_fmaps(self, fmaps: Tensor) -> np.ndarray:
         return self.net.embed_fmap(fmaps).numpy().astype(np.float32)
 
+    @torch.inference_mode()
+    def describe_fmaps(self, fmaps: Tensor) -> list[bytes]:
+        """Each image's head description (what ``score`` compares) packed as float16 bytes, so a stored
+        item is re-scored against a query without decoding it or running the backbone again."""
+        parts = self.net.describe(fmaps)
+        return [pack_description(tuple(part[i] for part in parts)) for i in range(len(fmaps))]
+
+    def encode(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, list[bytes]]:
+        """Embeddings (as ``embed``) and packed head descriptions (as ``describe_fmaps``) in one backbone pass."""
+        vectors, packed = [], []
+        for batch in self.pixel_batches(images):
+            fmaps = self.fmaps_from_pixels(batch)
+            vectors.append(self.embed_fmaps(fmaps))
+            packed.extend(self.describe_fmaps(fmaps))
+        return (np.concatenate(vectors) if vectors else np.zeros((0, self.config.embed_dim), np.float32)), packed
+
+    @torch.inference_mode()
+    def score_described(self, packed_a: Sequence[bytes], packed_b: Sequence[bytes]) -> np.ndarray:
+        """(n,) head similarities of pairs of packed descriptions (from ``describe_fmaps``/``encode``)."""
+        if len(packed_a) != len(packed_b):
+            raise ValueError(f"score_described needs as many descriptions in a as in b ({len(packed_a)} != {len(packed_b)})")
+        if not len(packed_a):
+            return np.zeros(0, np.float32)
+        score = self.net.score_descriptions(unpack_descriptions(packed_a), unpack_descriptions(packed_b))
+        return score.numpy().astype(np.float32)
+
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
         """(n, d) float32 embeddings (unit length for the whymatch preset), as stored in the index."""
         parts = [self.embed_fmaps(self.fmaps_from_pixels(batch)) for batch in self.pixel_batches(images)]
@@ -128,6 +154,17 @@ class SimilarityModel:
     def save(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` (trained layers only) and ``config.json``."""
         return save_checkpoint(self.net, self.config, directory)
+
+
+def pack_description(parts: tuple[Tensor, ...]) -> bytes:
+    """One image's description tensors as float16 safetensors bytes (~50 KB for the default model)."""
+    return save({str(n): part.detach().to(torch.float16).contiguous() for n, part in enumerate(parts)})
+
+
+def unpack_descriptions(blobs: Sequence[bytes]) -> tuple[Tensor, ...]:
+    """Packed descriptions of n images → the batch-first float32 tensors ``SiameseNet.score_descriptions`` takes."""
+    loaded = [load(bytes(blob)) for blob in blobs]
+    return tuple(torch.stack([parts[str(n)] for parts in loaded]).float() for n in range(len(loaded[0])))
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -90,6 +90,16 @@ def items_by_ids(session: Session, ids: Iterable[int]) -> dict[int, Item]:
     return found
 
 
+def descriptors_by_ids(session: Session, ids: Iterable[int], model_key: str) -> dict[int, bytes]:
+    """item id → the head description stored by ``model_key`` (items without one are left out)."""
+    found: dict[int, bytes] = {}
+    for chunk in _chunks([int(i) for i in ids]):
+        rows = session.execute(select(Item.id, Item.descriptors).where(
+            Item.id.in_(chunk), Item.model_key == model_key, Item.descriptors.is_not(None)))
+        found.update({row.id: row.descriptors for row in rows})
+    return found
+
+
 def item_ids_by_source(session: Session, sources: Iterable[str]) -> dict[str, int]:
     sources = list(sources)
     found: dict[str, int] = {}
@@ -113,7 +123,7 @@ def delete_items(session: Session, ids: Sequence[int]) -> int:
 def clear_embeddings(session: Session, origin: str | None = None) -> int:
     """Forget the embeddings of an origin's items, or of all (``--rebuild``): their files will be
     re-read, re-hashed and re-embedded."""
-    statement = update(Item).values(embedding=None, model_key=None, embedded_version=None, updated_at=utcnow())
+    statement = update(Item).values(embedding=None, descriptors=None, model_key=None, embedded_version=None, updated_at=utcnow())
     if origin is not None:
         statement = statement.where(Item.origin == origin)
     return session.execute(statement).rowcount or 0

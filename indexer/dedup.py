@@ -3,9 +3,10 @@
 1. **Candidates** from a FAISS k-nearest-neighbour graph: every item's ``k`` nearest neighbours,
    searched in batches of embeddings streamed from the database (memory O(N·k), never N×N), plus
    every pair of byte-identical items (same sha256, which need no scoring: head score 1).
-2. **Re-scoring** of each candidate pair by the full Siamese head. Feature maps are computed once
-   per item and kept in an LRU cache of bounded size (``max_cache_bytes``); pairs are visited in
-   item order so most maps are reused.
+2. **Re-scoring** of each candidate pair by the full Siamese head, from the head descriptions stored
+   at indexing time (no file is decoded, no backbone runs; items indexed before descriptions were
+   stored are described from their files). Descriptions are read in batches and kept in an LRU cache
+   of bounded size (``max_cache_bytes``); pairs are visited in item order so most are reused.
 3. **Threshold**: given (``threshold``), or calibrated for a target ``precision`` on labelled pairs
    (a ``path,group`` CSV such as ``groups.csv``, and reviewers' accept/reject decisions, which take
    precedence) with ``engine.metrics.threshold_for_precision`` on the candidate pairs themselves —
@@ -28,6 +29,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 from sqlalchemy import select
+from sqlalchemy.orm import Session, aliased
 
 from engine.errors import ImageLoadError
 from engine.metrics import threshold_for_precision
@@ -47,7 +49,7 @@ class DedupOptions:
     precision: float | None = None
     labels: str | os.PathLike | None = None  # CSV path,group (relative paths: to the CSV's folder)
     min_index_similarity: float | None = None  # skip candidate pairs below this before re-scoring
-    pair_batch: int = 32
+    pair_batch: int = 256
     max_cache_bytes: int = 1 << 30
 
 
@@ -171,55 +173,55 @@ def exact_pairs(by_sha: dict[str, list[int]]) -> set[tuple[int, int]]:
 # ------------------------------------------------------------------------------------ re-scoring
 
 
-class _FmapCache:
-    """Feature maps by item id, least recently used dropped first; unreadable items remembered."""
+class _DescriptionCache:
+    """Packed head descriptions by item id: read from the database (or, for items indexed before
+    descriptions were stored, computed from the file), least recently used dropped first."""
 
-    def __init__(self, model, sources: dict[int, str], max_bytes: int, min_entries: int) -> None:
-        self.model, self.sources = model, sources
+    def __init__(self, model, db: Database, model_key: str, sources: dict[int, str], max_bytes: int, min_entries: int) -> None:
+        self.model, self.db, self.model_key, self.sources = model, db, model_key, sources
         self.max_bytes, self.min_entries = max_bytes, min_entries
-        self.maps: OrderedDict[int, object] = OrderedDict()
-        self.capacity: int | None = None
+        self.descriptions: OrderedDict[int, bytes] = OrderedDict()
         self.unreadable: dict[int, str] = {}
+        self.size = 0
 
     def ensure(self, ids: list[int]) -> None:
-        missing = [i for i in dict.fromkeys(ids) if i not in self.maps and i not in self.unreadable]
+        missing = [i for i in dict.fromkeys(ids) if i not in self.descriptions and i not in self.unreadable]
+        with self.db.session() as session:
+            found = crud.descriptors_by_ids(session, missing, self.model_key) if missing else {}
+        from_files = [i for i in missing if i not in found]
         pictures, loaded = [], []
-        for item_id in missing:
+        for item_id in from_files:
             try:
                 pictures.append(self.model.load([self.sources[item_id]])[0])
                 loaded.append(item_id)
             except ImageLoadError as exc:
                 self.unreadable[item_id] = str(exc)
         if pictures:
-            fmaps = self.model.feature_maps(pictures)
-            if self.capacity is None:
-                per_item = fmaps[0].numel() * fmaps.element_size()
-                self.capacity = max(self.min_entries, self.max_bytes // max(per_item, 1))
-            for item_id, fmap in zip(loaded, fmaps):
-                self.maps[item_id] = fmap.clone()
+            found.update(zip(loaded, self.model.describe_fmaps(self.model.feature_maps(pictures))))
+        for item_id, blob in found.items():
+            self.descriptions[item_id] = blob
+            self.size += len(blob)
         for item_id in ids:
-            if item_id in self.maps:
-                self.maps.move_to_end(item_id)
-        while self.capacity is not None and len(self.maps) > self.capacity:
-            self.maps.popitem(last=False)
+            if item_id in self.descriptions:
+                self.descriptions.move_to_end(item_id)
+        while self.size > self.max_bytes and len(self.descriptions) > self.min_entries:
+            self.size -= len(self.descriptions.popitem(last=False)[1])
 
 
-def rescore(model, pairs: list[tuple[int, int]], sources: dict[int, str], options: DedupOptions) -> tuple[dict[tuple[int, int], float], dict[int, str]]:
-    """Head scores of ``pairs`` (sorted by item); pairs with an unreadable item are left out."""
-    import torch
-
+def rescore(model, pairs: list[tuple[int, int]], sources: dict[int, str], options: DedupOptions, *, db: Database,
+            model_key: str) -> tuple[dict[tuple[int, int], float], dict[int, str]]:
+    """Head scores of ``pairs`` (sorted by item) from the stored descriptions; pairs with an unreadable item are left out."""
     batch = max(1, options.pair_batch)
-    cache = _FmapCache(model, sources, options.max_cache_bytes, min_entries=2 * batch)
+    cache = _DescriptionCache(model, db, model_key, sources, options.max_cache_bytes, min_entries=2 * batch)
     scores: dict[tuple[int, int], float] = {}
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
         cache.ensure([i for pair in chunk for i in pair])
-        chunk = [(a, b) for a, b in chunk if a in cache.maps and b in cache.maps]
+        chunk = [(a, b) for a, b in chunk if a in cache.descriptions and b in cache.descriptions]
         if not chunk:
             continue
-        fa = torch.stack([cache.maps[a] for a, _ in chunk])
-        fb = torch.stack([cache.maps[b] for _, b in chunk])
-        for pair, score in zip(chunk, model.score_fmaps(fa, fb).tolist()):
+        head = model.score_described([cache.descriptions[a] for a, _ in chunk], [cache.descriptions[b] for _, b in chunk])
+        for pair, score in zip(chunk, head.tolist()):
             scores[pair] = float(score)
     return scores, cache.unreadable
 
@@ -297,7 +299,7 @@ def find_duplicates(*, model, db: Database, index: faiss.Index, model_key: str, 
         candidates.setdefault(pair, 1.0)
     to_score = sorted(p for p, sim in candidates.items()
                       if sha_of[p[0]] != sha_of[p[1]] and (options.min_index_similarity is None or sim >= options.min_index_similarity))
-    head, unreadable = rescore(model, to_score, sources, options)
+    head, unreadable = rescore(model, to_score, sources, options, db=db, model_key=model_key)
     scores = {p: 1.0 for p in candidates if sha_of[p[0]] == sha_of[p[1]]}
     scores.update(head)
 
@@ -408,3 +410,15 @@ def _store(db: Database, report: DedupReport, model_key: str, generation_id: int
                                       index_similarity=p.index_similarity, head_score=p.head_score, exact=p.exact)
                         for p in report.pairs)
         report.run_id = run.id
+
+
+def stored_listing_report(session: Session, run_id: int) -> list[ListingShare]:
+    """The listing report of a stored run (as ``find_duplicates`` reported it), rebuilt from its pairs."""
+    item_a, item_b = aliased(Item), aliased(Item)
+    rows = session.execute(
+        select(DuplicatePair.item_a_id, DuplicatePair.item_b_id, item_a.source, item_b.source, item_a.listing,
+               item_b.listing, DuplicatePair.index_similarity, DuplicatePair.head_score, DuplicatePair.exact)
+        .join(item_a, item_a.id == DuplicatePair.item_a_id).join(item_b, item_b.id == DuplicatePair.item_b_id)
+        .where(DuplicatePair.run_id == run_id)
+    ).all()
+    return listing_report([PairResult(*row) for row in rows])

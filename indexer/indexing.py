@@ -256,14 +256,14 @@ def _commit_batch(db, model, model_key: str, origin: str, prepared: list[_Prepar
     for p in prepared:
         if p.kind == "embed" and p.sha256 not in known and p.sha256 not in fresh:
             fresh[p.sha256] = p
-    vectors: dict[str, tuple[bytes, int, int]] = {}
+    vectors: dict[str, tuple[bytes, bytes | None, int, int]] = {}
     if fresh:
         t0 = time.perf_counter()
-        embeddings = model.embed([p.image for p in fresh.values()])
+        embeddings, descriptions = model.encode([p.image for p in fresh.values()])
         report.embed_seconds += time.perf_counter() - t0
         report.embedded += len(fresh)
-        for p, vector in zip(fresh.values(), embeddings):
-            vectors[p.sha256] = (crud.pack(vector), p.width, p.height)
+        for p, vector, description in zip(fresh.values(), embeddings, descriptions):
+            vectors[p.sha256] = (crud.pack(vector), description, p.width, p.height)
 
     written: list[tuple[str, Item | int]] = []
     forgotten: list[tuple[str, int]] = []  # (old sha, id) of items that no longer hold those bytes
@@ -275,7 +275,7 @@ def _commit_batch(db, model, model_key: str, origin: str, prepared: list[_Prepar
             source_item = sources.get(known[sha])
             if source_item is None or source_item.embedding is None or source_item.sha256 != sha:
                 raise RuntimeError(f"lost the embedding of {sha} while indexing")
-            vectors[sha] = (source_item.embedding, source_item.width, source_item.height)
+            vectors[sha] = (source_item.embedding, source_item.descriptors, source_item.width, source_item.height)
 
         writes = any(p.kind != "broken" or p.work.item is not None for p in prepared)
         version = crud.bump_version(session) if writes else crud.catalogue_version(session)
@@ -294,8 +294,8 @@ def _commit_batch(db, model, model_key: str, origin: str, prepared: list[_Prepar
                 continue
             if fresh.get(p.sha256) is not p:
                 report.exact_duplicates += 1
-            blob, width, height = vectors[p.sha256]
-            values = {**stat, "sha256": p.sha256, "width": width, "height": height, "embedding": blob,
+            blob, description, width, height = vectors[p.sha256]
+            values = {**stat, "sha256": p.sha256, "width": width, "height": height, "embedding": blob, "descriptors": description,
                       "model_key": model_key, "embedded_version": version}
             if item is None:
                 row = Item(source=entry.source, **values)

@@ -2,7 +2,8 @@
 
 The schema itself is created only by the Alembic migrations in ``migrations/`` (which must match
 these classes; ``tests/test_indexer_db.py`` compares them). The database is the source of truth:
-each item keeps its embedding (float32 bytes), so the FAISS file can always be rebuilt from it.
+each item keeps its embedding (float32 bytes), so the FAISS file can always be rebuilt from it, and
+the head's description of it, so re-scoring needs neither the file nor the backbone.
 
 * ``items`` — one image of the catalogue; ``id`` is also its FAISS id.
 * ``catalogue_state`` — one row whose ``version`` grows with every committed change to the items;
@@ -70,6 +71,9 @@ class Item(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # The head's description of the image (packed by the engine, ~50 KB): candidates are re-scored
+    # from it without decoding the file or running the backbone. Deferred: loaded only when asked for.
+    descriptors: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
     model_key: Mapped[str | None] = mapped_column(String(64))
     # Catalogue version of the transaction that wrote the embedding: an index generation built at
     # version v holds exactly the embeddings with embedded_version <= v.

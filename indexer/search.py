@@ -2,10 +2,12 @@
 
 The index similarity (cosine of the embeddings) is cheap but coarse; the head compares both images'
 local features and is what the model's threshold is calibrated on. So more candidates than asked for
-are fetched from FAISS (``candidates``, default ``max(4k, k + 20)``), each is decoded and re-scored
-against the query, and the best ``k`` by head score are returned with both ranks. Explanations
-(factual and counterfactual Grad-CAM maps of both images) come from one batched ``model.explain_feature_maps``
-call over the top ``k``; overlay PNGs are written with ``engine.figures.overlay``.
+are fetched from FAISS (``candidates``, default ``max(4k, k + 20)``), each is re-scored against the
+query from the head description stored at indexing time (items indexed without one are decoded and
+described on the fly), and the best ``k`` by head score are returned with both ranks. Explanations
+(factual and counterfactual Grad-CAM maps of both images) need the matches' feature maps: one backbone
+pass over the top ``k``, then one batched ``model.explain_feature_maps`` call; overlay PNGs are written
+with ``engine.figures.overlay``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
-import numpy as np
-import torch
 
 from engine import PairExplanation
 from engine.errors import ImageLoadError
@@ -104,6 +104,7 @@ def search(
     method: str = "gradcam",
     generation: int | None = None,
     stale_index: bool = False,
+    model_key: str | None = None,
 ) -> SearchResult:
     """The ``k`` best catalogue matches of ``query``, re-scored by the head.
 
@@ -136,45 +137,68 @@ def search(
         items = crud.items_by_ids(session, [i for i, _ in order])
     order = [(i, s) for i, s in order if i in items][:wanted]  # a stale index may hold deleted ids
 
+    with db.session() as session:
+        stored = crud.descriptors_by_ids(session, [i for i, _ in order], model_key) if model_key else {}
     unreadable: list[Skipped] = []
-    kept: list[tuple[int, float]] = []
-    pictures = []
-    for item_id, sim in order:
-        try:
-            pictures.append(model.load([items[item_id].source])[0])
-        except ImageLoadError as exc:
-            unreadable.append(Skipped(items[item_id].source, str(exc)))
-            continue
-        kept.append((item_id, sim))
+    pictures: dict[int, object] = {}
+    missing = [(i, s) for i, s in order if i not in stored]  # indexed before descriptions were stored
+    fresh = _describe_files(model, [items[i].source for i, _ in missing])
+    for (item_id, sim), (picture, description, reason) in zip(missing, fresh):
+        if description is None:
+            unreadable.append(Skipped(items[item_id].source, reason))
+        else:
+            pictures[item_id], stored[item_id] = picture, description
+    described = [(i, s, stored[i]) for i, s in order if i in stored]
 
-    head, candidate_fmaps = _head_scores(model, query_fmap, pictures)
-    before = {item_id: rank for rank, (item_id, _) in enumerate(kept, start=1)}
-    ranked = sorted(range(len(kept)), key=lambda n: (-head[n], n))[:k]
+    query_description = model.describe_fmaps(query_fmap)[0]
+    head = model.score_described([query_description] * len(described), [d for _, _, d in described])
+    before = {item_id: rank for rank, (item_id, _, _) in enumerate(described, start=1)}
+    ranked = sorted(range(len(described)), key=lambda n: (-head[n], n))[:k]
     matches = []
     for rank, n in enumerate(ranked, start=1):
-        item_id, sim = kept[n]
+        item_id, sim, _ = described[n]
         item = items[item_id]
         score = float(head[n])
         matches.append(Match(item_id, item.source, item.listing, item.sha256, sim, score, score >= model.threshold,
                              before[item_id], rank))
 
     if explain and matches:
-        # The candidates' feature maps from re-scoring are reused: explaining costs only the head.
-        explanations = model.explain_feature_maps(query_fmap, candidate_fmaps[ranked], method=method)
-        for match, n, explanation in zip(matches, ranked, explanations):
-            match.explanation = explanation
-            if explain_dir is not None:
-                match.overlays = _write_overlays(Path(explain_dir), match, query_image, pictures[n], explanation)
+        explained = []
+        for match in matches:
+            if match.item_id not in pictures:
+                try:
+                    pictures[match.item_id] = model.load([match.source])[0]
+                except ImageLoadError as exc:
+                    unreadable.append(Skipped(match.source, str(exc)))
+                    continue
+            explained.append(match)
+        if explained:
+            # One backbone pass over the matches, then one batched forward + backward of the head.
+            fmaps = model.feature_maps([pictures[m.item_id] for m in explained])
+            for match, explanation in zip(explained, model.explain_feature_maps(query_fmap, fmaps, method=method)):
+                match.explanation = explanation
+                if explain_dir is not None:
+                    match.overlays = _write_overlays(Path(explain_dir), match, query_image, pictures[match.item_id],
+                                                     explanation)
 
-    return SearchResult(name, k, float(model.threshold), len(kept), matches, excluded, unreadable, generation, stale_index)
+    return SearchResult(name, k, float(model.threshold), len(described), matches, excluded, unreadable, generation, stale_index)
 
 
-def _head_scores(model, query_fmap, pictures: list) -> tuple[np.ndarray, torch.Tensor | None]:
-    """Head scores of the query against each candidate, and the candidates' feature maps."""
-    if not pictures:
-        return np.zeros(0, np.float32), None
-    fmaps = model.feature_maps(pictures)
-    return model.score_fmaps(query_fmap.expand(len(fmaps), *query_fmap.shape[1:]), fmaps), fmaps
+def _describe_files(model, sources: list[str]) -> list[tuple[object, bytes | None, str | None]]:
+    """(picture, packed head description, None) per file, or (None, None, reason) for an unreadable one."""
+    out: list[tuple[object, bytes | None, str | None]] = []
+    pictures = []
+    for source in sources:
+        try:
+            pictures.append(model.load([source])[0])
+            out.append((pictures[-1], None, None))
+        except ImageLoadError as exc:
+            out.append((None, None, str(exc)))
+    if pictures:
+        descriptions = iter(model.describe_fmaps(model.feature_maps(pictures)))
+        out = [(picture, next(descriptions), None) if picture is not None else (None, None, reason)
+               for picture, _, reason in out]
+    return out
 
 
 def _write_overlays(directory: Path, match: Match, query_image, match_image, explanation: PairExplanation) -> dict[str, str]:

@@ -115,7 +115,7 @@ class Catalogue:
         index, generation, stale = self.current_index()
         return search(query, model=self.model, db=self.db, index=index, k=k, candidates=candidates,
                       exclude_self=exclude_self, explain=explain, explain_dir=explain_dir, method=method,
-                      generation=generation, stale_index=stale)
+                      generation=generation, stale_index=stale, model_key=self.model_key)
 
     def dedup(self, *, k: int = 10, threshold: float | None = None, precision: float | None = None,
               labels: str | os.PathLike | None = None, min_index_similarity: float | None = None) -> DedupReport:

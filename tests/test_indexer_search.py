@@ -70,16 +70,20 @@ def test_candidates_are_re_ranked_by_the_head(indexed, tiny_model, tmp_path):
         def __getattr__(self, name):
             return getattr(self._model, name)
 
-        def score_fmaps(self, fa, fb):
-            return 1.0 - self._model.score_fmaps(fa, fb)
+        def score_described(self, packed_a, packed_b):
+            return 1.0 - self._model.score_described(packed_a, packed_b)
 
     from indexer.search import search
 
     index, generation, stale = catalogue.current_index()
     query = tmp_path / "q.jpg"
     edited(tiles()[2]).save(query)
-    normal = search(query, model=tiny_model, db=catalogue.db, index=index, k=5, candidates=5)
-    contrary = search(query, model=Contrary(tiny_model), db=catalogue.db, index=index, k=5, candidates=5)
+    normal = search(query, model=tiny_model, db=catalogue.db, index=index, k=5, candidates=5, model_key=catalogue.model_key)
+    contrary = search(query, model=Contrary(tiny_model), db=catalogue.db, index=index, k=5, candidates=5,
+                      model_key=catalogue.model_key)
+    from_files = search(query, model=tiny_model, db=catalogue.db, index=index, k=5, candidates=5)  # no stored descriptions
+    assert [m.item_id for m in from_files.matches] == [m.item_id for m in normal.matches]
+    assert [m.head_score for m in from_files.matches] == pytest.approx([m.head_score for m in normal.matches], abs=2e-3)
     assert normal.matches[0].source == contrary.matches[-1].source == str(paths[2])
     assert contrary.matches[-1].rank_before == 1 and contrary.matches[-1].rank_after == 5
     by_id = {m.item_id: m for m in normal.matches}
