@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements-weights.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/whymatch demo
+	$(BIN)/whymatch demo --serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

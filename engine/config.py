@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Preset = Literal["whymatch", "paper"]
 
@@ -68,6 +68,35 @@ class Settings(BaseSettings):
     database_url: str | None = None
     # A FAISS ``index_factory`` string (e.g. ``HNSW32``, ``IVF1024,PQ32``); None = chosen by catalogue size.
     index_factory: str | None = None
+
+    # REST API (``whymatch serve``, README "REST API and web page"). Writes need ``Authorization: Bearer <api_token>``;
+    # without one configured the API refuses writes (``whymatch serve`` generates and prints one instead).
+    api_token: SecretStr | None = None
+    # When set, reads need it too (or the write token); unset, reads are open.
+    api_read_token: SecretStr | None = None
+    # Origins allowed to call the API from a browser (comma-separated or a JSON list); empty = CORS off.
+    cors_origins: Annotated[list[str], NoDecode] = []
+    max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)  # per uploaded image
+    max_pixels: int = Field(60_000_000, gt=0)  # per uploaded image, checked before decoding (bombs)
+    max_upload_files: int = Field(64, gt=0)  # images per POST /api/index
+    api_workers: int = Field(2, gt=0)  # threads running model calls concurrently
+    upload_dir: Path | None = None  # where POST /api/index stores images; None = data_dir/uploads
+    explanation_cache_size: int = Field(1024, gt=0)  # explained pairs kept for overlay PNGs
+
+    @field_validator("api_token", "api_read_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [origin.strip() for origin in text.split(",") if origin.strip()]
+        return value
 
     @model_validator(mode="after")
     def _default_database_url(self) -> Settings:

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from indexer.catalogue import ItemState
 from indexer.models import (
@@ -264,3 +264,89 @@ def dedup_pairs(session: Session, run_id: int) -> list[DuplicatePair]:
 
 def dedup_groups(session: Session, run_id: int) -> list[DuplicateGroup]:
     return list(session.scalars(select(DuplicateGroup).where(DuplicateGroup.run_id == run_id).order_by(DuplicateGroup.id)))
+
+
+# ------------------------------------------------------------------------------------ review queue (API)
+
+REVIEW_STATUSES = ("unreviewed", "accepted", "rejected", "all")
+_STATUS_DECISION = {"accepted": "accept", "rejected": "reject"}
+
+
+def _latest_review_of_pair():
+    """An alias of ``match_reviews`` restricted to each pair's newest review, and its join condition with pairs."""
+    newest = select(func.max(MatchReview.id)).group_by(MatchReview.item_a_id, MatchReview.item_b_id)
+    review = aliased(MatchReview)
+    on = (review.item_a_id == DuplicatePair.item_a_id) & (review.item_b_id == DuplicatePair.item_b_id) & review.id.in_(newest)
+    return review, on
+
+
+def _status_filter(statement, review, status: str):
+    if status not in REVIEW_STATUSES:
+        raise ValueError(f"status must be one of {REVIEW_STATUSES}, got {status!r}")
+    if status == "unreviewed":
+        return statement.where(review.id.is_(None))
+    if status in _STATUS_DECISION:
+        return statement.where(review.decision == _STATUS_DECISION[status])
+    return statement
+
+
+def duplicate_pairs_page(session: Session, run_id: int, status: str = "all", offset: int = 0,
+                         limit: int = 50) -> tuple[int, list[tuple[DuplicatePair, MatchReview | None]]]:
+    """(total, page) of a dedup run's pairs with their newest review, strongest first; ``status`` filters
+    by that review (``unreviewed``, ``accepted``, ``rejected`` or ``all``). Both items are loaded."""
+    review, on = _latest_review_of_pair()
+    base = _status_filter(select(DuplicatePair, review).outerjoin(review, on).where(DuplicatePair.run_id == run_id),
+                          review, status)
+    total = int(session.scalar(select(func.count()).select_from(base.subquery())) or 0)
+    rows = session.execute(
+        base.options(selectinload(DuplicatePair.item_a), selectinload(DuplicatePair.item_b))
+        .order_by(DuplicatePair.head_score.desc(), DuplicatePair.id).offset(offset).limit(limit)
+    ).all()
+    return total, [(pair, latest) for pair, latest in rows]
+
+
+def duplicate_status_counts(session: Session, run_id: int) -> dict[str, int]:
+    """How many of a run's pairs are unreviewed, accepted, rejected, and all of them."""
+    review, on = _latest_review_of_pair()
+    rows = session.execute(
+        select(review.decision, func.count()).select_from(DuplicatePair).outerjoin(review, on)
+        .where(DuplicatePair.run_id == run_id).group_by(review.decision)
+    ).all()
+    by_decision = {decision: int(n) for decision, n in rows}
+    counts = {"unreviewed": by_decision.get(None, 0), "accepted": by_decision.get("accept", 0),
+              "rejected": by_decision.get("reject", 0)}
+    counts["all"] = sum(counts.values())
+    return counts
+
+
+def duplicate_groups_page(session: Session, run_id: int, offset: int = 0,
+                          limit: int = 50) -> tuple[int, list[tuple[DuplicateGroup, list[int]]]]:
+    """(total, page) of a run's groups, strongest first, each with its member item ids."""
+    total = int(session.scalar(select(func.count()).select_from(DuplicateGroup).where(DuplicateGroup.run_id == run_id)) or 0)
+    groups = list(session.scalars(
+        select(DuplicateGroup).where(DuplicateGroup.run_id == run_id)
+        .order_by(DuplicateGroup.max_score.desc(), DuplicateGroup.id).offset(offset).limit(limit)
+    ))
+    members: dict[int, set[int]] = {group.id: set() for group in groups}
+    if members:
+        for group_id, a, b in session.execute(
+            select(DuplicatePair.group_id, DuplicatePair.item_a_id, DuplicatePair.item_b_id)
+            .where(DuplicatePair.group_id.in_(list(members)))
+        ):
+            members[group_id].update((a, b))
+    return total, [(group, sorted(members[group.id])) for group in groups]
+
+
+def get_dedup_run(session: Session, run_id: int) -> DedupRun | None:
+    return session.get(DedupRun, run_id)
+
+
+def list_reviews(session: Session, offset: int = 0, limit: int = 50,
+                 item_id: int | None = None) -> tuple[int, list[MatchReview]]:
+    """(total, page) of reviews, newest first; ``item_id`` keeps those of pairs containing that item."""
+    statement = select(MatchReview)
+    if item_id is not None:
+        statement = statement.where((MatchReview.item_a_id == item_id) | (MatchReview.item_b_id == item_id))
+    total = int(session.scalar(select(func.count()).select_from(statement.subquery())) or 0)
+    page = session.scalars(statement.order_by(MatchReview.id.desc()).offset(offset).limit(limit))
+    return total, list(page)

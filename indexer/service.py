@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class Catalogue:
         self._threads = threads
         self._model_key: str | None = None
         self._index: tuple[int | None, faiss.Index, bool] | None = None
+        # Guards ``_index``: the API searches from several threads while an index run may replace it.
+        self._index_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings, *, model=None, **overrides) -> Catalogue:
@@ -92,7 +95,8 @@ class Catalogue:
         if max_pixels is not None:
             options.max_pixels = max_pixels
         report = index_catalogue(path, model=self.model, db=self.db, index_dir=self.index_dir, options=options, log=self.log)
-        self._index = None
+        with self._index_lock:
+            self._index = None
         return report
 
     def current_index(self) -> tuple[faiss.Index, int | None, bool]:
@@ -102,12 +106,13 @@ class Catalogue:
         with self.db.session() as session:
             latest = crud.latest_generation(session)
         latest_id = latest.id if latest is not None else None
-        if self._index is None or self._index[0] != latest_id or latest_id is None:
-            model = self.model
-            index, generation, stale = load_current_index(self.db, self.store, model_key=self.model_key, metric=model.metric,
-                                                          dim=int(model.config.embed_dim), log=self.log)
-            self._index = (generation.id if generation is not None else None, index, stale)
-        generation_id, index, stale = self._index
+        with self._index_lock:
+            if self._index is None or self._index[0] != latest_id or latest_id is None:
+                model = self.model
+                index, generation, stale = load_current_index(self.db, self.store, model_key=self.model_key, metric=model.metric,
+                                                              dim=int(model.config.embed_dim), log=self.log)
+                self._index = (generation.id if generation is not None else None, index, stale)
+            generation_id, index, stale = self._index
         return index, generation_id, stale
 
     def search(self, query, *, k: int = 10, candidates: int | None = None, exclude_self: bool = True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from api.cli import COMMANDS as API_COMMANDS
 from engine.cli import compare_command, eval_command, train_command
 from engine.config import Settings
 from indexer.cli import COMMANDS as INDEXER_COMMANDS
@@ -17,5 +18,5 @@ def main(ctx: click.Context) -> None:
     ctx.obj = Settings()
 
 
-for command in (demo_command, train_command, compare_command, eval_command, *INDEXER_COMMANDS):
+for command in (demo_command, train_command, compare_command, eval_command, *INDEXER_COMMANDS, *API_COMMANDS):
     main.add_command(command)

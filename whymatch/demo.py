@@ -1,4 +1,5 @@
-"""The main job on an embedded default: a small demo catalogue, the shipped model, explained pairs.
+"""The main job on an embedded default: a small demo catalogue, the shipped model, explained pairs,
+then the catalogue pipeline on it (index, dedup, explained search) and, with ``--serve``, the web page.
 
 The catalogue is a sample of ``../shared/data/airbnb`` when it is there, else photos that
 scikit-image ships with generated edits (crop, mirror, exposure, rotation) as known near-duplicates,
@@ -82,9 +83,12 @@ def demo_catalogue(data_dir: Path, catalogue: Path | None) -> Path:
 @click.option("--catalogue", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Use this folder instead of the built-in demo catalogue.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo"), show_default=True)
 @click.option("--pairs", type=int, default=3, show_default=True, help="How many best-matching pairs to explain.")
+@click.option("--serve", is_flag=True, help="Then serve the REST API and the web page on the demo catalogue (Ctrl-C stops).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port for --serve (on 127.0.0.1).")
 @click.pass_context
-def demo_command(ctx: click.Context, catalogue: Path | None, out_dir: Path, pairs: int) -> None:
-    """Explain the best and the worst matching pairs of a demo catalogue and write their figures."""
+def demo_command(ctx: click.Context, catalogue: Path | None, out_dir: Path, pairs: int, serve: bool, port: int) -> None:
+    """Explain the best and worst matching pairs of a demo catalogue, then index it, find its duplicates
+    and run an explained search."""
     from engine.evaluate import embedding_similarities
     from engine.explain import explain_fmaps
     from engine.figures import pair_figure
@@ -92,7 +96,7 @@ def demo_command(ctx: click.Context, catalogue: Path | None, out_dir: Path, pair
 
     settings = ctx.obj
     model = load_model(settings.model_path, threads=settings.threads, batch_size=settings.batch_size)
-    root = demo_catalogue(settings.data_dir, catalogue)
+    root = demo_catalogue(settings.data_dir, catalogue).resolve()
     paths = list_images(root)
     if len(paths) < 2:
         raise click.ClickException(f"the demo catalogue {root} needs at least two images")
@@ -118,4 +122,31 @@ def demo_command(ctx: click.Context, catalogue: Path | None, out_dir: Path, pair
         click.echo(f"{kind:>5}  {explanation.similarity:.3f}  {decision:<8}  {paths[a].relative_to(root)}  ~  {paths[b].relative_to(root)}  → {figure}")
         report.append({"kind": kind, "a": str(paths[a]), "b": str(paths[b]), "similarity": explanation.similarity,
                        "is_match": explanation.is_match, "figure": str(figure)})
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    summary = {"pairs": report, **catalogue_tour(settings, model, root, out_dir)}
+    (out_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if serve:
+        from api.cli import serve_command
+
+        ctx.invoke(serve_command, host="127.0.0.1", port=port, log_level="warning")
+
+
+def catalogue_tour(settings, model, root: Path, out_dir: Path) -> dict:
+    """Index the demo catalogue (incrementally), find its duplicates, and run one explained search."""
+    from indexer import Catalogue
+
+    catalogue = Catalogue.from_settings(settings, model=model, log=None)
+    indexed = catalogue.index(root, progress=False)
+    click.echo(f"indexed into {settings.data_dir}: {indexed.added} added, {indexed.unchanged} unchanged, "
+               f"{len(indexed.skipped)} skipped; {indexed.ntotal} vectors")
+    labels = root / "groups.csv"
+    duplicates = catalogue.dedup(labels=labels if labels.is_file() else None, precision=0.9 if labels.is_file() else None)
+    click.echo(f"dedup: {len(duplicates.pairs)} duplicate pairs in {len(duplicates.groups)} groups "
+               f"(threshold {duplicates.threshold:.3f}, {duplicates.threshold_source})")
+    query = Path(duplicates.pairs[0].source_a) if duplicates.pairs else list_images(root)[0]
+    found = catalogue.search(query, k=5, explain_dir=out_dir / "search")
+    click.echo(f"search {query.relative_to(root)}: overlays in {out_dir / 'search'}")
+    for match in found.matches:
+        click.echo(f"  {match.rank_after}. {match.head_score:.3f} (index rank {match.rank_before})  "
+                   f"{Path(match.source).relative_to(root)}")
+    return {"indexed": indexed.to_dict(), "duplicate_pairs": len(duplicates.pairs), "duplicate_groups": len(duplicates.groups),
+            "dedup_threshold": duplicates.threshold, "search": found.to_dict()}

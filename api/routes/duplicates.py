@@ -1,0 +1,92 @@
+"""``GET /api/duplicates``: the review queue of a dedup run (pairs strongest first), its groups and listing report.
+
+Duplicates are found by ``whymatch dedup`` (stored in the database); the API shows the latest run unless
+``run`` names another. A pair's status is its newest review (``POST /api/reviews``), whichever run it
+was found in, so decisions carry over to later runs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from sqlalchemy.orm import Session
+
+from api.deps import ReadAccess, State, api_base
+from api.routes.reviews import review_out
+from api.schemas import DuplicatePage, GroupPage, ListingPage, ReviewStatus, as_utc
+from indexer import crud
+from indexer.dedup import stored_listing_report
+from indexer.models import DedupRun, Item
+
+router = APIRouter(tags=["duplicates"], dependencies=[ReadAccess])
+
+Offset = Annotated[int, Query(ge=0)]
+Limit = Annotated[int, Query(ge=1, le=500)]
+RunId = Annotated[int | None, Query(ge=1, description="A dedup run id; default: the latest run.")]
+_STATUS_OF = {None: "unreviewed", "accept": "accepted", "reject": "rejected"}
+
+
+def _run(session: Session, run_id: int | None) -> DedupRun | None:
+    if run_id is None:
+        return crud.latest_dedup_run(session)
+    run = crud.get_dedup_run(session, run_id)
+    if run is None:
+        raise HTTPException(404, f"no dedup run {run_id}")
+    return run
+
+
+def _brief(item: Item, base: str) -> dict:
+    return {"id": item.id, "source": item.source, "listing": item.listing, "image_url": f"{base}/items/{item.id}/image"}
+
+
+def _run_info(run: DedupRun) -> dict:
+    names = ("id", "created_at", "threshold", "threshold_source", "precision_target", "k", "n_items", "n_candidates",
+             "n_pairs", "n_groups")
+    return {**{name: getattr(run, name) for name in names}, "created_at": as_utc(run.created_at)}
+
+
+@router.get("/duplicates", response_model=DuplicatePage, summary="Duplicate pairs to review, strongest first")
+def list_duplicates(request: Request, state: State, offset: Offset = 0, limit: Limit = 50,
+                    status: ReviewStatus = "unreviewed", run: RunId = None) -> dict:
+    base = api_base(request)
+    with state.catalogue.db.session() as session:
+        dedup_run = _run(session, run)
+        if dedup_run is None:
+            empty = {"unreviewed": 0, "accepted": 0, "rejected": 0, "all": 0}
+            return {"run": None, "status": status, "offset": offset, "limit": limit, "total": 0, "counts": empty,
+                    "pairs": []}
+        total, rows = crud.duplicate_pairs_page(session, dedup_run.id, status, offset, limit)
+        pairs = [{
+            "id": pair.id, "group_id": pair.group_id, "item_a": _brief(pair.item_a, base),
+            "item_b": _brief(pair.item_b, base), "index_similarity": pair.index_similarity,
+            "head_score": pair.head_score, "exact": pair.exact,
+            "status": _STATUS_OF[review.decision if review is not None else None],
+            "review": review_out(review) if review is not None else None,
+        } for pair, review in rows]
+        return {"run": _run_info(dedup_run), "status": status, "offset": offset, "limit": limit, "total": total,
+                "counts": crud.duplicate_status_counts(session, dedup_run.id), "pairs": pairs}
+
+
+@router.get("/duplicates/groups", response_model=GroupPage, summary="Duplicate groups, strongest first")
+def list_groups(state: State, offset: Offset = 0, limit: Limit = 50, run: RunId = None) -> dict:
+    with state.catalogue.db.session() as session:
+        dedup_run = _run(session, run)
+        if dedup_run is None:
+            return {"run_id": None, "offset": offset, "limit": limit, "total": 0, "groups": []}
+        total, rows = crud.duplicate_groups_page(session, dedup_run.id, offset, limit)
+        groups = [{"id": g.id, "size": g.size, "n_listings": g.n_listings, "max_score": g.max_score, "items": members}
+                  for g, members in rows]
+        return {"run_id": dedup_run.id, "offset": offset, "limit": limit, "total": total, "groups": groups}
+
+
+@router.get("/duplicates/listings", response_model=ListingPage, summary="Listings sharing photos")
+def list_listings(state: State, offset: Offset = 0, limit: Limit = 50, run: RunId = None) -> dict:
+    """Pairs of different listings that share photos, strongest evidence first (the dedup listing report)."""
+    with state.catalogue.db.session() as session:
+        dedup_run = _run(session, run)
+        if dedup_run is None:
+            return {"run_id": None, "offset": offset, "limit": limit, "total": 0, "listings": []}
+        report = stored_listing_report(session, dedup_run.id)
+    shares = [vars(share) for share in report[offset : offset + limit]]
+    return {"run_id": dedup_run.id, "offset": offset, "limit": limit, "total": len(report), "listings": shares}

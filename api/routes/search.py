@@ -1,0 +1,73 @@
+"""``POST /api/search``: the catalogue's best matches of an uploaded image, re-ranked by the head, optionally explained."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+
+from api.deps import ApiState, ReadAccess, State, api_base
+from api.explanations import (
+    Picture,
+    StoredExplanation,
+    item_identity,
+    overlay_urls,
+    pair_key,
+    upload_identity,
+)
+from api.schemas import SearchResponse
+from api.uploads import (
+    decode_upload,
+    display_copy,
+    filename_of,
+    label_of,
+    one_line,
+    read_upload,
+    status_for,
+)
+from engine.errors import ImageLoadError
+
+router = APIRouter(tags=["search"], dependencies=[ReadAccess])
+
+
+def _search(state: ApiState, data: bytes, label: str, name: str, k: int, explain: bool, base: str) -> dict:
+    """Decode, search and (optionally) remember the explanations; runs in the model pool."""
+    catalogue = state.catalogue
+    upload = decode_upload(data, label=label, max_pixels=state.settings.max_pixels,
+                           target_size=int(catalogue.model.config.input_size))
+    try:
+        result = catalogue.search(upload.data, k=k, explain=explain)
+    except ImageLoadError as exc:  # e.g. a pixel limit above the engine's default
+        raise HTTPException(status_for(exc), f"{label}: {one_line(str(exc))}") from exc
+    if explain and result.matches:
+        state.explanations.remember_upload(upload.sha256, display_copy(upload.image))
+    response = result.to_dict()
+    response["query"] = name
+    response["query_sha256"] = upload.sha256
+    for match, out in zip(result.matches, response["matches"]):
+        out["image_url"] = f"{base}/items/{match.item_id}/image"
+        if match.explanation is not None:
+            key = pair_key(catalogue.model_key, upload_identity(upload.sha256), item_identity(match.item_id, match.sha256))
+            state.explanations.put(key, StoredExplanation(match.explanation, Picture(upload_sha256=upload.sha256),
+                                                          Picture(item_id=match.item_id)))
+            out["explanation_key"] = key
+            out["overlays"] = overlay_urls(base, key)
+        else:
+            out.pop("overlays", None)
+    return response
+
+
+@router.post("/search", response_model=SearchResponse, summary="Search the catalogue by image")
+async def search(
+    request: Request,
+    state: State,
+    image: Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, ...).")],
+    k: Annotated[int, Form(ge=1, le=100, description="How many matches.")] = 10,
+    explain: Annotated[bool, Form(description="Also explain each match (factual/counterfactual maps).")] = False,
+) -> dict:
+    """The ``k`` best matches: FAISS candidates re-scored by the Siamese head, with both ranks. Catalogue items
+    with the query's exact bytes are left out (``excluded``). With ``explain`` each match carries its maps and
+    the URLs of overlay PNGs (``a`` = the query, ``b`` = the match)."""
+    data = await read_upload(image, field="image", max_bytes=state.settings.max_upload_bytes)
+    return await state.run_model(_search, state, data, label_of(image, "image"), filename_of(image) or "<upload>", k,
+                                 explain, api_base(request))

@@ -1,0 +1,288 @@
+"""Typed request and response bodies of the REST API (they make the OpenAPI document at ``/docs``).
+
+Explanations are the engine's ``PairExplanation.to_dict()`` passed through: the fields below are those
+the engine always gives; optional keys it may add (``effects``, ``correspondences``, ``concepts``, or
+newer ones) appear as they come, because the explanation models allow extra keys.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Map = list[list[float]]
+ReviewStatus = Literal["unreviewed", "accepted", "rejected", "all"]
+
+
+def as_utc(moment: datetime) -> datetime:
+    """Times are stored in UTC; SQLite hands them back without a zone."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+class Explanation(BaseModel):
+    """Why a pair scored as it did: the head's similarity, the decision, and four Grad-CAM maps."""
+
+    model_config = ConfigDict(extra="allow")
+
+    similarity: float = Field(description="The Siamese head's calibrated similarity in (0, 1).")
+    is_match: bool
+    threshold: float
+    decision: str = Field(description="'match' or 'no match'.")
+    empty_maps: list[str] = Field(description="Maps that carry no evidence at all (returned as zeros).")
+    factual_a: Map = Field(description="h×w in [0, 1] at feature resolution; a = the query / first image.")
+    factual_b: Map
+    counterfactual_a: Map
+    counterfactual_b: Map
+    effects: Any = Field(None, description="Optional, when the engine provides it.")
+    correspondences: Any = Field(None, description="Optional, when the engine provides it.")
+    concepts: Any = Field(None, description="Optional, when the engine provides it.")
+
+
+class Unreadable(BaseModel):
+    source: str
+    reason: str
+
+
+class SearchMatch(BaseModel):
+    item_id: int
+    source: str
+    listing: str | None
+    sha256: str
+    index_similarity: float = Field(description="Cosine of the embeddings (negated L2 distance for the paper preset).")
+    head_score: float = Field(description="The head's calibrated similarity: what the matches are ranked by.")
+    is_match: bool
+    rank_before: int = Field(description="1-based rank by index similarity among the candidates.")
+    rank_after: int = Field(description="1-based rank by head score.")
+    image_url: str
+    explanation: Explanation | None = None
+    explanation_key: str | None = None
+    overlays: dict[str, str] = Field(default_factory=dict, description="Map name → overlay PNG URL (when explained).")
+
+
+class SearchResponse(BaseModel):
+    query: str
+    query_sha256: str
+    k: int
+    threshold: float
+    n_candidates: int
+    excluded: list[int] = Field(description="Catalogue items that are the query itself (same bytes), left out.")
+    generation: int | None
+    stale_index: bool
+    unreadable: list[Unreadable]
+    matches: list[SearchMatch]
+
+
+class CompareResponse(Explanation):
+    """An explained comparison of two images (uploads or catalogue items)."""
+
+    explanation_key: str
+    item_a: int | None
+    item_b: int | None
+    image_a_url: str
+    image_b_url: str
+    overlays: dict[str, str]
+    cached: bool = Field(description="True when the explanation came from the cache (no model call).")
+
+
+class ItemResponse(BaseModel):
+    id: int
+    source: str
+    listing: str | None
+    sha256: str
+    width: int
+    height: int
+    size_bytes: int
+    embedded: bool
+    added_at: datetime
+    updated_at: datetime
+    image_url: str
+
+
+class ItemBrief(BaseModel):
+    id: int
+    source: str
+    listing: str | None
+    image_url: str
+
+
+class ReviewCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item_a: int = Field(ge=1)
+    item_b: int = Field(ge=1)
+    decision: Literal["accept", "reject"]
+    note: str | None = Field(None, max_length=4000)
+    reviewer: str = Field("anonymous", min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _two_items(self) -> ReviewCreate:
+        if self.item_a == self.item_b:
+            raise ValueError("a review needs two different items")
+        return self
+
+
+class Review(BaseModel):
+    id: int
+    item_a: int = Field(description="The smaller item id of the pair.")
+    item_b: int
+    decision: Literal["accept", "reject"]
+    note: str | None
+    reviewer: str
+    created_at: datetime
+
+
+class ReviewPage(BaseModel):
+    offset: int
+    limit: int
+    total: int
+    reviews: list[Review]
+
+
+class DedupRunInfo(BaseModel):
+    id: int
+    created_at: datetime
+    threshold: float
+    threshold_source: str
+    precision_target: float | None
+    k: int
+    n_items: int
+    n_candidates: int
+    n_pairs: int
+    n_groups: int
+
+
+class DuplicatePairOut(BaseModel):
+    id: int
+    group_id: int
+    item_a: ItemBrief
+    item_b: ItemBrief
+    index_similarity: float
+    head_score: float
+    exact: bool = Field(description="Byte-identical files.")
+    status: Literal["unreviewed", "accepted", "rejected"]
+    review: Review | None = Field(description="The pair's newest review.")
+
+
+class StatusCounts(BaseModel):
+    unreviewed: int
+    accepted: int
+    rejected: int
+    all: int
+
+
+class DuplicatePage(BaseModel):
+    run: DedupRunInfo | None = Field(description="The dedup run shown (the latest by default); None before any run.")
+    status: ReviewStatus
+    offset: int
+    limit: int
+    total: int = Field(description="Pairs with this status.")
+    counts: StatusCounts
+    pairs: list[DuplicatePairOut]
+
+
+class DuplicateGroupOut(BaseModel):
+    id: int
+    size: int
+    n_listings: int
+    max_score: float
+    items: list[int]
+
+
+class GroupPage(BaseModel):
+    run_id: int | None
+    offset: int
+    limit: int
+    total: int
+    groups: list[DuplicateGroupOut]
+
+
+class ListingShareOut(BaseModel):
+    listing_a: str
+    listing_b: str
+    n_pairs: int
+    photos_a: int
+    photos_b: int
+    n_exact: int
+    max_score: float
+    mean_score: float
+
+
+class ListingPage(BaseModel):
+    run_id: int | None
+    offset: int
+    limit: int
+    total: int
+    listings: list[ListingShareOut]
+
+
+class StoredUpload(BaseModel):
+    filename: str | None = Field(description="The client's file name.")
+    sha256: str
+    path: str
+    listing: str | None
+    item_id: int | None = Field(description="None when the indexer skipped the file (see report.skipped).")
+    image_url: str | None
+    new_file: bool = Field(description="False when the same bytes were already stored under this listing.")
+
+
+class IndexReportOut(BaseModel):
+    source: str
+    scanned: int
+    added: int
+    updated: int
+    touched: int
+    unchanged: int
+    removed: int
+    exact_duplicates: int
+    embedded: int
+    embed_seconds: float
+    skipped: list[Unreadable]
+    generation: int | None
+    index_factory: str | None
+    index_action: str
+    ntotal: int
+    seconds: float
+    images_per_second: float
+
+
+class IndexResponse(BaseModel):
+    stored: list[StoredUpload]
+    report: IndexReportOut
+
+
+class ModelInfo(BaseModel):
+    preset: str
+    backbone: str
+    input_size: int
+    embed_dim: int
+    threshold: float
+    key: str = Field(description="Fingerprint of the model's config and weights.")
+
+
+class IndexInfo(BaseModel):
+    size: int
+    generation: int | None
+    stale: bool
+
+
+class DatabaseInfo(BaseModel):
+    ok: bool
+    dialect: str
+    error: str | None = None
+
+
+class AuthInfo(BaseModel):
+    reads: Literal["open", "token"]
+    writes: Literal["token", "disabled"]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "error"]
+    version: str
+    model: ModelInfo
+    index: IndexInfo | None
+    items: int | None
+    db: DatabaseInfo
+    auth: AuthInfo
