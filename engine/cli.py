@@ -77,18 +77,26 @@ def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_c
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the explanation figure (PNG).")
 @click.option("--model", "model_path", type=click.Path(exists=True, path_type=Path), default=None)
 @click.option("--method", type=click.Choice(["gradcam", "hirescam"]), default="gradcam", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print score, decision and the four maps as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print score, decision, the four maps, correspondences and concepts as JSON.")
+@click.option("--effects/--no-effects", default=True, show_default=True,
+              help="Re-score the pair with each map's top 20% of its image blurred, and say what that does.")
 @click.pass_context
-def compare_command(ctx: click.Context, image_a: Path, image_b: Path, out: Path | None, model_path: Path | None, method: str, as_json: bool) -> None:
-    """Score two images and explain the decision with factual and counterfactual Grad-CAM maps."""
+def compare_command(ctx: click.Context, image_a: Path, image_b: Path, out: Path | None, model_path: Path | None, method: str, as_json: bool,
+                    effects: bool) -> None:
+    """Score two images and explain the decision with factual and counterfactual Grad-CAM maps,
+    the corresponding regions of both images and the concepts the decision rests on."""
+    from engine.concepts import describe_concepts
+    from engine.faithfulness import effect_sentences
     from engine.figures import pair_figure
+    from engine.images import image_size
 
     model = _load(ctx, model_path)
     try:
-        explanation = model.explain(image_a, [image_b], method=method)[0]
+        explanation = model.explain(image_a, [image_b], method=method, correspondences=True, concepts=True, effects=effects)[0]
         if out:
             pictures = model.load([image_a, image_b])
-            pair_figure(pictures[0], pictures[1], explanation, out, titles=(image_a.name, image_b.name))
+            pair_figure(pictures[0], pictures[1], explanation, out, titles=(image_a.name, image_b.name),
+                        sizes=(image_size(image_a), image_size(image_b)))
     except ImageLoadError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -98,6 +106,11 @@ def compare_command(ctx: click.Context, image_a: Path, image_b: Path, out: Path 
     click.echo(f"similarity {explanation.similarity:.4f} → {decision} (threshold {explanation.threshold:.3f})")
     if explanation.empty_maps:
         click.echo("maps without any evidence: " + ", ".join(explanation.empty_maps))
+    for sentence in effect_sentences(explanation):
+        click.echo(sentence)
+    click.echo(("what both show: " if explanation.is_match else "what differs: ") + describe_concepts(explanation.concepts))
+    for c in explanation.correspondences:
+        click.echo(f"  region {c['rank']}: A {c['box_a']} ↔ B {c['box_b']}  ({100 * c['share']:.1f}% of the local-match evidence)")
     if out:
         click.echo(f"figure: {out}")
 
@@ -110,18 +123,34 @@ def compare_command(ctx: click.Context, image_a: Path, image_b: Path, out: Path 
 @click.option("--holdout", type=float, default=0.0, help="Evaluate only on the held-apart split of --data (as train --holdout with the same --seed).")
 @click.option("--seed", type=int, default=0)
 @click.option("--model", "model_path", type=click.Path(exists=True, path_type=Path), default=None)
+@click.option("--explanations", is_flag=True, help="Instead: faithfulness of the factual maps (deletion/insertion areas "
+              "against random and centre-first orderings) on sampled pairs.")
+@click.option("--max-pairs", type=int, default=100, show_default=True, help="With --explanations: pairs sampled, half similar.")
+@click.option("--steps", type=int, default=16, show_default=True, help="With --explanations: points of each curve after the first.")
+@click.option("--fill", type=click.Choice(["blur", "mean"]), default="blur", show_default=True, help="With --explanations: what removed pixels become.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def eval_command(ctx: click.Context, data_dir: Path, galleries: tuple[Path, ...], form: str | None, groups_csv: Path | None,
-                 holdout: float, seed: int, model_path: Path | None, as_json: bool) -> None:
-    """Retrieval R@1/R@5/mAP and pair AUC (duplicate groups) or pair AUC/accuracy (class folders)."""
+                 holdout: float, seed: int, model_path: Path | None, explanations: bool, max_pairs: int, steps: int, fill: str,
+                 as_json: bool) -> None:
+    """Retrieval R@1/R@5/mAP and pair AUC (duplicate groups) or pair AUC/accuracy (class folders);
+    with --explanations, mean deletion/insertion areas of the explanations instead."""
     from engine.data import list_images
     from engine.evaluate import evaluate_fmaps
+    from engine.faithfulness import evaluate_explanations
 
     model = _load(ctx, model_path)
     data = load_labelled_images(data_dir, form, groups_csv)
     if holdout > 0:
         data = data.subset(split(data, holdout, seed)[1])
+    if explanations:
+        metrics = evaluate_explanations(model, data, max_pairs=max_pairs, steps=steps, fill=fill, seed=seed, progress=sys.stderr.isatty())
+        if as_json:
+            click.echo(json.dumps(metrics))
+            return
+        for key, value in metrics.items():
+            click.echo(f"{key:>32}  {value:.4f}" if isinstance(value, float) else f"{key:>32}  {value}")
+        return
     fmaps = model.feature_maps(data.paths)
     gallery_paths = [p for g in galleries for p in list_images(g)]
     gallery = model.feature_maps(gallery_paths) if gallery_paths else None

@@ -30,6 +30,10 @@ class PairExplanation:
     counterfactual_a: np.ndarray
     counterfactual_b: np.ndarray
     empty_maps: list[str] = field(default_factory=list)
+    # Optional details, filled only on request (engine.correspondences, engine.concepts, engine.faithfulness).
+    correspondences: list[dict] | None = None
+    concepts: list[dict] | None = None
+    effects: dict | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready form (maps as nested lists)."""
@@ -40,10 +44,12 @@ class PairExplanation:
             "decision": "match" if self.is_match else "no match",
             "empty_maps": self.empty_maps,
             **{name: getattr(self, name).round(4).tolist() for name in MAP_NAMES},
+            **{name: getattr(self, name) for name in DETAIL_NAMES if getattr(self, name) is not None},
         }
 
 
 MAP_NAMES = ("factual_a", "factual_b", "counterfactual_a", "counterfactual_b")
+DETAIL_NAMES = ("correspondences", "concepts", "effects")
 
 
 def normalise_map(raw: np.ndarray) -> tuple[np.ndarray, bool]:

@@ -10,8 +10,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import ConnectionPatch, Rectangle
 from PIL import Image
 
+from engine.concepts import describe_concepts
 from engine.explain import PairExplanation
 
 
@@ -24,25 +26,69 @@ def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5) -> Imag
     return Image.fromarray(np.uint8(np.clip(blended, 0, 255)))
 
 
-def pair_figure(image_a: Image.Image, image_b: Image.Image, explanation: PairExplanation, path: str | Path, *, titles: tuple[str, str] = ("image A", "image B")) -> Path:
-    """A figure like the paper's: for each image the original, the factual and the counterfactual map."""
+def pair_figure(
+    image_a: Image.Image,
+    image_b: Image.Image,
+    explanation: PairExplanation,
+    path: str | Path,
+    *,
+    titles: tuple[str, str] = ("image A", "image B"),
+    sizes: tuple[tuple[int, int], tuple[int, int]] | None = None,
+) -> Path:
+    """A figure like the paper's: for each image the original, the factual and the counterfactual map.
+
+    When the explanation carries them, the correspondences are drawn as numbered boxes joined by
+    lines on the originals and the concepts are written under the title. Boxes are in the pixels of
+    the original images, whose (width, height) ``sizes`` gives when the pictures were decoded smaller.
+    """
     decision = "match" if explanation.is_match else "no match"
     fig, axes = plt.subplots(2, 3, figsize=(9, 6.2))
     rows = [
-        (image_a, explanation.factual_a, explanation.counterfactual_a, titles[0]),
-        (image_b, explanation.factual_b, explanation.counterfactual_b, titles[1]),
+        (image_a, explanation.factual_a, explanation.counterfactual_a, titles[0], "a"),
+        (image_b, explanation.factual_b, explanation.counterfactual_b, titles[1], "b"),
     ]
-    for row, (image, factual, counterfactual, title) in zip(axes, rows):
-        panels = [(image, title), (overlay(image, factual), f"factual ({decision})"),
-                  (overlay(image, counterfactual), "counterfactual")]
+    for row, (image, factual, counterfactual, title, side) in zip(axes, rows):
+        panels = [(image, title), (overlay(image, factual), f"factual ({decision})" + effect_label(explanation, f"factual_{side}")),
+                  (overlay(image, counterfactual), "counterfactual" + effect_label(explanation, f"counterfactual_{side}"))]
         for ax, (picture, label) in zip(row, panels):
             ax.imshow(picture)
             ax.set_title(label, fontsize=9)
             ax.axis("off")
+    if explanation.correspondences:
+        scales = [(p.size[0] / s[0], p.size[1] / s[1]) for p, s in zip((image_a, image_b), sizes or (image_a.size, image_b.size))]
+        draw_correspondences(fig, axes[0][0], axes[1][0], explanation.correspondences, scales)
     fig.suptitle(f"similarity {explanation.similarity:.3f} — {decision} (threshold {explanation.threshold:.2f})", fontsize=11)
-    fig.tight_layout()
+    if explanation.concepts is not None:
+        label = "what both show" if explanation.is_match else "what differs"
+        fig.text(0.5, 0.925, f"{label}: {describe_concepts(explanation.concepts)}", ha="center", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.93 if explanation.concepts is not None else 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def effect_label(explanation: PairExplanation, name: str) -> str:
+    """A second title line with the similarity once the map's region is masked, when measured."""
+    entry = (explanation.effects or {}).get(name)
+    if entry is None:
+        return ""
+    return f"\nmasked: {explanation.similarity:.2f} → {entry['masked_similarity']:.2f}"
+
+
+def draw_correspondences(fig: plt.Figure, ax_a: plt.Axes, ax_b: plt.Axes, correspondences: list[dict],
+                         scales: list[tuple[float, float]]) -> None:
+    """Numbered boxes (one colour per rank) on both images, each pair joined by a line."""
+    colours = plt.get_cmap("tab10").colors
+    for c in correspondences:
+        colour = colours[(c["rank"] - 1) % len(colours)]
+        centres = []
+        for ax, box, (sx, sy) in ((ax_a, c["box_a"], scales[0]), (ax_b, c["box_b"], scales[1])):
+            x0, y0, x1, y1 = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=2))
+            ax.text(x0 + 2, y0 + 2, str(c["rank"]), color="white", fontsize=8, fontweight="bold", va="top",
+                    bbox={"facecolor": colour, "edgecolor": "none", "pad": 1})
+            centres.append(((x0 + x1) / 2, (y0 + y1) / 2))
+        fig.add_artist(ConnectionPatch(centres[0], centres[1], "data", "data", axesA=ax_a, axesB=ax_b,
+                                       color=colour, linewidth=1, alpha=0.7))

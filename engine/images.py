@@ -42,6 +42,7 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "ImageSource",
     "image_sha256",
+    "image_size",
     "load_image",
     "to_tensor",
 ]
@@ -353,3 +354,44 @@ def image_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# image_size
+# --------------------------------------------------------------------------------------------
+
+_ORIENTATION_TAG = 0x0112
+
+
+def image_size(source: ImageSource) -> tuple[int, int]:
+    """(width, height) of the image ``load_image`` returns at full size, from the header only.
+
+    Explanations give boxes in these coordinates, while the pixels the model saw may have been
+    decoded at a reduced size (JPEG draft mode). EXIF orientations 5–8 swap the sides.
+    """
+    if isinstance(source, np.ndarray):
+        return int(source.shape[1]), int(source.shape[0])
+    if isinstance(source, Image.Image):
+        return _displayed_size(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data, where = bytes(source), ""
+    elif isinstance(source, (str, os.PathLike)):
+        data, where = _read_file(source), f" ({os.fspath(source)})"
+    else:
+        raise TypeError(f"image source must be a path, bytes, PIL image or numpy array, got {type(source).__name__}")
+    try:
+        with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as img:
+            return _displayed_size(img)
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError(f"not an image (cannot identify image file){where}") from exc
+    except _DECODE_ERRORS as exc:
+        raise _decode_error(exc, where) from exc
+
+
+def _displayed_size(img: Image.Image) -> tuple[int, int]:
+    width, height = img.size
+    try:
+        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+    except _DECODE_ERRORS:  # broken EXIF: load_image keeps the stored orientation too
+        orientation = 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

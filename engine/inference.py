@@ -18,9 +18,12 @@ from safetensors.torch import load, load_file, save, save_file
 from torch import Tensor
 
 from engine.backbones import backbone_spec, create_backbone
+from engine.concepts import attach_concepts
 from engine.config import ModelConfig
+from engine.correspondences import attach_correspondences
 from engine.explain import PairExplanation, explain_fmaps
-from engine.images import ImageSource, load_image, to_tensor
+from engine.faithfulness import DEFAULT_AREA, DEFAULT_FILL, effects_from_tensors
+from engine.images import ImageSource, image_size, load_image, to_tensor
 from engine.model import SiameseNet, build_net
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
@@ -139,17 +142,63 @@ class SimilarityModel:
                  for a, b in zip(_chunks(images_a, self.batch_size), _chunks(images_b, self.batch_size))]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
-    def explain(self, image_a: ImageSource, images_b: Sequence[ImageSource] | ImageSource, method: str = "gradcam") -> list[PairExplanation]:
-        """Explain image a against each of images_b: one batched forward + backward for all pairs."""
+    def explain(self, image_a: ImageSource, images_b: Sequence[ImageSource] | ImageSource, method: str = "gradcam",
+                *, effects: bool = False, correspondences: bool = False, concepts: bool = False) -> list[PairExplanation]:
+        """Explain image a against each of images_b: one batched forward + backward for all pairs.
+
+        ``effects=True`` also fills ``explanation.effects`` (see ``add_effects``), reusing the decoded
+        pixels and feature maps; without it no pixels are kept and nothing else runs.
+        ``correspondences`` / ``concepts`` also fill those fields (see ``explain_feature_maps``).
+        """
         if not isinstance(images_b, (list, tuple)):
             images_b = [images_b]
-        fmaps = self.feature_maps([image_a, *images_b])
-        return self.explain_feature_maps(fmaps[:1], fmaps[1:], method)
+        details = {"correspondences": correspondences, "concepts": concepts,
+                   "sizes": [image_size(image) for image in (image_a, *images_b)] if correspondences else None}
+        if not effects:
+            fmaps = self.feature_maps([image_a, *images_b])
+            return self.explain_feature_maps(fmaps[:1], fmaps[1:], method, **details)
+        batches = list(self.pixel_batches([image_a, *images_b]))
+        pixels = torch.cat(batches)
+        fmaps = torch.cat([self.fmaps_from_pixels(batch) for batch in batches])
+        explanations = self.explain_feature_maps(fmaps[:1], fmaps[1:], method, **details)
+        effects_from_tensors(self, pixels[:1], fmaps[:1], pixels[1:], fmaps[1:], explanations)
+        return explanations
 
-    def explain_feature_maps(self, fmap_a: Tensor, fmaps_b: Tensor, method: str = "gradcam") -> list[PairExplanation]:
+    def explain_feature_maps(self, fmap_a: Tensor, fmaps_b: Tensor, method: str = "gradcam", *, correspondences: bool = False,
+                             concepts: bool = False, sizes: Sequence[tuple[int, int]] | None = None) -> list[PairExplanation]:
         """Explain from feature maps already computed (e.g. for re-scoring): only the head runs,
-        one forward and one backward pass for all pairs."""
-        return explain_fmaps(self.net, fmap_a, fmaps_b, self.threshold, method)
+        one forward and one backward pass for all pairs.
+
+        ``correspondences=True`` also fills ``explanation.correspondences`` (``engine.correspondences``):
+        boxes in the pixels of the original images, whose (width, height) ``sizes`` lists, image a
+        first (``engine.images.image_size``). ``concepts=True`` fills ``explanation.concepts``
+        (``engine.concepts``). Both work from the feature maps alone (milliseconds per pair).
+        """
+        explanations = explain_fmaps(self.net, fmap_a, fmaps_b, self.threshold, method)
+        if correspondences:
+            if sizes is None or len(sizes) != 1 + len(fmaps_b):
+                raise ValueError("correspondences need the (width, height) of image a and of each image b (sizes)")
+            attach_correspondences(self.net, explanations, fmap_a, fmaps_b, sizes[0], sizes[1:])
+        if concepts:
+            attach_concepts(self.net.backbone, explanations, fmap_a, fmaps_b)
+        return explanations
+
+    def add_effects(self, image_a: ImageSource, images_b: Sequence[ImageSource], explanations: Sequence[PairExplanation], *,
+                    fmap_a: Tensor | None = None, fmaps_b: Tensor | None = None, fill: str = DEFAULT_FILL,
+                    area: float = DEFAULT_AREA) -> list[PairExplanation]:
+        """Quantify explanations already made (e.g. by search): for each of the four maps, the
+        similarity once its top ``area`` of its image is filled (``fill``: blur or mean), stored in
+        ``explanation.effects``. Feature maps the caller holds are reused; the masked variants share
+        batched backbone passes (one for a single pair)."""
+        if len(images_b) != len(explanations):
+            raise ValueError(f"add_effects needs one explanation per image b ({len(explanations)} != {len(images_b)})")
+        pixels = self.pixels([image_a, *images_b])
+        if fmap_a is None:
+            fmap_a = self.fmaps_from_pixels(pixels[:1])
+        if fmaps_b is None:
+            fmaps_b = torch.cat([self.fmaps_from_pixels(batch) for batch in pixels[1:].split(self.batch_size)])
+        effects_from_tensors(self, pixels[:1], fmap_a, pixels[1:], fmaps_b, explanations, fill=fill, area=area)
+        return list(explanations)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` (trained layers only) and ``config.json``."""

@@ -1,0 +1,182 @@
+"""Region correspondences: which region of image a matches which region of image b, and how much it weighs.
+
+MatchNet's head is a weighted sum of the embedding cosine and a local-match term, and the local term is
+*exactly* a sum over pairs of feature-map cells (i of a, j of b), so no attribution method has to be
+trusted for the pairing: regrouping ``MatchNet.local_match`` by pair gives
+
+    local = Σ_ij corr_ij · (P_ij / N_a + Q_ij / N_b) / 2
+
+with ``corr`` the cosine of the projected cell descriptors and P, Q its row- and column-softmax at the
+head's temperature: the soft mutual nearest neighbours the head itself matched. (The cosine term splits
+over cell pairs exactly too, as u_i · v_j / (N_a N_b |ū| |v̄|) with u = the projected cells, but that is
+large for any two cells aligned with the shared embedding direction, whatever they show; adding it, or
+weighting by the Grad-CAM maps, paired visibly wrong regions on AirBnB photos, so neither is used.)
+PaperNet pools before anything pair-wise happens and has no such term; its fallback scores a cell pair
+by the cosine of the two cells' backbone features weighted by both images' Grad-CAM maps of the
+*similarity* (factual maps of a match, counterfactual maps of a non-match: correspondences always show
+what argues for the match).
+
+Contributions are summed over a (2r+1)² window around each cell of a and of b: a correspondence is a
+pair of regions, not of single cells. Greedy non-maximum suppression keeps region pairs whose a-window
+and b-window overlap no window already kept, so the kept pairs cover disjoint sets of cell pairs.
+``share`` = the region pair's contribution / the sum of all positive ones, so the shares of the kept
+pairs add up to at most 1; for MatchNet it is exactly the pair's part of the local-match term.
+Boxes are the windows' footprints on the input mapped back through the resize (the whole image is
+squeezed to a square), in the pixel coordinates of the original image: ``[x0, y0, x1, y1]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine.explain import PairExplanation
+from engine.model import MatchNet, SiameseNet
+
+Size = tuple[int, int]
+
+
+def local_match_contributions(net: MatchNet, local_a: Tensor, local_b: Tensor) -> Tensor:
+    """k×N_a×N_b terms that sum exactly to ``net.local_match(local_a, local_b)``."""
+    corr = local_a @ local_b.transpose(1, 2)
+    temperature = net.log_temperature.exp()
+    rows = torch.softmax(corr / temperature, dim=2) / corr.shape[1]
+    cols = torch.softmax(corr / temperature, dim=1) / corr.shape[2]
+    return corr * (rows + cols) / 2
+
+
+@torch.no_grad()
+def pair_contributions(net: SiameseNet, fmaps_a: Tensor, fmaps_b: Tensor) -> Tensor:
+    """Contribution of every pair of cells to each pair's similarity, k×N_a×N_b (fmaps_a: 1 or k maps).
+
+    MatchNet: the exact terms of its local-match term. PaperNet: the cosine of the backbone features
+    of the two cells (a similarity of regions, not a decomposition).
+    """
+    fmaps_a = fmaps_a.float().expand(fmaps_b.shape[0], -1, -1, -1)
+    fmaps_b = fmaps_b.float()
+    if isinstance(net, MatchNet):
+        return local_match_contributions(net, net.local_descriptors(fmaps_a), net.local_descriptors(fmaps_b))
+    cells_a = F.normalize(fmaps_a.flatten(2).transpose(1, 2), dim=2)
+    cells_b = F.normalize(fmaps_b.flatten(2).transpose(1, 2), dim=2)
+    return cells_a @ cells_b.transpose(1, 2)
+
+
+def window_sums(contributions: Tensor, grid_a: Size, grid_b: Size, radius: int) -> Tensor:
+    """Sum of the contributions over a (2r+1)² window around each cell of a and each cell of b
+    (windows clipped at the border), shape k×h_a×w_a×h_b×w_b."""
+    k = contributions.shape[0]
+    (ha, wa), (hb, wb) = grid_a, grid_b
+    size = 2 * radius + 1
+    area = size * size
+
+    def box_sum(planes: Tensor) -> Tensor:
+        n, h, w = planes.shape
+        return F.avg_pool2d(planes.view(n, 1, h, w), size, stride=1, padding=radius, count_include_pad=True).view(n, h, w) * area
+
+    over_b = box_sum(contributions.reshape(k * ha * wa, hb, wb)).view(k, ha, wa, hb * wb)
+    over_a = box_sum(over_b.permute(0, 3, 1, 2).reshape(k * hb * wb, ha, wa)).view(k, hb, wb, ha, wa)
+    return over_a.permute(0, 3, 4, 1, 2)
+
+
+def cell_box(row: int, col: int, grid: Size, size: Size, radius: int = 0) -> list[int]:
+    """``[x0, y0, x1, y1]`` in original pixels of the window of ``radius`` cells around a cell.
+
+    The image is squeezed to a square before the backbone, so cell column c of w spans the fraction
+    [c / w, (c + 1) / w] of the original width whatever the aspect ratio.
+    """
+    (h, w), (width, height) = grid, size
+    x0, x1 = max(col - radius, 0) / w, min(col + radius + 1, w) / w
+    y0, y1 = max(row - radius, 0) / h, min(row + radius + 1, h) / h
+    return [int(np.floor(x0 * width)), int(np.floor(y0 * height)), int(np.ceil(x1 * width)), int(np.ceil(y1 * height))]
+
+
+def find_correspondences(
+    net: SiameseNet,
+    fmaps_a: Tensor,
+    fmaps_b: Tensor,
+    sizes_a: Sequence[Size],
+    sizes_b: Sequence[Size],
+    maps_a: Sequence[np.ndarray] | None = None,
+    maps_b: Sequence[np.ndarray] | None = None,
+    *,
+    top: int = 5,
+    radius: int = 1,
+) -> list[list[dict]]:
+    """The ``top`` corresponding region pairs of each of k pairs (fmaps_a: 1 or k maps, fmaps_b: k).
+
+    ``sizes_*`` are the (width, height) of the original images, one per pair; ``maps_*`` the h×w
+    similarity maps weighting the cells (None: the bare contributions; an all-zero map weighs its
+    cells evenly). Returns per pair ``[{"rank", "box_a", "box_b", "share", "cell_a", "cell_b"}, ...]``,
+    sorted by share, with ``cell_*`` the [row, column] of the window's centre on the feature grid.
+    """
+    k = fmaps_b.shape[0]
+    if len(sizes_a) != k or len(sizes_b) != k:
+        raise ValueError(f"need one (width, height) per pair for both images: {k} pairs, {len(sizes_a)} and {len(sizes_b)} sizes")
+    grid_a, grid_b = tuple(fmaps_a.shape[2:]), tuple(fmaps_b.shape[2:])
+    contributions = pair_contributions(net, fmaps_a, fmaps_b)
+    if maps_a is not None and maps_b is not None:
+        contributions = contributions * _cell_weights(maps_a).unsqueeze(2) * _cell_weights(maps_b).unsqueeze(1)
+    totals = contributions.clamp(min=0).sum(dim=(1, 2))
+    regions = window_sums(contributions, grid_a, grid_b, radius)
+    return [
+        _suppress(regions[n], float(totals[n]), grid_a, grid_b, sizes_a[n], sizes_b[n], top, radius)
+        for n in range(k)
+    ]
+
+
+def _suppress(regions: Tensor, total: float, grid_a: Size, grid_b: Size, size_a: Size, size_b: Size, top: int, radius: int) -> list[dict]:
+    """Greedy non-maximum suppression: a kept pair's a-window and b-window overlap no kept one's."""
+    if total <= 0:
+        return []
+    regions = regions.clone()
+    reach = 2 * radius
+    found = []
+    while len(found) < top:
+        best = int(regions.argmax())
+        value = float(regions.flatten()[best])
+        if not np.isfinite(value) or value <= 0:
+            break
+        ya, xa, yb, xb = np.unravel_index(best, regions.shape)
+        found.append({
+            "rank": len(found) + 1,
+            "box_a": cell_box(ya, xa, grid_a, size_a, radius),
+            "box_b": cell_box(yb, xb, grid_b, size_b, radius),
+            "share": value / total,
+            "cell_a": [int(ya), int(xa)],
+            "cell_b": [int(yb), int(xb)],
+        })
+        regions[max(ya - reach, 0) : ya + reach + 1, max(xa - reach, 0) : xa + reach + 1] = -np.inf
+        regions[:, :, max(yb - reach, 0) : yb + reach + 1, max(xb - reach, 0) : xb + reach + 1] = -np.inf
+    return found
+
+
+def _cell_weights(maps: Sequence[np.ndarray]) -> Tensor:
+    """k×N weights from h×w maps; an empty map (no evidence anywhere) weighs every cell evenly."""
+    weights = torch.as_tensor(np.stack([np.asarray(m) for m in maps]), dtype=torch.float32).flatten(1).clamp(min=0)
+    weights[weights.sum(dim=1) <= 0] = 1.0
+    return weights
+
+
+def similarity_maps(explanation: PairExplanation) -> tuple[np.ndarray, np.ndarray]:
+    """The maps of what argues for the match: factual for a match, counterfactual for a non-match."""
+    if explanation.is_match:
+        return explanation.factual_a, explanation.factual_b
+    return explanation.counterfactual_a, explanation.counterfactual_b
+
+
+def attach_correspondences(
+    net: SiameseNet, explanations: Sequence[PairExplanation], fmap_a: Tensor, fmaps_b: Tensor,
+    size_a: Size, sizes_b: Sequence[Size], top: int = 5,
+) -> None:
+    """Fill ``explanation.correspondences`` of image a (size ``size_a``) against each image b; only
+    nets without an exact decomposition (PaperNet) weight the cells by the similarity maps."""
+    maps_a = maps_b = None
+    if not isinstance(net, MatchNet):
+        maps_a, maps_b = zip(*(similarity_maps(e) for e in explanations))
+    found = find_correspondences(net, fmap_a, fmaps_b, [size_a] * len(explanations), sizes_b, maps_a, maps_b, top=top)
+    for explanation, correspondences in zip(explanations, found):
+        explanation.correspondences = correspondences

@@ -1,0 +1,150 @@
+"""Region correspondences: an exact decomposition for MatchNet, boxes in original pixels, disjoint regions."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.correspondences import (
+    cell_box,
+    find_correspondences,
+    local_match_contributions,
+    pair_contributions,
+    window_sums,
+)
+from engine.errors import ImageLoadError
+from engine.figures import pair_figure
+from engine.images import image_size
+from tests.conftest import make_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    """7×7 feature grids (224 px), so five disjoint 3×3 windows fit."""
+    return make_model(input_size=224)
+
+
+@pytest.fixture(scope="module")
+def tall(photos) -> Image.Image:
+    return photos["coffee"].crop((100, 0, 300, 400))  # 200×400: portrait, unlike the other photos
+
+
+def test_decomposition_is_exact(model, photos):
+    net = model.net
+    fmaps = model.feature_maps([photos["cat"], photos["cat_crop"], photos["coffee"]])
+    local_a, local_b = net.local_descriptors(fmaps[:1].expand(2, -1, -1, -1)), net.local_descriptors(fmaps[1:])
+    terms = local_match_contributions(net, local_a, local_b)
+    local = net.local_match(local_a, local_b)
+    torch.testing.assert_close(terms.sum(dim=(1, 2)), local, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(pair_contributions(net, fmaps[:1], fmaps[1:]).sum(dim=(1, 2)), local.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_shares_are_parts_of_the_local_match_term(model, photos):
+    fmaps = model.feature_maps([photos["cat"], photos["cat_crop"]])
+    size = photos["cat"].size
+    found = find_correspondences(model.net, fmaps[:1], fmaps[1:], [size], [photos["cat_crop"].size], top=1, radius=0)[0]
+    terms = pair_contributions(model.net, fmaps[:1], fmaps[1:])[0]
+    (ya, xa), (yb, xb) = found[0]["cell_a"], found[0]["cell_b"]
+    w = fmaps.shape[3]
+    assert found[0]["share"] == pytest.approx(float(terms.max() / terms.clamp(min=0).sum()), rel=1e-5)
+    assert float(terms[ya * w + xa, yb * w + xb]) == pytest.approx(float(terms.max()), rel=1e-6)
+
+
+def test_window_sums_match_brute_force():
+    torch.manual_seed(0)
+    values = torch.randn(2, 3 * 4, 5 * 2)
+    sums = window_sums(values, (3, 4), (5, 2), radius=1)
+    grid = values.view(2, 3, 4, 5, 2)
+    for ya, xa, yb, xb in [(0, 0, 0, 0), (1, 2, 4, 1), (2, 3, 2, 0)]:
+        expected = grid[:, max(ya - 1, 0) : ya + 2, max(xa - 1, 0) : xa + 2, max(yb - 1, 0) : yb + 2, max(xb - 1, 0) : xb + 2].sum(dim=(1, 2, 3, 4))
+        torch.testing.assert_close(sums[:, ya, xa, yb, xb], expected)
+
+
+def test_cell_box_maps_the_squeezed_grid_to_original_pixels():
+    assert cell_box(1, 2, (4, 4), (400, 200)) == [200, 50, 300, 100]
+    assert cell_box(0, 0, (4, 4), (400, 200), radius=1) == [0, 0, 200, 100]
+    assert cell_box(3, 3, (4, 4), (401, 203), radius=1) == [200, 101, 401, 203]
+
+
+def check_boxes(correspondences: list[dict], size_a, size_b) -> None:
+    assert correspondences
+    for c in correspondences:
+        for key, (width, height) in (("box_a", size_a), ("box_b", size_b)):
+            x0, y0, x1, y1 = c[key]
+            assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height, (key, c[key], width, height)
+    shares = [c["share"] for c in correspondences]
+    assert shares == sorted(shares, reverse=True) and all(s > 0 for s in shares) and sum(shares) <= 1 + 1e-6
+    assert [c["rank"] for c in correspondences] == list(range(1, len(correspondences) + 1))
+
+
+def test_boxes_lie_in_the_original_images(model, photos, tall):
+    explanation = model.explain(photos["cat"], [tall], correspondences=True)[0]
+    check_boxes(explanation.correspondences, photos["cat"].size, tall.size)
+    assert max(c["box_b"][3] for c in explanation.correspondences) > tall.size[0]  # y reaches beyond the width
+    assert 3 <= len(explanation.correspondences) <= 5
+
+
+def test_kept_regions_do_not_overlap(model, photos):
+    found = model.explain(photos["cat"], [photos["cat_crop"]], correspondences=True)[0].correspondences
+    for n, first in enumerate(found):
+        for second in found[n + 1 :]:
+            for key in ("cell_a", "cell_b"):
+                assert max(abs(first[key][0] - second[key][0]), abs(first[key][1] - second[key][1])) > 2
+
+
+def test_swapping_images_swaps_boxes(model, photos, tall):
+    ab = model.explain(photos["cat"], [tall], correspondences=True)[0].correspondences
+    ba = model.explain(tall, [photos["cat"]], correspondences=True)[0].correspondences
+    assert [(c["box_a"], c["box_b"]) for c in ab] == [(c["box_b"], c["box_a"]) for c in ba]
+    np.testing.assert_allclose([c["share"] for c in ab], [c["share"] for c in ba], rtol=1e-4)
+
+
+def test_batched_equals_single(model, photos, tall):
+    others = [tall, photos["rocket"]]
+    batched = model.explain(photos["cat"], others, correspondences=True)
+    for other, explanation in zip(others, batched):
+        single = model.explain(photos["cat"], [other], correspondences=True)[0]
+        assert [c["box_b"] for c in single.correspondences] == [c["box_b"] for c in explanation.correspondences]
+
+
+def test_paper_preset_falls_back_to_weighted_cell_cosines(photos, tall):
+    paper = make_model("paper")
+    explanation = paper.explain(photos["cat"], [tall], correspondences=True)[0]
+    check_boxes(explanation.correspondences, photos["cat"].size, tall.size)
+
+
+def test_only_asked_for_and_sizes_required(model, photos):
+    plain = model.explain(photos["cat"], [photos["coffee"]])[0]
+    assert plain.correspondences is None and "correspondences" not in plain.to_dict()
+    fmaps = model.feature_maps([photos["cat"], photos["coffee"]])
+    with pytest.raises(ValueError, match="sizes"):
+        model.explain_feature_maps(fmaps[:1], fmaps[1:], correspondences=True)
+    explained = model.explain_feature_maps(fmaps[:1], fmaps[1:], correspondences=True, sizes=[photos["cat"].size, photos["coffee"].size])
+    assert explained[0].to_dict()["correspondences"] == explained[0].correspondences
+    with pytest.raises(ValueError, match="per pair"):
+        find_correspondences(model.net, fmaps[:1], fmaps[1:], [(10, 10)], [])
+
+
+def test_image_size_follows_exif_rotation(photos, tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: stored 390×260, shown 260×390
+    buffer = io.BytesIO()
+    photos["cat_crop"].save(buffer, format="JPEG", exif=exif)
+    path = tmp_path / "rotated.jpg"
+    path.write_bytes(buffer.getvalue())
+    assert image_size(buffer.getvalue()) == image_size(path) == (260, 390)
+    assert image_size(np.zeros((5, 7, 3), np.uint8)) == (7, 5)
+    assert image_size(photos["cat_crop"]) == (390, 260)
+    with pytest.raises(ImageLoadError, match="not an image"):
+        image_size(b"not an image")
+
+
+def test_figure_draws_boxes_scaled_to_the_pictures(model, photos, tall, tmp_path):
+    explanation = model.explain(photos["cat"], [tall], correspondences=True, concepts=True)[0]
+    small = [photos["cat"].resize((226, 150)), tall.resize((100, 200))]
+    path = pair_figure(*small, explanation, tmp_path / "fig.png", sizes=(photos["cat"].size, tall.size))
+    assert Image.open(path).size[0] > 0
