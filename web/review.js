@@ -1,0 +1,247 @@
+// The duplicate review queue: the latest dedup run's pairs, strongest first, each with its explained
+// comparison; accept / reject / skip with buttons or keys (A, R, S, ← →); decisions are stored
+// through POST /api/reviews, so a reload shows them as reviewed.
+
+import { getJSON, imageURL, postForm, postJSON } from "./api.js";
+import { Comparison, formatScore } from "./comparison.js";
+import { setStatus } from "./status.js";
+
+const PAGE = 200;
+const DECISION_WORDS = { accept: "accepted", reject: "rejected" };
+const DECISION_OF_STATUS = { accepted: "accept", rejected: "reject" };
+
+const status = document.getElementById("review-status");
+const progressText = document.getElementById("review-progress-text");
+const progressBar = document.getElementById("review-progress");
+const queueList = document.getElementById("queue-list");
+const pairPanel = document.getElementById("review-pair");
+const pairTitle = document.getElementById("review-pair-title");
+const pairState = document.getElementById("review-pair-state");
+const noteField = document.getElementById("review-note");
+const buttons = {
+  accept: document.getElementById("review-accept"),
+  reject: document.getElementById("review-reject"),
+  skip: document.getElementById("review-skip"),
+  previous: document.getElementById("review-previous"),
+  next: document.getElementById("review-next"),
+};
+const comparison = new Comparison(document.getElementById("review-comparison"));
+
+let pairs = [];
+let current = -1;
+let busy = false;
+let loaded = false;
+const explanations = new Map(); // "a-b" → promise of the compare response
+
+const keyOf = (pair) => `${pair.item_a}-${pair.item_b}`;
+
+function listingOf(pair, side) {
+  return pair[`listing_${side}`] || `item ${pair[`item_${side}`]}`;
+}
+
+// GET /api/duplicates pairs, flattened to what the queue shows.
+function queuePair(pair) {
+  return {
+    item_a: pair.item_a.id,
+    item_b: pair.item_b.id,
+    listing_a: pair.item_a.listing,
+    listing_b: pair.item_b.listing,
+    image_a: pair.item_a.image_url,
+    image_b: pair.item_b.image_url,
+    head_score: pair.head_score,
+    exact: pair.exact,
+    review: DECISION_OF_STATUS[pair.status] || null,
+  };
+}
+
+// Every pair of the latest dedup run, strongest first, whatever its status: the queue shows the
+// reviewed ones too, so progress and earlier decisions stay visible after a reload.
+async function fetchAllPairs() {
+  const all = [];
+  let total = Infinity;
+  while (all.length < total) {
+    const body = await getJSON(`api/duplicates?status=all&offset=${all.length}&limit=${PAGE}`);
+    all.push(...body.pairs.map(queuePair));
+    total = body.total;
+    if (body.pairs.length === 0) break;
+  }
+  return all;
+}
+
+function reviewedCount() {
+  return pairs.filter((pair) => pair.review).length;
+}
+
+function renderProgress() {
+  const reviewed = reviewedCount();
+  progressText.textContent = `${reviewed} of ${pairs.length} reviewed`;
+  progressBar.max = Math.max(1, pairs.length);
+  progressBar.value = reviewed;
+}
+
+function renderQueue() {
+  queueList.replaceChildren(...pairs.map((pair, n) => {
+    const item = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = `queue-item${n === current ? " is-current" : ""}${pair.review ? ` is-${pair.review}` : ""}`;
+    if (n === current) button.setAttribute("aria-current", "true");
+    const state = pair.review ? DECISION_WORDS[pair.review] : "unreviewed";
+    button.setAttribute("aria-label", `Pair ${n + 1}: ${listingOf(pair, "a")} and ${listingOf(pair, "b")}, score ${formatScore(pair.head_score)}, ${state}`);
+    const score = document.createElement("span");
+    score.className = "queue-score";
+    score.textContent = formatScore(pair.head_score);
+    const names = document.createElement("span");
+    names.className = "queue-names";
+    for (const side of ["a", "b"]) {
+      const name = document.createElement("span");
+      name.textContent = listingOf(pair, side);
+      names.append(name);
+    }
+    const badge = document.createElement("span");
+    badge.className = `queue-state state-${pair.review || "unreviewed"}`;
+    badge.textContent = state;
+    button.append(score, names, badge);
+    button.addEventListener("click", () => show(n));
+    item.append(button);
+    return item;
+  }));
+  queueList.querySelector(".is-current")?.scrollIntoView({ block: "nearest" });
+}
+
+function nextUnreviewed(after) {
+  for (let step = 1; step <= pairs.length; step += 1) {
+    const n = (after + step) % pairs.length;
+    if (!pairs[n].review) return n;
+  }
+  return -1;
+}
+
+function explanationOf(pair) {
+  const key = keyOf(pair);
+  if (!explanations.has(key)) {
+    const loading = postForm("api/compare", { item_a: pair.item_a, item_b: pair.item_b });
+    loading.catch(() => explanations.delete(key)); // a failed explanation is asked for again next time
+    explanations.set(key, loading);
+  }
+  return explanations.get(key);
+}
+
+async function show(n) {
+  if (n < 0 || n >= pairs.length) return;
+  current = n;
+  const pair = pairs[n];
+  renderQueue();
+  pairPanel.hidden = false;
+  pairTitle.textContent = `Pair ${n + 1} of ${pairs.length}${pair.exact ? " · identical files" : ""}`;
+  pairState.textContent = pair.review ? `You ${DECISION_WORDS[pair.review]} this pair.` : "Not reviewed yet.";
+  pairState.className = `pair-state state-${pair.review || "unreviewed"}`;
+  noteField.value = "";
+  buttons.previous.disabled = n === 0;
+  buttons.next.disabled = n === pairs.length - 1;
+  await comparison.setImages({
+    a: { url: imageURL(pair.image_a), title: `item ${pair.item_a}`, detail: listingOf(pair, "a") },
+    b: { url: imageURL(pair.image_b), title: `item ${pair.item_b}`, detail: listingOf(pair, "b") },
+  });
+  if (current !== n) return;
+  comparison.showLoading("Explaining on CPU, this takes a few seconds…");
+  try {
+    const body = await explanationOf(pair);
+    if (current !== n) return;
+    comparison.setExplanation(body);
+    const next = nextUnreviewed(n);
+    if (next !== -1) explanationOf(pairs[next]).catch(() => {}); // ready before the reviewer gets there
+  } catch (error) {
+    if (current === n) comparison.showError(error.message);
+  }
+}
+
+async function decide(decision) {
+  const pair = pairs[current];
+  if (!pair || busy) return;
+  busy = true;
+  setStatus(status, "loading", `Saving “${decision}”…`);
+  try {
+    await postJSON("api/reviews", {
+      item_a: pair.item_a,
+      item_b: pair.item_b,
+      decision,
+      note: noteField.value.trim() || null,
+      reviewer: document.getElementById("reviewer").value.trim() || "web",
+    });
+    pair.review = decision;
+    renderProgress();
+    const reviewed = reviewedCount();
+    setStatus(status, "done", `Pair ${current + 1} ${DECISION_WORDS[decision]}. ${reviewed} of ${pairs.length} reviewed.`);
+    advance();
+  } catch (error) {
+    setStatus(status, "error", error.message);
+  } finally {
+    busy = false;
+  }
+}
+
+function advance() {
+  const next = nextUnreviewed(current);
+  if (next === -1) {
+    renderQueue();
+    setStatus(status, "done", `All ${pairs.length} pairs reviewed.`);
+    return;
+  }
+  show(next);
+}
+
+export async function loadQueue() {
+  setStatus(status, "loading", "Loading the duplicate pairs…");
+  queueList.setAttribute("aria-busy", "true");
+  try {
+    pairs = await fetchAllPairs();
+  } catch (error) {
+    setStatus(status, "error", error.message);
+    return;
+  } finally {
+    queueList.removeAttribute("aria-busy");
+  }
+  loaded = true;
+  explanations.clear();
+  renderProgress();
+  if (pairs.length === 0) {
+    queueList.replaceChildren();
+    pairPanel.hidden = true;
+    setStatus(status, "empty", "No duplicate pairs to review: run “whymatch dedup” to find some.");
+    return;
+  }
+  const first = nextUnreviewed(-1);
+  setStatus(status, "done", first === -1
+    ? `All ${pairs.length} pairs reviewed.`
+    : `${pairs.length - reviewedCount()} pairs to review, strongest first.`);
+  show(first === -1 ? 0 : first);
+}
+
+export function initReview(isActive) {
+  buttons.accept.addEventListener("click", () => decide("accept"));
+  buttons.reject.addEventListener("click", () => decide("reject"));
+  buttons.skip.addEventListener("click", advance);
+  buttons.previous.addEventListener("click", () => show(current - 1));
+  buttons.next.addEventListener("click", () => show(current + 1));
+  document.getElementById("review-reload").addEventListener("click", loadQueue);
+  document.addEventListener("keydown", (event) => {
+    if (!isActive() || !loaded || current < 0 || event.defaultPrevented) return; // e.g. arrows on the tabs
+    if (event.altKey || event.ctrlKey || event.metaKey || event.repeat) return;
+    if (event.target.closest("input, textarea, select, [contenteditable], dialog[open]")) return;
+    const action = {
+      a: () => decide("accept"),
+      r: () => decide("reject"),
+      s: advance,
+      ArrowLeft: () => show(current - 1),
+      ArrowRight: () => show(current + 1),
+    }[event.key.length === 1 ? event.key.toLowerCase() : event.key];
+    if (!action) return;
+    event.preventDefault();
+    action();
+  });
+}
+
+export function reviewLoaded() {
+  return loaded;
+}
