@@ -146,7 +146,7 @@ def knn_candidates(db: Database, index: faiss.Index, model_key: str, k: int, val
     pairs: dict[tuple[int, int], float] = {}
     with db.session() as session:
         for ids, vectors in crud.iter_embeddings(session, model_key, batch=1024):
-            sims, neighbours = fx.search(index, vectors, k + 1)
+            sims, neighbours = fx.search(index, vectors, k + 1, ef_search=fx.GRAPH_EF_SEARCH)
             for row, a in enumerate(ids.tolist()):
                 for b, sim in zip(neighbours[row].tolist(), sims[row].tolist()):
                     if b < 0 or b == a or b not in valid:

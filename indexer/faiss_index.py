@@ -24,6 +24,9 @@ EXACT_LIMIT = 100_000
 HNSW_LIMIT = 1_000_000
 TRAIN_SAMPLE = 200_000
 EF_SEARCH = 128
+# The dedup k-NN graph queries every item: a shallower search keeps 1M items within minutes at
+# ~0.99 recall of the true neighbours (benchmarks/scale.py), and the head re-scores what it finds.
+GRAPH_EF_SEARCH = 32
 NPROBE = 16
 
 
@@ -116,11 +119,17 @@ def set_search_parameters(index: faiss.Index, *, nprobe: int = NPROBE, ef_search
             pass  # this index kind has no such parameter
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search(index: faiss.Index, queries: np.ndarray, k: int, *, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids), each q×k; missing neighbours have id -1. Scores are similarities:
-    inner products for cosine indexes, negated distances for L2 ones (higher = more alike)."""
+    inner products for cosine indexes, negated distances for L2 ones (higher = more alike).
+    ``ef_search`` overrides an HNSW index's search depth for this call only (thread-safe: the index
+    itself is not changed); other index kinds ignore it."""
     k = max(1, min(int(k), max(index.ntotal, 1)))
-    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    params = None
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if ef_search is not None and isinstance(inner, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(efSearch=max(int(ef_search), k))
+    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
     if index.metric_type == faiss.METRIC_L2:
         scores = -np.sqrt(np.maximum(scores, 0.0))
     return scores, ids
