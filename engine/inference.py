@@ -143,17 +143,20 @@ class SimilarityModel:
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def explain(self, image_a: ImageSource, images_b: Sequence[ImageSource] | ImageSource, method: str = "gradcam",
-                *, effects: bool = False, correspondences: bool = False, concepts: bool = False) -> list[PairExplanation]:
+                *, effects: bool = False, correspondences: bool = False, concepts: bool = False,
+                sizes: Sequence[tuple[int, int]] | None = None) -> list[PairExplanation]:
         """Explain image a against each of images_b: one batched forward + backward for all pairs.
 
         ``effects=True`` also fills ``explanation.effects`` (see ``add_effects``), reusing the decoded
         pixels and feature maps; without it no pixels are kept and nothing else runs.
-        ``correspondences`` / ``concepts`` also fill those fields (see ``explain_feature_maps``).
+        ``correspondences`` / ``concepts`` also fill those fields (see ``explain_feature_maps``); boxes
+        are in the pixels of the original images, whose (width, height) are read from the sources
+        unless ``sizes`` gives them (needed when the images are passed already decoded at reduced size).
         """
         if not isinstance(images_b, (list, tuple)):
             images_b = [images_b]
         details = {"correspondences": correspondences, "concepts": concepts,
-                   "sizes": [image_size(image) for image in (image_a, *images_b)] if correspondences else None}
+                   "sizes": (sizes or [image_size(image) for image in (image_a, *images_b)]) if correspondences else None}
         if not effects:
             fmaps = self.feature_maps([image_a, *images_b])
             return self.explain_feature_maps(fmaps[:1], fmaps[1:], method, **details)

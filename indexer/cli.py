@@ -58,6 +58,17 @@ def index_command(ctx: click.Context, source: Path, rebuild: bool, index_factory
     click.echo(json.dumps(report.to_dict()) if as_json else report.summary())
 
 
+def explanation_lines(explanation) -> list[str]:
+    """What a match's explanation says in words: its concepts, then the measured masking effects."""
+    from engine.concepts import describe_concepts
+    from engine.faithfulness import effect_sentences
+
+    lines = []
+    if explanation.concepts is not None:
+        lines.append(("both show: " if explanation.is_match else "differs: ") + describe_concepts(explanation.concepts))
+    return lines + effect_sentences(explanation)
+
+
 @click.command("search")
 @click.argument("query", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True)
@@ -65,19 +76,20 @@ def index_command(ctx: click.Context, source: Path, rebuild: bool, index_factory
 @click.option("--explain", "explain_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Explain each match: factual and counterfactual overlay PNGs of both images go to this folder.")
 @click.option("--method", type=click.Choice(["gradcam", "hirescam"]), default="gradcam", show_default=True)
+@click.option("--effects", is_flag=True, help="With --explain: measure how the score moves when each map's region is masked.")
 @click.option("--include-self", is_flag=True, help="Keep the query's own catalogue item in the results.")
 @click.option("--json", "as_json", is_flag=True)
 @_model_option
 @click.pass_context
 def search_command(ctx: click.Context, query: Path, k: int, candidates: int | None, explain_dir: Path | None, method: str,
-                   include_self: bool, as_json: bool, model_path: Path | None) -> None:
+                   effects: bool, include_self: bool, as_json: bool, model_path: Path | None) -> None:
     """Find the catalogue images most similar to QUERY, re-scored by the Siamese head."""
     from engine.errors import ImageLoadError
 
     catalogue = _catalogue(ctx, model_path)
     try:
         result = catalogue.search(query, k=k, candidates=candidates, exclude_self=not include_self,
-                                  explain_dir=explain_dir, method=method)
+                                  explain_dir=explain_dir, method=method, effects=effects and explain_dir is not None)
     except ImageLoadError as exc:
         raise click.ClickException(str(exc)) from exc
     for bad in result.unreadable:
@@ -91,6 +103,9 @@ def search_command(ctx: click.Context, query: Path, k: int, candidates: int | No
     for m in result.matches:
         click.echo(f"{m.rank_after:>4} {m.rank_before:>4} {m.head_score:7.4f} {m.index_similarity:7.4f}  "
                    f"{'yes' if m.is_match else 'no ':5}  {m.listing or '-'}  {m.source}")
+        if m.explanation is not None:
+            for line in explanation_lines(m.explanation):
+                click.echo(f"{'':>10}{line}")
     if explain_dir is not None:
         click.echo(f"explanations: {explain_dir}")
 

@@ -22,7 +22,7 @@ import faiss
 from engine import PairExplanation
 from engine.errors import ImageLoadError
 from engine.figures import overlay
-from engine.images import ImageSource
+from engine.images import ImageSource, image_size
 from indexer import crud
 from indexer import faiss_index as fx
 from indexer.catalogue import Skipped
@@ -105,16 +105,19 @@ def search(
     generation: int | None = None,
     stale_index: bool = False,
     model_key: str | None = None,
+    effects: bool = False,
 ) -> SearchResult:
     """The ``k`` best catalogue matches of ``query``, re-scored by the head.
 
     ``exclude_self`` drops catalogue items that *are* the query: the same path for a path query,
     the same bytes (sha256) for a bytes query. ``explain_dir`` (implies ``explain``) receives four
-    overlay PNGs per match: ``<rank>_item<id>_{query,match}_{factual,counterfactual}.png``.
+    overlay PNGs per match: ``<rank>_item<id>_{query,match}_{factual,counterfactual}.png``. Explanations
+    carry region correspondences and concepts; ``effects`` (implies ``explain``) adds the measured effect
+    of masking each map's region (four masked backbone passes per match).
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    explain = explain or explain_dir is not None
+    explain = explain or explain_dir is not None or effects
     name, source, sha = _query_identity(query)
     excluded: list[int] = []
     if exclude_self and (source or sha):
@@ -173,15 +176,32 @@ def search(
                     continue
             explained.append(match)
         if explained:
-            # One backbone pass over the matches, then one batched forward + backward of the head.
-            fmaps = model.feature_maps([pictures[m.item_id] for m in explained])
-            for match, explanation in zip(explained, model.explain_feature_maps(query_fmap, fmaps, method=method)):
+            # One backbone pass over the matches, then one batched forward + backward of the head;
+            # correspondences and concepts come from the same feature maps (milliseconds).
+            match_pictures = [pictures[m.item_id] for m in explained]
+            fmaps = model.feature_maps(match_pictures)
+            sizes = [_original_size(query, query_image), *(_original_size(m.source, pictures[m.item_id]) for m in explained)]
+            explanations = model.explain_feature_maps(query_fmap, fmaps, method=method, correspondences=True,
+                                                      concepts=True, sizes=sizes)
+            if effects:
+                model.add_effects(query_image, match_pictures, explanations, fmap_a=query_fmap, fmaps_b=fmaps)
+            for match, explanation in zip(explained, explanations):
                 match.explanation = explanation
                 if explain_dir is not None:
                     match.overlays = _write_overlays(Path(explain_dir), match, query_image, pictures[match.item_id],
                                                      explanation)
 
     return SearchResult(name, k, float(model.threshold), len(described), matches, excluded, unreadable, generation, stale_index)
+
+
+def _original_size(source: ImageSource, decoded) -> tuple[int, int]:
+    """(width, height) of the original image (boxes are given in its pixels); the decoded copy may be reduced."""
+    if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+        try:
+            return image_size(source)
+        except ImageLoadError:
+            pass
+    return decoded.size
 
 
 def _describe_files(model, sources: list[str]) -> list[tuple[object, bytes | None, str | None]]:

@@ -286,9 +286,18 @@ def test_optional_explanation_keys_pass_through(client, monkeypatch):
                         lambda self: {**plain(self), "effects": {"deletion": [0.5, 0.25]}, "newer_key": [1, 2]})
     body = client.post("/api/compare", data={"item_a": 2, "item_b": 9}).json()
     assert body["effects"] == {"deletion": [0.5, 0.25]} and body["newer_key"] == [1, 2]
-    assert body["concepts"] is None
+    assert isinstance(body["concepts"], list) and isinstance(body["correspondences"], list)
     explained = search(client, query_bytes(3), k=1, explain="true").json()["matches"][0]["explanation"]
     assert explained["newer_key"] == [1, 2]
+
+
+def test_compare_measures_effects_and_boxes_regions_in_the_original_pixels(client):
+    body = client.post("/api/compare", data={"item_a": 2, "item_b": 9}).json()
+    assert {"factual_a", "factual_b", "counterfactual_a", "counterfactual_b"} <= set(body["effects"])
+    item_a, item_b = client.get("/api/items/2").json(), client.get("/api/items/9").json()
+    for c in body["correspondences"]:
+        assert c["box_a"][2] <= item_a["width"] and c["box_a"][3] <= item_a["height"]
+        assert c["box_b"][2] <= item_b["width"] and c["box_b"][3] <= item_b["height"]
 
 
 @pytest.mark.parametrize("form, files, status", [

@@ -114,6 +114,25 @@ def test_explanations_write_overlay_pngs(indexed, tmp_path):
     assert without.matches[0].explanation is None and "explanation" not in without.to_dict()["matches"][0]
 
 
+def test_explained_matches_carry_concepts_correspondences_and_on_request_effects(indexed, tmp_path):
+    """Boxes are in the original files' pixels (the decoded copies may be reduced); effects only when asked."""
+    _, catalogue, _, _ = indexed
+    query = tmp_path / "query.png"
+    edited(tiles()[1]).resize((900, 500)).save(query)
+    plain = catalogue.search(query, k=2, candidates=4, explain=True)
+    measured = catalogue.search(query, k=2, candidates=4, effects=True)
+    for m in plain.matches:
+        assert m.explanation.effects is None and m.explanation.concepts is not None
+        with Image.open(m.source) as image:
+            width_b, height_b = image.size
+        for c in m.explanation.correspondences:
+            assert 0 <= c["box_a"][0] < c["box_a"][2] <= 900 and 0 <= c["box_a"][1] < c["box_a"][3] <= 500
+            assert c["box_b"][2] <= width_b and c["box_b"][3] <= height_b
+    for m in measured.matches:
+        effects = m.explanation.effects
+        assert effects is not None and {"factual_a", "factual_b", "counterfactual_a", "counterfactual_b"} <= set(effects)
+
+
 def test_stale_or_missing_index_still_searches(indexed, tiny_model, tmp_path):
     tmp, _, paths, _ = indexed
     work = tmp_path / "copy"

@@ -20,7 +20,7 @@ from api.explanations import (
 from api.schemas import CompareResponse
 from api.uploads import decode_upload, display_copy, label_of, one_line, read_upload
 from engine.errors import ImageLoadError
-from engine.images import load_image
+from engine.images import image_size, load_image
 from indexer import crud
 
 router = APIRouter(tags=["compare"], dependencies=[ReadAccess])
@@ -86,7 +86,12 @@ def _compare(state: ApiState, side_a: _Side, side_b: _Side, base: str) -> dict:
                 resolved.image = _read_item(state, side, resolved)
             if resolved.upload_sha256 is not None:
                 store.remember_upload(resolved.upload_sha256, display_copy(resolved.image))
-        stored = StoredExplanation(catalogue.model.explain(a.image, [b.image])[0], a.picture, b.picture)
+        # Boxes are drawn on the original files: their sizes come from the headers, not the reduced decodes.
+        sizes = [image_size(side.data if side.data is not None else resolved.source) for side, resolved in
+                 ((side_a, a), (side_b, b))]
+        explanation = catalogue.model.explain(a.image, [b.image], effects=True, correspondences=True, concepts=True,
+                                              sizes=sizes)[0]
+        stored = StoredExplanation(explanation, a.picture, b.picture)
         store.put(key, stored)
 
     def image_url(resolved: _Resolved, name: str) -> str:
@@ -117,7 +122,8 @@ async def compare(
     item_a: Annotated[int | None, Form(ge=1, description="Catalogue item id instead of image_a.")] = None,
     item_b: Annotated[int | None, Form(ge=1, description="Catalogue item id instead of image_b.")] = None,
 ) -> dict:
-    """The head's similarity, the decision at the model's threshold, the four Grad-CAM maps and overlay URLs.
+    """The head's similarity, the decision at the model's threshold, the four Grad-CAM maps and overlay URLs,
+    the measured effect of masking each map's region, region correspondences and the concepts in words.
     Each side is an upload or a catalogue item (any mix). The same pair explained again comes from the cache."""
     max_bytes = state.settings.max_upload_bytes
     side_a = await _side("a", image_a, item_a, max_bytes)
