@@ -24,9 +24,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Every benchmark, each recording its own section of docs/benchmarks.md (about 1.5 hours on 2 cores).
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/faithfulness.py
+	$(BIN)/python benchmarks/concepts.py
+	$(BIN)/python benchmarks/indexing.py
+	$(BIN)/python benchmarks/dedup.py
+	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/load.py
 
 clean:
 	rm -rf $(VENV) .cache out

@@ -27,7 +27,6 @@ import time
 from itertools import combinations
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from common import add_model_option, command_line, load_bench_model, markdown_table, record, shared_data
