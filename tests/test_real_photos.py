@@ -58,7 +58,15 @@ def test_demo_job_writes_figures(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(main, ["demo", "--out", str(out), "--pairs", "1"], env={"WHYMATCH_DATA_DIR": str(tmp_path / "data")})
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
-    assert [r["kind"] for r in report] == ["best", "worst"]
-    assert report[0]["similarity"] > report[1]["similarity"]
-    assert all((out / f"{r['kind']}-{i + 1}.png").stat().st_size > 10_000 for i, r in enumerate(report))
+    summary = json.loads((out / "report.json").read_text())
+    pairs = summary["pairs"]
+    assert [r["kind"] for r in pairs] == ["best", "worst"]
+    assert pairs[0]["similarity"] > pairs[1]["similarity"]
+    assert all((out / f"{r['kind']}-{i + 1}.png").stat().st_size > 10_000 for i, r in enumerate(pairs))
+    # The catalogue tour: the demo catalogue is indexed, its duplicates found, and one search explained.
+    assert summary["indexed"]["ntotal"] > 50 and summary["duplicate_pairs"] > 0
+    matches = summary["search"]["matches"]
+    assert matches and matches[0]["head_score"] >= matches[-1]["head_score"] and "explanation" in matches[0]
+    assert len(list((out / "search").glob("*.png"))) == 4 * len(matches)
+    again = CliRunner().invoke(main, ["demo", "--out", str(out), "--pairs", "1"], env={"WHYMATCH_DATA_DIR": str(tmp_path / "data")})
+    assert again.exit_code == 0 and json.loads((out / "report.json").read_text())["indexed"]["added"] == 0
