@@ -153,6 +153,23 @@ class DedupRunInfo(BaseModel):
     n_groups: int
 
 
+class DedupRequest(BaseModel):
+    """How to run dedup: a threshold, or a precision target calibrated on the reviewers' decisions so far;
+    neither = the stored calibration of this model, else the model's own threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float | None = Field(None, ge=0, le=1)
+    precision: float | None = Field(None, gt=0, le=1)
+    k: int = Field(10, ge=1, le=100, description="Neighbours per item in the candidate graph.")
+
+
+class DedupRunOut(BaseModel):
+    run: DedupRunInfo
+    seconds: float
+    unreadable: int = Field(description="Items left out because their file can no longer be read.")
+
+
 class DuplicatePairOut(BaseModel):
     id: int
     group_id: int

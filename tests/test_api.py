@@ -631,3 +631,18 @@ def test_the_page_is_served_at_the_root_when_present(client, catalogue, monkeypa
     with_page = TestClient(create_app(settings_for(catalogue), catalogue=catalogue))
     assert "whymatch" in with_page.get("/").text and with_page.get("/api/health").status_code == 200
     assert with_page.get("/api/nothing-here").status_code == 404
+
+
+def test_a_dedup_run_started_from_the_api_becomes_the_review_queue(client):
+    """Kept last in this module: it adds a run like the fixture's (k=3, threshold 0), the latest from then on."""
+    before = client.get("/api/duplicates", params={"status": "all"}).json()
+    assert client.post("/api/duplicates/run", json={"k": 3, "threshold": 0.0}).status_code == 401
+    both = client.post("/api/duplicates/run", json={"threshold": 0.5, "precision": 0.9}, headers=AUTH)
+    assert both.status_code == 422 and "not both" in both.json()["detail"]
+    assert client.post("/api/duplicates/run", json={"k": 0}, headers=AUTH).status_code == 422
+    response = client.post("/api/duplicates/run", json={"k": 3, "threshold": 0.0}, headers=AUTH)
+    assert response.status_code == 201, response.text
+    run = response.json()["run"]
+    assert run["id"] > before["run"]["id"] and run["threshold_source"] == "given"
+    after = client.get("/api/duplicates", params={"status": "all"}).json()
+    assert after["run"]["id"] == run["id"] and after["counts"] == before["counts"]  # reviews carry over

@@ -314,6 +314,10 @@ def test_review_queue_decisions_persist(page, server, catalogue, screenshots):
     with catalogue.db.session() as session:
         assert crud.latest_reviews(session) == {first: "accept", third: "reject"}
 
+    page.get_by_role("button", name="Find duplicates").click()  # a new dedup run from the page
+    expect(page.locator("#review-status")).to_contain_text("pairs to review, strongest first", timeout=60_000)
+    expect(progress).to_have_text(re.compile(r"^2 of \d+ reviewed"))  # the decisions carry over to the new run
+
 
 def test_effects_concepts_and_correspondences_are_shown_when_present(page, catalogue, photos):
     """The engine's optional details, computed for real and handed to the page as /api/compare's answer."""

@@ -208,7 +208,7 @@ export async function loadQueue() {
   if (pairs.length === 0) {
     queueList.replaceChildren();
     pairPanel.hidden = true;
-    setStatus(status, "empty", "No duplicate pairs to review: run “whymatch dedup” to find some.");
+    setStatus(status, "empty", "No duplicate pairs to review: press “Find duplicates” (or run “whymatch dedup”).");
     return;
   }
   const first = nextUnreviewed(-1);
@@ -218,6 +218,19 @@ export async function loadQueue() {
   show(first === -1 ? 0 : first);
 }
 
+// A new dedup run (the stored calibration, else the model's threshold); it becomes the queue.
+async function findDuplicates() {
+  setStatus(status, "loading", "Finding duplicates across the catalogue on CPU, this can take a while…");
+  try {
+    const { run } = await postJSON("api/duplicates/run", {});
+    setStatus(status, "done", `Found ${run.n_pairs} duplicate pairs in ${run.n_groups} groups.`);
+  } catch (error) {
+    setStatus(status, "error", error.message);
+    return;
+  }
+  await loadQueue();
+}
+
 export function initReview(isActive) {
   buttons.accept.addEventListener("click", () => decide("accept"));
   buttons.reject.addEventListener("click", () => decide("reject"));
@@ -225,6 +238,7 @@ export function initReview(isActive) {
   buttons.previous.addEventListener("click", () => show(current - 1));
   buttons.next.addEventListener("click", () => show(current + 1));
   document.getElementById("review-reload").addEventListener("click", loadQueue);
+  document.getElementById("review-find").addEventListener("click", findDuplicates);
   document.addEventListener("keydown", (event) => {
     if (!isActive() || !loaded || current < 0 || event.defaultPrevented) return; // e.g. arrows on the tabs
     if (event.altKey || event.ctrlKey || event.metaKey || event.repeat) return;

@@ -1,7 +1,7 @@
 """``GET /api/duplicates``: the review queue of a dedup run (pairs strongest first), its groups and listing report.
 
-Duplicates are found by ``whymatch dedup`` (stored in the database); the API shows the latest run unless
-``run`` names another. A pair's status is its newest review (``POST /api/reviews``), whichever run it
+Duplicates are found by ``whymatch dedup`` or ``POST /api/duplicates/run`` (stored in the database); the
+API shows the latest run unless ``run`` names another. A pair's status is its newest review (``POST /api/reviews``), whichever run it
 was found in, so decisions carry over to later runs.
 """
 
@@ -12,9 +12,17 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request
 from sqlalchemy.orm import Session
 
-from api.deps import ReadAccess, State, api_base
+from api.deps import ApiState, ReadAccess, State, WriteAccess, api_base
 from api.routes.reviews import review_out
-from api.schemas import DuplicatePage, GroupPage, ListingPage, ReviewStatus, as_utc
+from api.schemas import (
+    DedupRequest,
+    DedupRunOut,
+    DuplicatePage,
+    GroupPage,
+    ListingPage,
+    ReviewStatus,
+    as_utc,
+)
 from indexer import crud
 from indexer.dedup import stored_listing_report
 from indexer.models import DedupRun, Item
@@ -66,6 +74,26 @@ def list_duplicates(request: Request, state: State, offset: Offset = 0, limit: L
         } for pair, review in rows]
         return {"run": _run_info(dedup_run), "status": status, "offset": offset, "limit": limit, "total": total,
                 "counts": crud.duplicate_status_counts(session, dedup_run.id), "pairs": pairs}
+
+
+def _dedup(state: ApiState, request: DedupRequest) -> dict:
+    try:
+        report = state.catalogue.dedup(k=request.k, threshold=request.threshold, precision=request.precision)
+    except ValueError as exc:  # e.g. a precision target without any reviewed duplicate to calibrate on
+        raise HTTPException(422, str(exc)) from exc
+    with state.catalogue.db.session() as session:
+        run = crud.get_dedup_run(session, report.run_id)
+        return {"run": _run_info(run), "seconds": report.seconds, "unreadable": len(report.unreadable)}
+
+
+@router.post("/duplicates/run", response_model=DedupRunOut, status_code=201, dependencies=[WriteAccess],
+             summary="Find duplicates across the catalogue (a new dedup run)")
+async def run_dedup(state: State, request: DedupRequest) -> dict:
+    """The FAISS k-NN graph re-scored by the head, kept above the threshold; the new run becomes the review
+    queue. Reviews of earlier runs carry over (a pair's status is its newest review)."""
+    if request.threshold is not None and request.precision is not None:
+        raise HTTPException(422, "give either a threshold or a precision target, not both")
+    return await state.run_model(_dedup, state, request)
 
 
 @router.get("/duplicates/groups", response_model=GroupPage, summary="Duplicate groups, strongest first")
