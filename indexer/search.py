@@ -138,9 +138,7 @@ def search(
     order = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0 and int(i) not in skip]
     with db.session() as session:
         items = crud.items_by_ids(session, [i for i, _ in order])
-    order = [(i, s) for i, s in order if i in items][:wanted]  # a stale index may hold deleted ids
-
-    with db.session() as session:
+        order = [(i, s) for i, s in order if i in items][:wanted]  # a stale index may hold deleted ids
         stored = crud.descriptors_by_ids(session, [i for i, _ in order], model_key) if model_key else {}
     unreadable: list[Skipped] = []
     pictures: dict[int, object] = {}
@@ -180,7 +178,8 @@ def search(
             # correspondences and concepts come from the same feature maps (milliseconds).
             match_pictures = [pictures[m.item_id] for m in explained]
             fmaps = model.feature_maps(match_pictures)
-            sizes = [_original_size(query, query_image), *(_original_size(m.source, pictures[m.item_id]) for m in explained)]
+            # Boxes are in the original images' pixels: the catalogue stores each item's (EXIF-rotated) size.
+            sizes = [_original_size(query, query_image), *((items[m.item_id].width, items[m.item_id].height) for m in explained)]
             explanations = model.explain_feature_maps(query_fmap, fmaps, method=method, correspondences=True,
                                                       concepts=True, sizes=sizes)
             if effects:
