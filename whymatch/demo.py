@@ -133,6 +133,7 @@ def demo_command(ctx: click.Context, catalogue: Path | None, out_dir: Path, pair
 def catalogue_tour(settings, model, root: Path, out_dir: Path) -> dict:
     """Index the demo catalogue (incrementally), find its duplicates, and run one explained search."""
     from indexer import Catalogue
+    from indexer.cli import explanation_lines
 
     catalogue = Catalogue.from_settings(settings, model=model, log=None)
     indexed = catalogue.index(root, progress=False)
@@ -148,5 +149,7 @@ def catalogue_tour(settings, model, root: Path, out_dir: Path) -> dict:
     for match in found.matches:
         click.echo(f"  {match.rank_after}. {match.head_score:.3f} (index rank {match.rank_before})  "
                    f"{Path(match.source).relative_to(root)}")
+        for line in explanation_lines(match.explanation):
+            click.echo(f"       {line}")
     return {"indexed": indexed.to_dict(), "duplicate_pairs": len(duplicates.pairs), "duplicate_groups": len(duplicates.groups),
             "dedup_threshold": duplicates.threshold, "search": found.to_dict()}
