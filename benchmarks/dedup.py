@@ -24,13 +24,13 @@ import argparse
 import logging
 import tempfile
 import time
-from itertools import combinations
 from pathlib import Path
 
 import torch
 
 from common import add_model_option, command_line, load_bench_model, markdown_table, record, shared_data
 from engine.data import LabelledImages, load_labelled_images, split
+from engine.metrics import all_pairs
 
 THREADS = 2
 HOLDOUT, SEED = 0.3, 0
@@ -40,11 +40,8 @@ Pair = tuple[str, str]
 
 
 def true_pairs(data: LabelledImages) -> set[Pair]:
-    by_group: dict[str, list[str]] = {}
-    for path, group in zip(data.paths, data.groups):
-        if group is not None:
-            by_group.setdefault(group, []).append(str(path))
-    return {tuple(sorted(p)) for members in by_group.values() for p in combinations(members, 2)}
+    i, j, label = all_pairs(data.groups)
+    return {tuple(sorted((str(data.paths[a]), str(data.paths[b])))) for a, b in zip(i[label == 1], j[label == 1])}
 
 
 def prf(found: set[Pair], truth: set[Pair]) -> tuple[float, float, float]:

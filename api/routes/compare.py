@@ -44,6 +44,7 @@ class _Resolved:
     item_id: int | None = None
     source: str | None = None
     upload_sha256: str | None = None
+    size: tuple[int, int] | None = None  # (width, height) of the original image: correspondence boxes are in its pixels
 
 
 def _resolve(state: ApiState, side: _Side) -> _Resolved:
@@ -53,13 +54,13 @@ def _resolve(state: ApiState, side: _Side) -> _Resolved:
         upload = decode_upload(side.data, label=side.label, max_pixels=state.settings.max_pixels,
                                target_size=int(catalogue.model.config.input_size))
         return _Resolved(upload_identity(upload.sha256), Picture(upload_sha256=upload.sha256), image=upload.image,
-                         upload_sha256=upload.sha256)
+                         upload_sha256=upload.sha256, size=image_size(side.data))
     with catalogue.db.session() as session:
         item = crud.get_item(session, side.item_id)
         if item is None:
             raise HTTPException(404, f"item_{side.name}: no catalogue item {side.item_id}")
         return _Resolved(item_identity(item.id, item.sha256), Picture(item_id=item.id), item_id=item.id,
-                         source=item.source)
+                         source=item.source, size=(item.width, item.height))
 
 
 def _read_item(state: ApiState, side: _Side, resolved: _Resolved) -> Image.Image:
@@ -86,11 +87,8 @@ def _compare(state: ApiState, side_a: _Side, side_b: _Side, base: str) -> dict:
                 resolved.image = _read_item(state, side, resolved)
             if resolved.upload_sha256 is not None:
                 store.remember_upload(resolved.upload_sha256, display_copy(resolved.image))
-        # Boxes are drawn on the original files: their sizes come from the headers, not the reduced decodes.
-        sizes = [image_size(side.data if side.data is not None else resolved.source) for side, resolved in
-                 ((side_a, a), (side_b, b))]
         explanation = catalogue.model.explain(a.image, [b.image], effects=True, correspondences=True, concepts=True,
-                                              sizes=sizes)[0]
+                                              sizes=[a.size, b.size])[0]
         stored = StoredExplanation(explanation, a.picture, b.picture)
         store.put(key, stored)
 
