@@ -12,7 +12,8 @@ over cell pairs exactly too, as u_i · v_j / (N_a N_b |ū| |v̄|) with u = the p
 large for any two cells aligned with the shared embedding direction, whatever they show; adding it, or
 weighting by the Grad-CAM maps, paired visibly wrong regions on AirBnB photos, so neither is used.)
 PaperNet pools before anything pair-wise happens and has no such term; its fallback scores a cell pair
-by the cosine of the two cells' backbone features weighted by both images' Grad-CAM maps of the
+by the cosine of the two cells' first-layer projections (what its MLP sees of each cell) weighted by
+both images' Grad-CAM maps of the
 *similarity* (factual maps of a match, counterfactual maps of a non-match: correspondences always show
 what argues for the match).
 
@@ -21,7 +22,8 @@ pair of regions, not of single cells. Greedy non-maximum suppression keeps regio
 and b-window overlap no window already kept, so the kept pairs cover disjoint sets of cell pairs.
 ``share`` = the region pair's contribution / the sum of all positive ones, so the shares of the kept
 pairs add up to at most 1; for MatchNet it is exactly the pair's part of the local-match term.
-Boxes are the windows' footprints on the input mapped back through the resize (the whole image is
+Everything is computed from the images' projections (``SiameseNet.project``), so stored descriptions
+suffice. Boxes are the windows' footprints on the input mapped back through the resize (the whole image is
 squeezed to a square), in the pixel coordinates of the original image: ``[x0, y0, x1, y1]``.
 """
 
@@ -50,18 +52,21 @@ def local_match_contributions(net: MatchNet, local_a: Tensor, local_b: Tensor) -
 
 
 @torch.no_grad()
-def pair_contributions(net: SiameseNet, fmaps_a: Tensor, fmaps_b: Tensor) -> Tensor:
-    """Contribution of every pair of cells to each pair's similarity, k×N_a×N_b (fmaps_a: 1 or k maps).
+def pair_contributions(net: SiameseNet, projs_a: Tensor, projs_b: Tensor) -> Tensor:
+    """Contribution of every pair of cells to each pair's similarity, k×N_a×N_b (projs_a: 1 or k images'
+    ``net.project`` output, projs_b: k).
 
-    MatchNet: the exact terms of its local-match term. PaperNet: the cosine of the backbone features
-    of the two cells (a similarity of regions, not a decomposition).
+    MatchNet: the exact terms of its local-match term. PaperNet: the cosine of the two cells'
+    projections (a similarity of regions, not a decomposition).
     """
-    fmaps_a = fmaps_a.float().expand(fmaps_b.shape[0], -1, -1, -1)
-    fmaps_b = fmaps_b.float()
+    projs_a = projs_a.float().expand(projs_b.shape[0], -1, -1, -1)
+    projs_b = projs_b.float()
     if isinstance(net, MatchNet):
-        return local_match_contributions(net, net.local_descriptors(fmaps_a), net.local_descriptors(fmaps_b))
-    cells_a = F.normalize(fmaps_a.flatten(2).transpose(1, 2), dim=2)
-    cells_b = F.normalize(fmaps_b.flatten(2).transpose(1, 2), dim=2)
+        local_a = net.signature_from_projections(projs_a)[1]
+        local_b = net.signature_from_projections(projs_b)[1]
+        return local_match_contributions(net, local_a, local_b)
+    cells_a = F.normalize(projs_a.flatten(2).transpose(1, 2), dim=2)
+    cells_b = F.normalize(projs_b.flatten(2).transpose(1, 2), dim=2)
     return cells_a @ cells_b.transpose(1, 2)
 
 
@@ -96,8 +101,8 @@ def cell_box(row: int, col: int, grid: Size, size: Size, radius: int = 0) -> lis
 
 def find_correspondences(
     net: SiameseNet,
-    fmaps_a: Tensor,
-    fmaps_b: Tensor,
+    projs_a: Tensor,
+    projs_b: Tensor,
     sizes_a: Sequence[Size],
     sizes_b: Sequence[Size],
     maps_a: Sequence[np.ndarray] | None = None,
@@ -106,18 +111,18 @@ def find_correspondences(
     top: int = 5,
     radius: int = 1,
 ) -> list[list[dict]]:
-    """The ``top`` corresponding region pairs of each of k pairs (fmaps_a: 1 or k maps, fmaps_b: k).
+    """The ``top`` corresponding region pairs of each of k pairs (projs_a: 1 or k images, projs_b: k).
 
     ``sizes_*`` are the (width, height) of the original images, one per pair; ``maps_*`` the h×w
     similarity maps weighting the cells (None: the bare contributions; an all-zero map weighs its
     cells evenly). Returns per pair ``[{"rank", "box_a", "box_b", "share", "cell_a", "cell_b"}, ...]``,
     sorted by share, with ``cell_*`` the [row, column] of the window's centre on the feature grid.
     """
-    k = fmaps_b.shape[0]
+    k = projs_b.shape[0]
     if len(sizes_a) != k or len(sizes_b) != k:
         raise ValueError(f"need one (width, height) per pair for both images: {k} pairs, {len(sizes_a)} and {len(sizes_b)} sizes")
-    grid_a, grid_b = tuple(fmaps_a.shape[2:]), tuple(fmaps_b.shape[2:])
-    contributions = pair_contributions(net, fmaps_a, fmaps_b)
+    grid_a, grid_b = tuple(projs_a.shape[2:]), tuple(projs_b.shape[2:])
+    contributions = pair_contributions(net, projs_a, projs_b)
     if maps_a is not None and maps_b is not None:
         contributions = contributions * _cell_weights(maps_a).unsqueeze(2) * _cell_weights(maps_b).unsqueeze(1)
     totals = contributions.clamp(min=0).sum(dim=(1, 2))
@@ -169,7 +174,7 @@ def similarity_maps(explanation: PairExplanation) -> tuple[np.ndarray, np.ndarra
 
 
 def attach_correspondences(
-    net: SiameseNet, explanations: Sequence[PairExplanation], fmap_a: Tensor, fmaps_b: Tensor,
+    net: SiameseNet, explanations: Sequence[PairExplanation], proj_a: Tensor, projs_b: Tensor,
     size_a: Size, sizes_b: Sequence[Size], top: int = 5,
 ) -> None:
     """Fill ``explanation.correspondences`` of image a (size ``size_a``) against each image b; only
@@ -177,6 +182,6 @@ def attach_correspondences(
     maps_a = maps_b = None
     if not isinstance(net, MatchNet):
         maps_a, maps_b = zip(*(similarity_maps(e) for e in explanations))
-    found = find_correspondences(net, fmap_a, fmaps_b, [size_a] * len(explanations), sizes_b, maps_a, maps_b, top=top)
+    found = find_correspondences(net, proj_a, projs_b, [size_a] * len(explanations), sizes_b, maps_a, maps_b, top=top)
     for explanation, correspondences in zip(explanations, found):
         explanation.correspondences = correspondences

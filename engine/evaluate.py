@@ -28,19 +28,19 @@ def embedding_similarities(net: SiameseNet, emb_q: Tensor, emb_g: Tensor) -> Ten
     return emb_q @ emb_g.T
 
 
-def describe_all(net: SiameseNet, fmaps: Tensor, chunk: int = 256) -> tuple[Tensor, ...]:
-    """Per-image descriptions of many feature maps, in chunks to bound memory."""
+def signatures(net: SiameseNet, fmaps: Tensor, chunk: int = 256) -> tuple[Tensor, ...]:
+    """Per-image signatures of many feature maps, in chunks to bound memory."""
     with torch.inference_mode():
-        parts = [net.describe(fmaps[s : s + chunk].float()) for s in range(0, len(fmaps), chunk)]
+        parts = [net.signature(fmaps[s : s + chunk].float()) for s in range(0, len(fmaps), chunk)]
     return tuple(torch.cat(column) for column in zip(*parts))
 
 
 def pair_scores(net: SiameseNet, fmaps_a: Tensor, fmaps_b: Tensor, i: np.ndarray, j: np.ndarray, chunk: int = 1024) -> np.ndarray:
     """Head similarity of pairs (fmaps_a[i], fmaps_b[j]); each image is described once."""
-    desc_a = describe_all(net, fmaps_a)
-    desc_b = desc_a if fmaps_b is fmaps_a else describe_all(net, fmaps_b)
+    sig_a = signatures(net, fmaps_a)
+    sig_b = sig_a if fmaps_b is fmaps_a else signatures(net, fmaps_b)
     with torch.inference_mode():
-        parts = [net.score_descriptions(tuple(d[i[s : s + chunk]] for d in desc_a), tuple(d[j[s : s + chunk]] for d in desc_b)).numpy()
+        parts = [net.score_signatures(tuple(d[i[s : s + chunk]] for d in sig_a), tuple(d[j[s : s + chunk]] for d in sig_b)).numpy()
                  for s in range(0, len(i), chunk)]
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 

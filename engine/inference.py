@@ -21,7 +21,7 @@ from engine.backbones import backbone_spec, create_backbone
 from engine.concepts import attach_concepts
 from engine.config import ModelConfig
 from engine.correspondences import attach_correspondences
-from engine.explain import PairExplanation, explain_fmaps
+from engine.explain import PairExplanation, explain_projections
 from engine.faithfulness import DEFAULT_AREA, DEFAULT_FILL, effects_from_tensors
 from engine.images import ImageSource, image_size, load_image, to_tensor
 from engine.model import SiameseNet, build_net
@@ -29,6 +29,9 @@ from engine.model import SiameseNet, build_net
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# Names the layout of packed descriptions; stores keyed by a model fingerprint include it, so
+# descriptions of an older layout are recomputed, never misread.
+DESCRIPTION_FORMAT = "projections-1"
 
 
 class SimilarityModel:
@@ -177,13 +180,31 @@ class SimilarityModel:
         first (``engine.images.image_size``). ``concepts=True`` fills ``explanation.concepts``
         (``engine.concepts``). Both work from the feature maps alone (milliseconds per pair).
         """
-        explanations = explain_fmaps(self.net, fmap_a, fmaps_b, self.threshold, method)
-        if correspondences:
-            if sizes is None or len(sizes) != 1 + len(fmaps_b):
-                raise ValueError("correspondences need the (width, height) of image a and of each image b (sizes)")
-            attach_correspondences(self.net, explanations, fmap_a, fmaps_b, sizes[0], sizes[1:])
+        with torch.no_grad():
+            proj_a, projs_b = self.net.project(fmap_a), self.net.project(fmaps_b)
+        explanations = self._explain_projections(proj_a, projs_b, method, correspondences, sizes)
         if concepts:
             attach_concepts(self.net.backbone, explanations, fmap_a, fmaps_b)
+        return explanations
+
+    def explain_described(self, packed_a: bytes, packed_b: Sequence[bytes], method: str = "gradcam", *,
+                          correspondences: bool = False, sizes: Sequence[tuple[int, int]] | None = None) -> list[PairExplanation]:
+        """Explain from packed descriptions (``describe_fmaps`` / ``encode``, as the index stores them):
+        no image is decoded and no backbone runs, and the maps are still exactly Grad-CAM of the
+        backbone's layer (of the float16-stored projections). Concepts and effects need the feature
+        maps or pixels (``explain_feature_maps``, ``add_effects``)."""
+        if not len(packed_b):
+            raise ValueError("explain_described needs at least one description b")
+        (proj_a,), (projs_b,) = unpack_descriptions([packed_a]), unpack_descriptions(packed_b)
+        return self._explain_projections(proj_a, projs_b, method, correspondences, sizes)
+
+    def _explain_projections(self, proj_a: Tensor, projs_b: Tensor, method: str, correspondences: bool,
+                             sizes: Sequence[tuple[int, int]] | None) -> list[PairExplanation]:
+        explanations = explain_projections(self.net, proj_a, projs_b, self.threshold, method)
+        if correspondences:
+            if sizes is None or len(sizes) != 1 + len(projs_b):
+                raise ValueError("correspondences need the (width, height) of image a and of each image b (sizes)")
+            attach_correspondences(self.net, explanations, proj_a, projs_b, sizes[0], sizes[1:])
         return explanations
 
     def add_effects(self, image_a: ImageSource, images_b: Sequence[ImageSource], explanations: Sequence[PairExplanation], *,
@@ -209,7 +230,8 @@ class SimilarityModel:
 
 
 def pack_description(parts: tuple[Tensor, ...]) -> bytes:
-    """One image's description tensors as float16 safetensors bytes (~50 KB for the default model)."""
+    """One image's description tensors as float16 safetensors bytes (~150 KB for the default model:
+    196 cells × 384 projections)."""
     return save({str(n): part.detach().to(torch.float16).contiguous() for n, part in enumerate(parts)})
 
 

@@ -4,10 +4,16 @@ Both networks share the contract the rest of the engine relies on:
 
 * ``backbone.features(x)`` — the Grad-CAM layer's activations (frozen ImageNet backbone);
 * ``embed_fmap(fmap)`` — the embedding stored in FAISS;
-* ``score_fmaps(fmap_a, fmap_b)`` — a similarity in (0, 1), differentiable with respect to *both*
-  feature maps and never clipped, so every pair has gradients for Grad-CAM;
-* ``describe(fmap)`` / ``score_descriptions(da, db)`` — the same score split in a per-image part and
-  a per-pair part, so scoring many pairs of few images describes each image once.
+* ``project(fmap)`` — the bias-free per-cell linear projections that are the head's *only* view of a
+  feature map (the first layer of every path from the feature map to the score is linear per cell:
+  a 1×1 convolution, or a linear layer after average pooling, which equals the pooled per-cell
+  projection). They are the stored *description* of an image, and Grad-CAM on them is exactly
+  Grad-CAM on the feature map: with g_q = d evidence / d projection at cell q and W the projection,
+  d evidence / d A_q = Wᵀ g_q, so Σ_c (mean_q Wᵀg_q)_c A_cp = (mean_q g_q) · (W A_p) (and likewise
+  cell by cell for HiResCAM);
+* ``signature(fmap)`` / ``signature_from_projections(p)`` — what a pair compares (the embedding and
+  unit local descriptors), ``score_signatures(sa, sb)`` the similarity in (0, 1), differentiable with
+  respect to *both* images and never clipped, so every pair has gradients for Grad-CAM.
 
 Only the layers after the backbone are trained and saved.
 """
@@ -34,23 +40,45 @@ class SiameseNet(nn.Module):
     def embed_fmap(self, fmap: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def describe(self, fmap: Tensor) -> tuple[Tensor, ...]:
-        """Per-image tensors the pair score is computed from (batch first)."""
+    def project(self, fmap: Tensor) -> Tensor:
+        """B×P×h×w bias-free per-cell projections of the feature maps (float32)."""
         raise NotImplementedError
 
-    def score_descriptions(self, desc_a: tuple[Tensor, ...], desc_b: tuple[Tensor, ...]) -> Tensor:
+    def signature(self, fmap: Tensor) -> tuple[Tensor, ...]:
+        """Per-image tensors a pair compares (batch first), straight from the feature maps."""
         raise NotImplementedError
 
-    def score_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
-        return self.score_descriptions(self.describe(fmap_a), self.describe(fmap_b))
+    def signature_from_projections(self, projections: Tensor) -> tuple[Tensor, ...]:
+        """The same signature from ``project``'s output (equal up to rounding)."""
+        raise NotImplementedError
 
-    def evidence_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
-        """An unbounded, increasing function of the score (its logit); Grad-CAM differentiates this
-        so that a saturated score (similarity rounding to 1.0 in float32) cannot blank the maps."""
+    def signature_logit(self, sig_a: tuple[Tensor, ...], sig_b: tuple[Tensor, ...]) -> Tensor:
+        """The evidence (see ``evidence_fmaps``) of pairs of signatures."""
         raise NotImplementedError
 
     def score_from_evidence(self, evidence: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def score_signatures(self, sig_a: tuple[Tensor, ...], sig_b: tuple[Tensor, ...]) -> Tensor:
+        return self.score_from_evidence(self.signature_logit(sig_a, sig_b))
+
+    def describe(self, fmap: Tensor) -> tuple[Tensor]:
+        """What is stored per image: its projections, from which it is scored and explained."""
+        return (self.project(fmap),)
+
+    def evidence_projections(self, proj_a: Tensor, proj_b: Tensor) -> Tensor:
+        return self.signature_logit(self.signature_from_projections(proj_a), self.signature_from_projections(proj_b))
+
+    def score_descriptions(self, desc_a: tuple[Tensor, ...], desc_b: tuple[Tensor, ...]) -> Tensor:
+        return self.score_from_evidence(self.evidence_projections(desc_a[0], desc_b[0]))
+
+    def score_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
+        return self.score_signatures(self.signature(fmap_a), self.signature(fmap_b))
+
+    def evidence_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
+        """An unbounded, increasing function of the score (its logit); Grad-CAM differentiates this
+        so that a saturated score (similarity rounding to 1.0 in float32) cannot blank the maps."""
+        return self.signature_logit(self.signature(fmap_a), self.signature(fmap_b))
 
     def forward(self, images_a: Tensor, images_b: Tensor) -> Tensor:
         """Similarity of two image batches (for hooks-based Grad-CAM tools that call the module)."""
@@ -103,8 +131,18 @@ class MatchNet(SiameseNet):
         """B×HW×D unit-length descriptors, one per feature-map cell."""
         return F.normalize(self.local_proj(fmap.float()).flatten(2).transpose(1, 2), dim=2)
 
-    def describe(self, fmap: Tensor) -> tuple[Tensor, Tensor]:
+    def project(self, fmap: Tensor) -> Tensor:
+        weight = torch.cat([self.embed_proj.weight, self.local_proj.weight.flatten(1)])
+        return torch.einsum("pc,bchw->bphw", weight, fmap.float())
+
+    def signature(self, fmap: Tensor) -> tuple[Tensor, Tensor]:
         return self.embed_fmap(fmap), self.local_descriptors(fmap)
+
+    def signature_from_projections(self, projections: Tensor) -> tuple[Tensor, Tensor]:
+        cells, local = projections.float().split([self.config.embed_dim, self.config.local_dim], dim=1)
+        embedding = F.normalize(cells.mean(dim=(2, 3)) + self.embed_proj.bias, dim=1)
+        local = local + self.local_proj.bias.view(1, -1, 1, 1)
+        return embedding, F.normalize(local.flatten(2).transpose(1, 2), dim=2)
 
     def local_match(self, la: Tensor, lb: Tensor) -> Tensor:
         """Mean soft-best-match similarity of each cell to the other image's cells, both ways."""
@@ -114,20 +152,15 @@ class MatchNet(SiameseNet):
         b_to_a = (torch.softmax(corr / temperature, dim=1) * corr).sum(dim=1).mean(dim=1)
         return (a_to_b + b_to_a) / 2
 
-    def head_logit(self, desc_a: tuple[Tensor, Tensor], desc_b: tuple[Tensor, Tensor]) -> Tensor:
-        cosine = (desc_a[0] * desc_b[0]).sum(dim=1)
-        local = self.local_match(desc_a[1], desc_b[1])
+    def head_logit(self, sig_a: tuple[Tensor, Tensor], sig_b: tuple[Tensor, Tensor]) -> Tensor:
+        """The trained logit, before calibration."""
+        cosine = (sig_a[0] * sig_b[0]).sum(dim=1)
+        local = self.local_match(sig_a[1], sig_b[1])
         weights = F.softplus(self.head_weights)
         return 10 * (weights[0] * cosine + weights[1] * local + self.head_bias)
 
-    def calibrated_logit(self, desc_a: tuple[Tensor, Tensor], desc_b: tuple[Tensor, Tensor]) -> Tensor:
-        return self.calibration[0] * self.head_logit(desc_a, desc_b) + self.calibration[1]
-
-    def score_descriptions(self, desc_a: tuple[Tensor, Tensor], desc_b: tuple[Tensor, Tensor]) -> Tensor:
-        return torch.sigmoid(self.calibrated_logit(desc_a, desc_b))
-
-    def evidence_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
-        return self.calibrated_logit(self.describe(fmap_a), self.describe(fmap_b))
+    def signature_logit(self, sig_a: tuple[Tensor, Tensor], sig_b: tuple[Tensor, Tensor]) -> Tensor:
+        return self.calibration[0] * self.head_logit(sig_a, sig_b) + self.calibration[1]
 
     def score_from_evidence(self, evidence: Tensor) -> Tensor:
         return torch.sigmoid(evidence)
@@ -148,8 +181,15 @@ class PaperNet(SiameseNet):
     def embed_fmap(self, fmap: Tensor) -> Tensor:
         return self.mlp(fmap.float().mean(dim=(2, 3)))
 
-    def describe(self, fmap: Tensor) -> tuple[Tensor]:
+    def project(self, fmap: Tensor) -> Tensor:
+        return torch.einsum("pc,bchw->bphw", self.mlp[0].weight, fmap.float())
+
+    def signature(self, fmap: Tensor) -> tuple[Tensor]:
         return (self.embed_fmap(fmap),)
+
+    def signature_from_projections(self, projections: Tensor) -> tuple[Tensor]:
+        hidden = torch.relu(projections.float().mean(dim=(2, 3)) + self.mlp[0].bias)
+        return (self.mlp[2](hidden),)
 
     @staticmethod
     def distance(emb_a: Tensor, emb_b: Tensor) -> Tensor:
@@ -157,11 +197,8 @@ class PaperNet(SiameseNet):
         diff = emb_a - emb_b
         return torch.sqrt((diff * diff).sum(dim=1) + 1e-12)
 
-    def score_descriptions(self, desc_a: tuple[Tensor], desc_b: tuple[Tensor]) -> Tensor:
-        return 1 / (1 + self.distance(desc_a[0], desc_b[0]))
-
-    def evidence_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
-        return -torch.log1p(self.distance(self.embed_fmap(fmap_a), self.embed_fmap(fmap_b)))
+    def signature_logit(self, sig_a: tuple[Tensor], sig_b: tuple[Tensor]) -> Tensor:
+        return -torch.log1p(self.distance(sig_a[0], sig_b[0]))
 
     def score_from_evidence(self, evidence: Tensor) -> Tensor:
         return torch.exp(evidence)

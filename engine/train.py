@@ -132,7 +132,7 @@ def _hard_batches(net: MatchNet, fmaps: Tensor, groups: list[str | None], option
 
 
 def _matchnet_loss(net: MatchNet, fmaps: Tensor, groups: list[str | None]) -> Tensor:
-    emb, local = net.describe(fmaps)
+    emb, local = net.signature(fmaps)
     table: dict[str, int] = {}
     codes = torch.tensor([table.setdefault(g, len(table)) if g is not None else -1 - i for i, g in enumerate(groups)])
     same = (codes[:, None] == codes[None, :]) & ~torch.eye(len(groups), dtype=torch.bool)
@@ -240,7 +240,7 @@ def _calibrate(net: MatchNet, fmaps: Tensor, groups: list[str | None], seed: int
 
     i, j, labels = paper_pairs(groups, seed)
     with torch.inference_mode():
-        emb, local = net.describe(fmaps.float())
+        emb, local = net.signature(fmaps.float())
         logits = net.head_logit((emb[i], local[i]), (emb[j], local[j])).numpy().reshape(-1, 1)
     fit = LogisticRegression(C=100.0).fit(logits, labels)
     net.calibration.copy_(torch.tensor([float(fit.coef_[0, 0]), float(fit.intercept_[0])]))

@@ -76,20 +76,22 @@ def explanation_lines(explanation) -> list[str]:
 @click.option("--explain", "explain_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Explain each match: factual and counterfactual overlay PNGs of both images go to this folder.")
 @click.option("--method", type=click.Choice(["gradcam", "hirescam"]), default="gradcam", show_default=True)
+@click.option("--concepts", is_flag=True, help="With --explain: name the ImageNet concepts each match rests on (one backbone pass over the matches).")
 @click.option("--effects", is_flag=True, help="With --explain: measure how the score moves when each map's region is masked.")
 @click.option("--include-self", is_flag=True, help="Keep the query's own catalogue item in the results.")
 @click.option("--json", "as_json", is_flag=True)
 @_model_option
 @click.pass_context
 def search_command(ctx: click.Context, query: Path, k: int, candidates: int | None, explain_dir: Path | None, method: str,
-                   effects: bool, include_self: bool, as_json: bool, model_path: Path | None) -> None:
+                   concepts: bool, effects: bool, include_self: bool, as_json: bool, model_path: Path | None) -> None:
     """Find the catalogue images most similar to QUERY, re-scored by the Siamese head."""
     from engine.errors import ImageLoadError
 
     catalogue = _catalogue(ctx, model_path)
     try:
         result = catalogue.search(query, k=k, candidates=candidates, exclude_self=not include_self,
-                                  explain_dir=explain_dir, method=method, effects=effects and explain_dir is not None)
+                                  explain_dir=explain_dir, method=method, effects=effects and explain_dir is not None,
+                                  concepts=concepts and explain_dir is not None)
     except ImageLoadError as exc:
         raise click.ClickException(str(exc)) from exc
     for bad in result.unreadable:

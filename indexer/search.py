@@ -5,9 +5,10 @@ local features and is what the model's threshold is calibrated on. So more candi
 are fetched from FAISS (``candidates``, default ``max(4k, k + 20)``), each is re-scored against the
 query from the head description stored at indexing time (items indexed without one are decoded and
 described on the fly), and the best ``k`` by head score are returned with both ranks. Explanations
-(factual and counterfactual Grad-CAM maps of both images) need the matches' feature maps: one backbone
-pass over the top ``k``, then one batched ``model.explain_feature_maps`` call; overlay PNGs are written
-with ``engine.figures.overlay``.
+(factual and counterfactual Grad-CAM maps of both images, region correspondences) come from the same
+stored descriptions in one batched ``model.explain_described`` call: no match is decoded and no backbone
+runs again. Concepts and measured effects need the matches' pixels: one backbone pass over the top ``k``
+and ``model.explain_feature_maps``. Overlay PNGs are written with ``engine.figures.overlay``.
 """
 
 from __future__ import annotations
@@ -106,18 +107,20 @@ def search(
     stale_index: bool = False,
     model_key: str | None = None,
     effects: bool = False,
+    concepts: bool = False,
 ) -> SearchResult:
     """The ``k`` best catalogue matches of ``query``, re-scored by the head.
 
     ``exclude_self`` drops catalogue items that *are* the query: the same path for a path query,
     the same bytes (sha256) for a bytes query. ``explain_dir`` (implies ``explain``) receives four
     overlay PNGs per match: ``<rank>_item<id>_{query,match}_{factual,counterfactual}.png``. Explanations
-    carry region correspondences and concepts; ``effects`` (implies ``explain``) adds the measured effect
-    of masking each map's region (four masked backbone passes per match).
+    carry region correspondences; ``concepts`` (implies ``explain``) adds the ImageNet concepts the match
+    rests on, ``effects`` (implies ``explain``) the measured effect of masking each map's region (both
+    decode the matches: one backbone pass, plus four masked passes per match for the effects).
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    explain = explain or explain_dir is not None or effects
+    explain = explain or explain_dir is not None or effects or concepts
     name, source, sha = _query_identity(query)
     excluded: list[int] = []
     if exclude_self and (source or sha):
@@ -164,26 +167,22 @@ def search(
                              before[item_id], rank))
 
     if explain and matches:
-        explained = []
-        for match in matches:
-            if match.item_id not in pictures:
-                try:
-                    pictures[match.item_id] = model.load([match.source])[0]
-                except ImageLoadError as exc:
-                    unreadable.append(Skipped(match.source, str(exc)))
-                    continue
-            explained.append(match)
+        explained = matches
+        if concepts or effects or explain_dir is not None:  # these need the matches' pixels
+            explained = _with_pictures(model, matches, pictures, unreadable)
         if explained:
-            # One backbone pass over the matches, then one batched forward + backward of the head;
-            # correspondences and concepts come from the same feature maps (milliseconds).
-            match_pictures = [pictures[m.item_id] for m in explained]
-            fmaps = model.feature_maps(match_pictures)
             # Boxes are in the original images' pixels: the catalogue stores each item's (EXIF-rotated) size.
             sizes = [_original_size(query, query_image), *((items[m.item_id].width, items[m.item_id].height) for m in explained)]
-            explanations = model.explain_feature_maps(query_fmap, fmaps, method=method, correspondences=True,
-                                                      concepts=True, sizes=sizes)
-            if effects:
-                model.add_effects(query_image, match_pictures, explanations, fmap_a=query_fmap, fmaps_b=fmaps)
+            if concepts or effects:
+                match_pictures = [pictures[m.item_id] for m in explained]
+                fmaps = model.feature_maps(match_pictures)
+                explanations = model.explain_feature_maps(query_fmap, fmaps, method=method, correspondences=True,
+                                                          concepts=concepts, sizes=sizes)
+                if effects:
+                    model.add_effects(query_image, match_pictures, explanations, fmap_a=query_fmap, fmaps_b=fmaps)
+            else:
+                explanations = model.explain_described(query_description, [stored[m.item_id] for m in explained],
+                                                       method=method, correspondences=True, sizes=sizes)
             for match, explanation in zip(explained, explanations):
                 match.explanation = explanation
                 if explain_dir is not None:
@@ -191,6 +190,20 @@ def search(
                                                      explanation)
 
     return SearchResult(name, k, float(model.threshold), len(described), matches, excluded, unreadable, generation, stale_index)
+
+
+def _with_pictures(model, matches: list[Match], pictures: dict[int, object], unreadable: list[Skipped]) -> list[Match]:
+    """The matches whose files decode (their pictures added to ``pictures``); the others are reported."""
+    readable = []
+    for match in matches:
+        if match.item_id not in pictures:
+            try:
+                pictures[match.item_id] = model.load([match.source])[0]
+            except ImageLoadError as exc:
+                unreadable.append(Skipped(match.source, str(exc)))
+                continue
+        readable.append(match)
+    return readable
 
 
 def _original_size(source: ImageSource, decoded) -> tuple[int, int]:

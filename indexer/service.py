@@ -117,11 +117,12 @@ class Catalogue:
 
     def search(self, query, *, k: int = 10, candidates: int | None = None, exclude_self: bool = True,
                explain: bool = False, explain_dir: str | os.PathLike | None = None, method: str = "gradcam",
-               effects: bool = False) -> SearchResult:
+               effects: bool = False, concepts: bool = False) -> SearchResult:
         index, generation, stale = self.current_index()
         return search(query, model=self.model, db=self.db, index=index, k=k, candidates=candidates,
                       exclude_self=exclude_self, explain=explain, explain_dir=explain_dir, method=method,
-                      generation=generation, stale_index=stale, model_key=self.model_key, effects=effects)
+                      generation=generation, stale_index=stale, model_key=self.model_key, effects=effects,
+                      concepts=concepts)
 
     def dedup(self, *, k: int = 10, threshold: float | None = None, precision: float | None = None,
               labels: str | os.PathLike | None = None, min_index_similarity: float | None = None) -> DedupReport:

@@ -40,16 +40,17 @@ def test_decomposition_is_exact(model, photos):
     terms = local_match_contributions(net, local_a, local_b)
     local = net.local_match(local_a, local_b)
     torch.testing.assert_close(terms.sum(dim=(1, 2)), local, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(pair_contributions(net, fmaps[:1], fmaps[1:]).sum(dim=(1, 2)), local.detach(), atol=1e-6, rtol=1e-5)
+    projs = net.project(fmaps)
+    torch.testing.assert_close(pair_contributions(net, projs[:1], projs[1:]).sum(dim=(1, 2)), local.detach(), atol=1e-6, rtol=1e-5)
 
 
 def test_shares_are_parts_of_the_local_match_term(model, photos):
-    fmaps = model.feature_maps([photos["cat"], photos["cat_crop"]])
+    projs = model.net.project(model.feature_maps([photos["cat"], photos["cat_crop"]]))
     size = photos["cat"].size
-    found = find_correspondences(model.net, fmaps[:1], fmaps[1:], [size], [photos["cat_crop"].size], top=1, radius=0)[0]
-    terms = pair_contributions(model.net, fmaps[:1], fmaps[1:])[0]
+    found = find_correspondences(model.net, projs[:1], projs[1:], [size], [photos["cat_crop"].size], top=1, radius=0)[0]
+    terms = pair_contributions(model.net, projs[:1], projs[1:])[0]
     (ya, xa), (yb, xb) = found[0]["cell_a"], found[0]["cell_b"]
-    w = fmaps.shape[3]
+    w = projs.shape[3]
     assert found[0]["share"] == pytest.approx(float(terms.max() / terms.clamp(min=0).sum()), rel=1e-5)
     assert float(terms[ya * w + xa, yb * w + xb]) == pytest.approx(float(terms.max()), rel=1e-6)
 
@@ -126,7 +127,7 @@ def test_only_asked_for_and_sizes_required(model, photos):
     explained = model.explain_feature_maps(fmaps[:1], fmaps[1:], correspondences=True, sizes=[photos["cat"].size, photos["coffee"].size])
     assert explained[0].to_dict()["correspondences"] == explained[0].correspondences
     with pytest.raises(ValueError, match="per pair"):
-        find_correspondences(model.net, fmaps[:1], fmaps[1:], [(10, 10)], [])
+        find_correspondences(model.net, model.net.project(fmaps[:1]), model.net.project(fmaps[1:]), [(10, 10)], [])
 
 
 def test_image_size_follows_exif_rotation(photos, tmp_path):

@@ -114,15 +114,17 @@ def test_explanations_write_overlay_pngs(indexed, tmp_path):
     assert without.matches[0].explanation is None and "explanation" not in without.to_dict()["matches"][0]
 
 
-def test_explained_matches_carry_concepts_correspondences_and_on_request_effects(indexed, tmp_path):
-    """Boxes are in the original files' pixels (the decoded copies may be reduced); effects only when asked."""
+def test_explained_matches_carry_correspondences_and_on_request_concepts_and_effects(indexed, tmp_path):
+    """Boxes are in the original files' pixels (the decoded copies may be reduced); concepts and effects only when asked."""
     _, catalogue, _, _ = indexed
     query = tmp_path / "query.png"
     edited(tiles()[1]).resize((900, 500)).save(query)
     plain = catalogue.search(query, k=2, candidates=4, explain=True)
+    named = catalogue.search(query, k=2, candidates=4, concepts=True)
     measured = catalogue.search(query, k=2, candidates=4, effects=True)
+    assert all(m.explanation.concepts is not None and m.explanation.effects is None for m in named.matches)
     for m in plain.matches:
-        assert m.explanation.effects is None and m.explanation.concepts is not None
+        assert m.explanation.effects is None and m.explanation.concepts is None
         with Image.open(m.source) as image:
             width_b, height_b = image.size
         for c in m.explanation.correspondences:
@@ -131,6 +133,39 @@ def test_explained_matches_carry_concepts_correspondences_and_on_request_effects
     for m in measured.matches:
         effects = m.explanation.effects
         assert effects is not None and {"factual_a", "factual_b", "counterfactual_a", "counterfactual_b"} <= set(effects)
+
+
+def test_explanations_come_from_stored_descriptions(indexed, tiny_model, tmp_path):
+    """Explaining matches decodes no catalogue file and runs no backbone on them, and gives the maps
+    the feature maps give (up to the float16 storage of the descriptions)."""
+    _, catalogue, _, _ = indexed
+    from indexer.search import search
+
+    class Counting:
+        def __init__(self, model):
+            self._model, self.images = model, 0
+
+        def __getattr__(self, name):
+            return getattr(self._model, name)
+
+        def feature_maps(self, images):
+            self.images += len(images)
+            return self._model.feature_maps(images)
+
+    counting = Counting(tiny_model)
+    index, _, _ = catalogue.current_index()
+    query = tmp_path / "q.jpg"
+    edited(tiles()[2]).save(query)
+    result = search(query, model=counting, db=catalogue.db, index=index, k=3, candidates=5, explain=True,
+                    model_key=catalogue.model_key)
+    assert counting.images == 1  # the query only
+    fmaps = tiny_model.feature_maps([query, *(m.source for m in result.matches)])
+    direct = tiny_model.explain_feature_maps(fmaps[:1], fmaps[1:])
+    for m, reference in zip(result.matches, direct):
+        assert m.explanation.similarity == pytest.approx(reference.similarity, abs=2e-3)
+        assert m.explanation.is_match == reference.is_match
+        for name in ("factual_a", "factual_b", "counterfactual_a", "counterfactual_b"):
+            np.testing.assert_allclose(getattr(m.explanation, name), getattr(reference, name), atol=0.02, err_msg=name)
 
 
 def test_stale_or_missing_index_still_searches(indexed, tiny_model, tmp_path):

@@ -144,7 +144,7 @@ def catalogue_tour(settings, model, root: Path, out_dir: Path) -> dict:
     click.echo(f"dedup: {len(duplicates.pairs)} duplicate pairs in {len(duplicates.groups)} groups "
                f"(threshold {duplicates.threshold:.3f}, {duplicates.threshold_source})")
     query = Path(duplicates.pairs[0].source_a) if duplicates.pairs else list_images(root)[0]
-    found = catalogue.search(query, k=5, explain_dir=out_dir / "search")
+    found = catalogue.search(query, k=5, explain_dir=out_dir / "search", concepts=True)
     click.echo(f"search {query.relative_to(root)}: overlays in {out_dir / 'search'}")
     for match in found.matches:
         click.echo(f"  {match.rank_after}. {match.head_score:.3f} (index rank {match.rank_before})  "

@@ -31,13 +31,13 @@ router = APIRouter(tags=["search"], dependencies=[ReadAccess])
 
 
 def _search(state: ApiState, data: bytes, label: str, name: str, k: int, explain: bool, base: str,
-            effects: bool = False) -> dict:
+            effects: bool = False, concepts: bool = False) -> dict:
     """Decode, search and (optionally) remember the explanations; runs in the model pool."""
     catalogue = state.catalogue
     upload = decode_upload(data, label=label, max_pixels=state.settings.max_pixels,
                            target_size=int(catalogue.model.config.input_size))
     try:
-        result = catalogue.search(upload.data, k=k, explain=explain, effects=effects)
+        result = catalogue.search(upload.data, k=k, explain=explain, effects=effects, concepts=concepts)
     except ImageLoadError as exc:  # e.g. a pixel limit above the engine's default
         raise HTTPException(status_for(exc), f"{label}: {one_line(str(exc))}") from exc
     if explain and result.matches:
@@ -64,13 +64,17 @@ async def search(
     state: State,
     image: Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, ...).")],
     k: Annotated[int, Form(ge=1, le=100, description="How many matches.")] = 10,
-    explain: Annotated[bool, Form(description="Also explain each match (factual/counterfactual maps).")] = False,
+    explain: Annotated[bool, Form(description="Also explain each match (factual/counterfactual maps and region "
+                                              "correspondences, from the stored descriptions: no backbone pass).")] = False,
+    concepts: Annotated[bool, Form(description="Also name the ImageNet concepts each match rests on "
+                                               "(implies explain; one backbone pass over the matches).")] = False,
     effects: Annotated[bool, Form(description="Also measure how the score moves when each map's region is masked "
                                               "(implies explain; four more backbone passes per match).")] = False,
 ) -> dict:
     """The ``k`` best matches: FAISS candidates re-scored by the Siamese head, with both ranks. Catalogue items
     with the query's exact bytes are left out (``excluded``). With ``explain`` each match carries its maps and
-    the URLs of overlay PNGs (``a`` = the query, ``b`` = the match), region correspondences and concepts."""
+    the URLs of overlay PNGs (``a`` = the query, ``b`` = the match) and region correspondences; ``concepts`` and
+    ``effects`` add those."""
     data = await read_upload(image, field="image", max_bytes=state.settings.max_upload_bytes)
     return await state.run_model(_search, state, data, label_of(image, "image"), filename_of(image) or "<upload>", k,
-                                 explain or effects, api_base(request), effects)
+                                 explain or effects or concepts, api_base(request), effects, concepts)
