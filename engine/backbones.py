@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from engine.efficientnet_lite import LITE0_MEAN, LITE0_STD, EfficientNetLite0, efficientnet_lite0_weights_path
 from engine.errors import WeightsNotInstalledError
@@ -96,8 +97,46 @@ def create_backbone(name: str, weights: str | Path | None = None) -> Backbone:
         weights = spec.packaged_weights()
         if spec.weights_sha256 and file_sha256(weights) != spec.weights_sha256:
             raise WeightsNotInstalledError(f"{weights} does not match the expected ImageNet checkpoint; reinstall it")
-    backbone = spec.build(Path(weights) if weights is not None else None)
-    return backbone.eval()
+    backbone = spec.build(Path(weights) if weights is not None else None).eval()
+    fold_batchnorms(backbone.stem)
+    return backbone
+
+
+def fold_batchnorms(module: nn.Module) -> int:
+    """Fold every BatchNorm that directly follows a convolution into it, in place; returns how many.
+
+    The backbone is frozen in eval mode, where a BatchNorm is a per-channel affine map that the
+    convolution before it can absorb (``torch.nn.utils.fusion.fuse_conv_bn_eval``): the same outputs up
+    to float rounding, one pass over the activations fewer per layer (about a quarter of a MobileNetV2
+    forward pass on CPU). Pairs are found in the module's traced graph, so any architecture works;
+    module names stay as they were (the folded BatchNorms become ``nn.Identity``).
+    """
+    graph = _LayerTracer().trace(module)
+    modules = dict(module.named_modules())
+    folded = 0
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+            continue
+        source = node.args[0]
+        if (isinstance(source, fx.Node) and source.op == "call_module" and isinstance(modules[source.target], nn.Conv2d)
+                and len(source.users) == 1):
+            fused = fuse_conv_bn_eval(modules[source.target], modules[node.target])
+            _replace(module, source.target, fused)
+            _replace(module, node.target, nn.Identity())
+            folded += 1
+    return folded
+
+
+class _LayerTracer(fx.Tracer):
+    """Keeps every convolution and BatchNorm a leaf, subclasses too (e.g. TF-"SAME"-padded convolutions)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attribute = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attribute, new)
 
 
 def file_sha256(path: Path) -> str:

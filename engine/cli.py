@@ -23,7 +23,7 @@ def _load(ctx: click.Context, model_path: Path | None):
 
     settings = _settings(ctx)
     try:
-        return load_model(model_path or settings.model_path, threads=settings.threads, batch_size=settings.batch_size)
+        return load_model(model_path or settings.model_path, threads=settings.threads, batch_size=settings.backbone_batch)
     except (FileNotFoundError, WeightsNotInstalledError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 

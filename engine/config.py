@@ -61,7 +61,10 @@ class Settings(BaseSettings):
 
     model_path: Path | None = None
     threads: int = 0
+    # Images per indexing transaction and pairs per scoring batch.
     batch_size: int = 32
+    # Images per backbone pass: on CPU at 448 px small batches are fastest (cache-bound; benchmarks/speed.py).
+    backbone_batch: int = Field(2, gt=0)
     data_dir: Path = Path("data")
     # The catalogue database: SQLite in ``data_dir`` unless this names another (e.g. PostgreSQL:
     # ``postgresql+psycopg://user:password@host:5432/whymatch``).

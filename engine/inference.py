@@ -32,12 +32,16 @@ CONFIG_FILE = "config.json"
 # Names the layout of packed descriptions; stores keyed by a model fingerprint include it, so
 # descriptions of an older layout are recomputed, never misread.
 DESCRIPTION_FORMAT = "projections-1"
+# Images per backbone pass. On a 2-core CPU a MobileNetV2 at 448 px runs fastest per image in batches of
+# 1–2 and about 1.7× slower per image in batches of 32 (the activations no longer fit in cache):
+# benchmarks/speed.py measures it.
+BACKBONE_BATCH = 2
 
 
 class SimilarityModel:
     """A Siamese network ready for inference, with its config and decision threshold."""
 
-    def __init__(self, net: SiameseNet, config: ModelConfig, batch_size: int = 32) -> None:
+    def __init__(self, net: SiameseNet, config: ModelConfig, batch_size: int = BACKBONE_BATCH) -> None:
         self.net = net.eval()
         self.config = config
         self.batch_size = batch_size
@@ -255,13 +259,13 @@ def save_checkpoint(net: SiameseNet, config: ModelConfig, directory: str | Path)
     return directory
 
 
-def build_model(config: ModelConfig, batch_size: int = 32) -> SimilarityModel:
+def build_model(config: ModelConfig, batch_size: int = BACKBONE_BATCH) -> SimilarityModel:
     """A model with freshly initialised trained layers (the start of training)."""
     backbone = create_backbone(config.backbone, config.backbone_weights)
     return SimilarityModel(build_net(config, backbone), config, batch_size)
 
 
-def load_model(path: str | Path | None = None, *, threads: int = 0, batch_size: int = 32) -> SimilarityModel:
+def load_model(path: str | Path | None = None, *, threads: int = 0, batch_size: int = BACKBONE_BATCH) -> SimilarityModel:
     """Load a checkpoint directory (``config.json`` + ``model.safetensors``); the shipped model by default."""
     directory = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if directory.is_file():

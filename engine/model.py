@@ -37,6 +37,15 @@ class SiameseNet(nn.Module):
         self.config = config
         self.backbone.requires_grad_(False)
 
+    def working(self, tensor: Tensor) -> Tensor:
+        """Feature maps may arrive in bfloat16 (autocast) or float16 (stored descriptions); the trained
+        layers compute in their own precision (float32, or float64 for a reference)."""
+        return tensor.to(self.head_dtype)
+
+    @property
+    def head_dtype(self) -> torch.dtype:
+        return next(p for name, p in self.named_parameters() if not name.startswith("backbone.")).dtype
+
     def embed_fmap(self, fmap: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -125,21 +134,21 @@ class MatchNet(SiameseNet):
         self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
 
     def embed_fmap(self, fmap: Tensor) -> Tensor:
-        return F.normalize(self.embed_proj(fmap.float().mean(dim=(2, 3))), dim=1)
+        return F.normalize(self.embed_proj(self.working(fmap).mean(dim=(2, 3))), dim=1)
 
     def local_descriptors(self, fmap: Tensor) -> Tensor:
         """B×HW×D unit-length descriptors, one per feature-map cell."""
-        return F.normalize(self.local_proj(fmap.float()).flatten(2).transpose(1, 2), dim=2)
+        return F.normalize(self.local_proj(self.working(fmap)).flatten(2).transpose(1, 2), dim=2)
 
     def project(self, fmap: Tensor) -> Tensor:
         weight = torch.cat([self.embed_proj.weight, self.local_proj.weight.flatten(1)])
-        return torch.einsum("pc,bchw->bphw", weight, fmap.float())
+        return torch.einsum("pc,bchw->bphw", weight, self.working(fmap))
 
     def signature(self, fmap: Tensor) -> tuple[Tensor, Tensor]:
         return self.embed_fmap(fmap), self.local_descriptors(fmap)
 
     def signature_from_projections(self, projections: Tensor) -> tuple[Tensor, Tensor]:
-        cells, local = projections.float().split([self.config.embed_dim, self.config.local_dim], dim=1)
+        cells, local = self.working(projections).split([self.config.embed_dim, self.config.local_dim], dim=1)
         embedding = F.normalize(cells.mean(dim=(2, 3)) + self.embed_proj.bias, dim=1)
         local = local + self.local_proj.bias.view(1, -1, 1, 1)
         return embedding, F.normalize(local.flatten(2).transpose(1, 2), dim=2)
@@ -179,16 +188,16 @@ class PaperNet(SiameseNet):
         self.mlp = nn.Sequential(nn.Linear(backbone.channels, 256), nn.ReLU(), nn.Linear(256, config.embed_dim))
 
     def embed_fmap(self, fmap: Tensor) -> Tensor:
-        return self.mlp(fmap.float().mean(dim=(2, 3)))
+        return self.mlp(self.working(fmap).mean(dim=(2, 3)))
 
     def project(self, fmap: Tensor) -> Tensor:
-        return torch.einsum("pc,bchw->bphw", self.mlp[0].weight, fmap.float())
+        return torch.einsum("pc,bchw->bphw", self.mlp[0].weight, self.working(fmap))
 
     def signature(self, fmap: Tensor) -> tuple[Tensor]:
         return (self.embed_fmap(fmap),)
 
     def signature_from_projections(self, projections: Tensor) -> tuple[Tensor]:
-        hidden = torch.relu(projections.float().mean(dim=(2, 3)) + self.mlp[0].bias)
+        hidden = torch.relu(self.working(projections).mean(dim=(2, 3)) + self.mlp[0].bias)
         return (self.mlp[2](hidden),)
 
     @staticmethod

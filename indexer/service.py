@@ -34,7 +34,7 @@ class Catalogue:
 
     def __init__(self, data_dir: str | os.PathLike, *, database_url: str | None = None, model=None,
                  model_path: str | os.PathLike | None = None, threads: int = 0, batch_size: int = 32,
-                 index_factory: str | None = None, db: Database | None = None,
+                 backbone_batch: int | None = None, index_factory: str | None = None, db: Database | None = None,
                  log: Callable[[str], None] | None = _stderr) -> None:
         self.data_dir = Path(data_dir)
         self.database_url = database_url or f"sqlite:///{(self.data_dir / 'whymatch.db').as_posix()}"
@@ -42,6 +42,7 @@ class Catalogue:
         self.index_dir = self.data_dir / "index"
         self.store = fx.IndexStore(self.index_dir)
         self.batch_size = batch_size
+        self.backbone_batch = backbone_batch
         self.index_factory = index_factory
         self.log = log
         self._model = model
@@ -55,7 +56,8 @@ class Catalogue:
     @classmethod
     def from_settings(cls, settings: Settings, *, model=None, **overrides) -> Catalogue:
         kwargs = dict(database_url=settings.database_url, model_path=settings.model_path, threads=settings.threads,
-                      batch_size=settings.batch_size, index_factory=settings.index_factory)
+                      batch_size=settings.batch_size, backbone_batch=settings.backbone_batch,
+                      index_factory=settings.index_factory)
         kwargs.update(overrides)
         return cls(settings.data_dir, model=model, **kwargs)
 
@@ -73,7 +75,8 @@ class Catalogue:
         if self._model is None:
             from engine import load_model
 
-            self._model = load_model(self._model_path, threads=self._threads, batch_size=self.batch_size)
+            batch = {"batch_size": self.backbone_batch} if self.backbone_batch else {}
+            self._model = load_model(self._model_path, threads=self._threads, **batch)
         if self._threads > 0:
             import torch
 

@@ -131,9 +131,11 @@ def test_fills():
 
 
 def test_effects_keys_values_and_one_backbone_pass(model, photos, monkeypatch):
+    """The masked variants share backbone passes: all four in one when the batch holds four."""
     explanation = model.explain(photos["cat"], [photos["coffee"]])[0]
     assert explanation.effects is None and "effects" not in explanation.to_dict()
     fmaps = model.feature_maps([photos["cat"], photos["coffee"]])
+    monkeypatch.setattr(model, "batch_size", 4)
     calls = count_backbone_passes(model, monkeypatch)
     model.add_effects(photos["cat"], [photos["coffee"]], [explanation], fmap_a=fmaps[:1], fmaps_b=fmaps[1:])
     assert calls == [4 - len(explanation.empty_maps)]

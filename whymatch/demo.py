@@ -95,7 +95,7 @@ def demo_command(ctx: click.Context, catalogue: Path | None, out_dir: Path, pair
     from engine.inference import load_model
 
     settings = ctx.obj
-    model = load_model(settings.model_path, threads=settings.threads, batch_size=settings.batch_size)
+    model = load_model(settings.model_path, threads=settings.threads, batch_size=settings.backbone_batch)
     root = demo_catalogue(settings.data_dir, catalogue).resolve()
     paths = list_images(root)
     if len(paths) < 2:
