@@ -36,7 +36,7 @@ from engine.faithfulness import (
     FILLS,
     evaluate_explanations,
 )
-from engine.inference import SimilarityModel, load_model
+from engine.inference import BACKBONE_BATCH, SimilarityModel, load_model
 
 HOLDOUT, SEED = 0.3, 0
 DELETION_TARGET, INSERTION_TARGET = 0.5, 1.5
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="points of each deletion/insertion curve after the first")
     parser.add_argument("--fill", choices=FILLS, default="blur")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=4, help="masked images per backbone pass")
+    parser.add_argument("--batch-size", type=int, default=BACKBONE_BATCH, help="masked images per backbone pass (the engine's default: fastest on CPU)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of the effects timing (median)")
     parser.add_argument("--record", action="store_true", help="record docs/benchmarks.md even for a smoke run")
     add_model_option(parser)

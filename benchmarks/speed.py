@@ -18,12 +18,13 @@ import torch.nn.functional as F
 
 from common import add_model_option, command_line, load_bench_model, markdown_table, median_time, record, shared_data
 from engine.data import load_labelled_images
-from engine.inference import SimilarityModel
+from engine.inference import BACKBONE_BATCH, SimilarityModel
 from engine.metrics import retrieval_metrics
 
 THREADS = 2
 TARGET_THROUGHPUT_RATIO, TARGET_EXPLAIN_RATIO = 0.85, 3.0
 MATCHES = 10
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 
 def set_bf16(model: SimilarityModel, on: bool) -> None:
@@ -88,6 +89,20 @@ def bf16_against_fp32(model: SimilarityModel, pixels: list[torch.Tensor], groups
             f"bf16 speed-up: ×{seconds[False] / seconds[True]:.2f}. Max |cosine difference| between the bf16 and fp32 "
             f"similarities of the same image pairs: {pair_change:.4f}; lowest cosine between an image's bf16 and fp32 "
             f"embeddings: {self_cosine:.5f}.")
+
+
+def batch_sizes(model: SimilarityModel, paths: list, repeats: int) -> str:
+    """Backbone time per image by batch size, on the same pre-built tensors (why ``BACKBONE_BATCH``)."""
+    pixels = model.pixels(paths)
+    rows = []
+    for size in BATCH_SIZES:
+        batches = list(pixels.split(size))
+        seconds = median_time(lambda: [model.fmaps_from_pixels(batch) for batch in batches], repeats)
+        rows.append([str(size), f"{seconds / len(pixels) * 1000:.1f}", f"{len(pixels) / seconds:.1f}"])
+    best = min(rows, key=lambda row: float(row[1]))[0]
+    return (f"### Backbone batch size ({len(pixels)} images, {precision_name(model.config.bf16)}, BatchNorms folded)\n\n"
+            f"{markdown_table(['images per pass', 'ms per image', 'images/s'], rows)}\n\n"
+            f"Fastest: {best} per pass; the engine uses {BACKBONE_BATCH} (`engine.inference.BACKBONE_BATCH`).")
 
 
 def explanation(model: SimilarityModel, paths: list, repeats: int) -> str:
@@ -159,6 +174,7 @@ def main() -> None:
     tables = "\n\n".join([
         throughput(model, paths, pixels, args.repeats),
         bf16_against_fp32(model, pixels, groups, args.repeats),
+        batch_sizes(model, paths[:64], args.repeats),
         explanation(model, paths, args.repeats),
     ])
     notes = (f"Model: {args.model or 'shipped engine/models/default'} ({model.config.preset} preset, {model.config.input_size} px). "
