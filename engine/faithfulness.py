@@ -288,7 +288,7 @@ def effects_from_tensors(
     feature map, and store the result in ``explanation.effects`` (also returned).
 
     Image a (1×3×H×W) is shared by the k explanations, images b are k×3×H×W; the 4k masked variants
-    go through the backbone ``model.batch_size`` at a time (one pass for a single pair). An empty map
+    go through the backbone ``model.batch_size`` at a time. An empty map
     has no region to mask: its entry is None.
     """
     if fill not in FILLS:

@@ -217,7 +217,7 @@ class SimilarityModel:
         """Quantify explanations already made (e.g. by search): for each of the four maps, the
         similarity once its top ``area`` of its image is filled (``fill``: blur or mean), stored in
         ``explanation.effects``. Feature maps the caller holds are reused; the masked variants share
-        batched backbone passes (one for a single pair)."""
+        batched backbone passes (``batch_size`` images each)."""
         if len(images_b) != len(explanations):
             raise ValueError(f"add_effects needs one explanation per image b ({len(explanations)} != {len(images_b)})")
         pixels = self.pixels([image_a, *images_b])

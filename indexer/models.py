@@ -71,8 +71,9 @@ class Item(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
-    # The head's description of the image (packed by the engine, ~50 KB): candidates are re-scored
-    # from it without decoding the file or running the backbone. Deferred: loaded only when asked for.
+    # The head's description of the image (packed by the engine, ~150 KB): candidates are re-scored
+    # and explained from it without decoding the file or running the backbone. Deferred: loaded only
+    # when asked for.
     descriptors: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
     model_key: Mapped[str | None] = mapped_column(String(64))
     # Catalogue version of the transaction that wrote the embedding: an index generation built at

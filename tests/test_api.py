@@ -210,6 +210,13 @@ def test_search_explains_with_maps_and_overlay_pngs(client):
     assert client.get(f"/api/explanations/{key}").json()["explanation_key"] == key
 
 
+def test_search_names_concepts_and_measures_effects_only_when_asked(client):
+    plain = search(client, query_bytes(2), k=1, explain="true").json()["matches"][0]["explanation"]
+    assert isinstance(plain["correspondences"], list) and plain.get("concepts") is None and plain.get("effects") is None
+    named = search(client, query_bytes(2), k=1, concepts="true").json()["matches"][0]["explanation"]
+    assert isinstance(named["concepts"], list) and named.get("effects") is None
+
+
 def test_unknown_explanations_are_404_and_bad_names_422(client):
     assert client.get(f"/api/explanations/{'0' * 32}/factual_a.png").status_code == 404
     assert client.get(f"/api/explanations/{'0' * 32}").status_code == 404
