@@ -86,17 +86,20 @@ def faithfulness_rows(name: str, metrics: dict) -> tuple[list[list[object]], lis
     for label, suffix in (("match", "_match"), ("no match", "_no_match"), ("all", "")):
         n = metrics[f"n_pairs{suffix}"]
         if not n:
-            rows.append([name, label, 0, *[None] * 10])
+            rows.append([name, label, 0, *[None] * 14])
             continue
-        m = {k: metrics[f"{k}{suffix}"] for k in ("deletion_auc", "deletion_auc_random", "deletion_auc_centre", "insertion_auc",
-                                                   "insertion_auc_random", "insertion_auc_centre", "effect_factual", "effect_counterfactual")}
+        m = {k: metrics[f"{k}{suffix}"] for k in (
+            "deletion_auc", "deletion_auc_random", "deletion_auc_centre", "deletion_auc_occlusion", "insertion_auc",
+            "insertion_auc_random", "insertion_auc_centre", "insertion_auc_occlusion", "effect_factual", "effect_counterfactual")}
         deletion, insertion = ratio(m["deletion_auc"], m["deletion_auc_random"]), ratio(m["insertion_auc"], m["insertion_auc_random"])
-        rows.append([name, label, n, m["deletion_auc"], m["deletion_auc_random"], m["deletion_auc_centre"], deletion,
-                     m["insertion_auc"], m["insertion_auc_random"], m["insertion_auc_centre"], insertion,
-                     m["effect_factual"], m["effect_counterfactual"]])
+        occluded = (ratio(m["deletion_auc_occlusion"], m["deletion_auc_random"]), ratio(m["insertion_auc_occlusion"], m["insertion_auc_random"]))
+        rows.append([name, label, n, m["deletion_auc"], m["deletion_auc_random"], m["deletion_auc_centre"], m["deletion_auc_occlusion"],
+                     deletion, occluded[0], m["insertion_auc"], m["insertion_auc_random"], m["insertion_auc_centre"],
+                     m["insertion_auc_occlusion"], insertion, occluded[1], m["effect_factual"], m["effect_counterfactual"]])
         if suffix:
-            verdicts.append(f"{name}, {label} ({n} pairs): deletion ×{deletion:.2f} of random — {status(deletion <= DELETION_TARGET)}; "
-                            f"insertion ×{insertion:.2f} of random — {status(insertion >= INSERTION_TARGET)}.")
+            verdicts.append(f"{name}, {label} ({n} pairs): deletion ×{deletion:.2f} of random — {status(deletion <= DELETION_TARGET)} "
+                            f"(occlusion ordering ×{occluded[0]:.2f}); insertion ×{insertion:.2f} of random — "
+                            f"{status(insertion >= INSERTION_TARGET)} (occlusion ×{occluded[1]:.2f}).")
     return rows, verdicts
 
 
@@ -142,15 +145,17 @@ def main() -> None:
         model.batch_size = args.batch_size
         log(f"{name}: {args.pairs} pairs of {len(held)} held-apart images, {args.steps} steps, fill {args.fill}")
         start = time.perf_counter()
-        metrics = evaluate_explanations(model, held, max_pairs=args.pairs, steps=args.steps, fill=args.fill, seed=SEED, progress=True)
+        metrics = evaluate_explanations(model, held, max_pairs=args.pairs, steps=args.steps, fill=args.fill, seed=SEED, progress=True,
+                                        occlusion=True)
         seconds = time.perf_counter() - start
         part, verdict = faithfulness_rows(name, metrics)
         rows += part
         verdicts += verdict
         sources.append(f"**{name}**: {len(held)} held-apart images; {source}; {seconds:.0f} s for {metrics['n_pairs']} pairs.")
         sanity.append(f"{name} {metrics['randomised_head_spearman']:.2f}")
-    table = markdown_table(["data set", "decision", "pairs", "deletion AUC", "random", "centre", "÷ random (≤ 0.5)",
-                            "insertion AUC", "random", "centre", "÷ random (≥ 1.5)", "effect factual", "effect counterfactual"], rows)
+    table = markdown_table(["data set", "decision", "pairs", "deletion AUC", "random", "centre", "occlusion", "÷ random (≤ 0.5)",
+                            "occlusion ÷ random", "insertion AUC", "random", "centre", "occlusion", "÷ random (≥ 1.5)",
+                            "occlusion ÷ random", "effect factual", "effect counterfactual"], rows)
     sections = ["\n".join(sources), table, "Targets: " + " ".join(verdicts)]
     if "airbnb" in names:
         sections.append(effect_timing(default, held_sets["airbnb"], args.repeats))
@@ -161,7 +166,10 @@ image (insertion) in {args.steps} equal steps, most important first by the map u
 other image untouched; the curve is the score of the decision made — the similarity for a pair decided
 match, 1 − similarity for no match (the factual map explains that score) — and its area is over x in
 [0, 1]. A faithful map has a small deletion area and a large insertion area. Baselines: a random map at
-feature resolution (14×14 at 448 px, 7×7 at 224 px) and a centre-first map, upsampled the same way. Areas are averaged over both
+feature resolution (14×14 at 448 px, 7×7 at 224 px) and a centre-first map, upsampled the same way. Reference: the
+occlusion ordering, each feature cell's pixel block filled on its own and the pair re-scored (its measured drop of the
+decision score is the cell's importance; h·w backbone passes per image), upsampled the same way. It is what the model
+itself says about single cells, so it shows how far any cell ordering gets on this model. Areas are averaged over both
 images of a pair, then over pairs; "÷ random" is the ratio of those means. Pairs: `--pairs` sampled from
 all held-apart pairs, half of them similar (same group / class), grouped by the model's decision.
 "effect factual / counterfactual": mean change of the decision score when the top {DEFAULT_AREA:.0%} of an

@@ -11,7 +11,10 @@ re-scores the pair with the full head, the other image left untouched:
   for a non-match: the factual map explains that score), its area is taken over x in [0, 1]. A
   faithful map gives a small deletion area and a large insertion area. The same curves for a random
   map and for a centre-first map (image centre most important) are the baselines; every ordering is an
-  h×w map upsampled the same way, so none of them is favoured by its shape.
+  h×w map upsampled the same way, so none of them is favoured by its shape. On request, an
+  *occlusion* ordering is measured too: each feature cell's block of pixels filled on its own and the
+  pair re-scored (h·w backbone passes per image). It is read off the model rather than explained, so
+  it shows how low a deletion area any ordering of cells can reasonably reach on this model.
 * **Effects**: each of the four maps of an explanation, its top ``area`` fraction of the image's
   pixels (20% by default) filled, re-scored: "masking the factual region of image b lowers the
   similarity from 0.91 to 0.37". All masked variants of k explanations share batched backbone passes.
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 
 FILLS = ("blur", "mean")
 ORDERINGS = ("factual", "random", "centre")
+OCCLUSION = "occlusion"
 DEFAULT_FILL = "blur"
 DEFAULT_AREA = 0.2
 DEFAULT_STEPS = 16
@@ -178,7 +182,8 @@ class Curve:
 
 @dataclass
 class PairCurves:
-    """Curves of one pair: ``curves[side][ordering]`` for side ``a``/``b`` and ordering in ``ORDERINGS``."""
+    """Curves of one pair: ``curves[side][ordering]`` for side ``a``/``b`` and ordering in ``ORDERINGS``
+    (and ``OCCLUSION`` when measured)."""
 
     similarity: float
     is_match: bool
@@ -187,7 +192,7 @@ class PairCurves:
     def aucs(self) -> dict[str, float]:
         """Areas averaged over both images: ``deletion_auc``, ``insertion_auc_random``, ..."""
         result = {}
-        for ordering in ORDERINGS:
+        for ordering in next(iter(self.curves.values())):
             suffix = "" if ordering == "factual" else f"_{ordering}"
             for kind in ("deletion", "insertion"):
                 values = [getattr(side[ordering], f"{kind}_auc") for side in self.curves.values()]
@@ -210,21 +215,26 @@ def curves_from_tensors(
     steps: int = DEFAULT_STEPS,
     fill: str = DEFAULT_FILL,
     rng: np.random.Generator | None = None,
+    occlusion: bool = False,
 ) -> PairCurves:
     """Deletion/insertion curves of a pair (pixels and feature maps of a and b, stacked 2×...), for
-    both images, for the factual map and the baselines; 2·(3·2·(steps − 1) + 1) masked images in
-    batched backbone passes (the fully filled image is shared by all orderings)."""
+    both images, for the factual map and the baselines (and the occlusion ordering if asked);
+    2·(3·2·(steps − 1) + 1) masked images in batched backbone passes (the fully filled image is shared
+    by all orderings), plus 2·(2·(steps − 1) + h·w) for the occlusion ordering."""
     if steps < 2:
         raise ValueError(f"steps must be at least 2, got {steps}")
     rng = rng if rng is not None else np.random.default_rng(0)
     size = tuple(pixels.shape[-2:])
     cells = tuple(fmaps.shape[-2:])
     filled = fill_pixels(pixels, fill)
+    measured = occlusion_maps(model, pixels, filled, fmaps, explanation) if occlusion else {}
     counts = [round(t / steps * size[0] * size[1]) for t in range(1, steps)]
     variants = Variants(pixels, filled, [], [], [], [])
     layout: dict[str, dict[str, slice]] = {}
     for side, own in (("a", 0), ("b", 1)):
         orderings = {"factual": getattr(explanation, f"factual_{side}"), "random": random_map(cells, rng), "centre": centre_map(cells)}
+        if occlusion:
+            orderings[OCCLUSION] = measured[side]
         tie_break = random_map(cells, rng)
         masks = [torch.zeros(size, dtype=torch.bool)]
         layout[side] = {}
@@ -248,6 +258,29 @@ def curves_from_tensors(
             deletion, insertion = part[: len(counts)], part[len(counts) :]
             curves[side][name] = Curve(np.array([original, *deletion, empty]), np.array([empty, *insertion, original]))
     return PairCurves(explanation.similarity, explanation.is_match, curves)
+
+
+def occlusion_maps(model: SimilarityModel, pixels: Tensor, filled: Tensor, fmaps: Tensor,
+                   explanation: PairExplanation) -> dict[str, np.ndarray]:
+    """Per image, each feature cell's measured importance for the decision made: how much the
+    decision score falls when that cell's block of pixels alone is filled (negative: it rises)."""
+    size, (h, w) = tuple(pixels.shape[-2:]), tuple(fmaps.shape[-2:])
+    rows = [round(i * size[0] / h) for i in range(h + 1)]
+    cols = [round(j * size[1] / w) for j in range(w + 1)]
+    variants = Variants(pixels, filled, [], [], [], [])
+    for own in (0, 1):
+        for i in range(h):
+            for j in range(w):
+                keep = torch.ones(size, dtype=torch.bool)
+                keep[rows[i] : rows[i + 1], cols[j] : cols[j + 1]] = False
+                variants.source.append(own)
+                variants.keep.append(keep)
+                variants.partners.append(fmaps[1 - own])
+                variants.masked_is_a.append(own == 0)
+    scores = decision_score(score_variants(model, variants), explanation.is_match)
+    original = float(decision_score(explanation.similarity, explanation.is_match))
+    drops = (original - scores).astype(np.float32).reshape(2, h, w)
+    return {"a": drops[0], "b": drops[1]}
 
 
 def pair_curves(
@@ -378,11 +411,13 @@ def evaluate_explanations(
     seed: int = 0,
     progress: bool = False,
     on_pair: Callable[[PairCurves], None] | None = None,
+    occlusion: bool = False,
 ) -> dict[str, float | None]:
     """Mean deletion/insertion areas of the factual maps and of the baselines over sampled pairs of
     ``data``, overall and per decision (keys suffixed ``_match`` / ``_no_match``), the mean effects
     (``decision_changes``) and the mean rank correlation between the trained and the randomised
-    head's maps (``randomised_head_spearman``, see ``engine.sanity``)."""
+    head's maps (``randomised_head_spearman``, see ``engine.sanity``). ``occlusion`` adds the occlusion
+    ordering's areas (``deletion_auc_occlusion``, ...; h·w more backbone passes per image)."""
     from engine.sanity import map_rank_correlations, randomised_copy
 
     pairs = sample_pairs(data.groups, max_pairs, seed)
@@ -394,7 +429,7 @@ def evaluate_explanations(
         pixels = model.pixels([data.paths[a], data.paths[b]])
         fmaps = model.fmaps_from_pixels(pixels)
         explanation = model.explain_feature_maps(fmaps[:1], fmaps[1:], method)[0]
-        result = curves_from_tensors(model, pixels, fmaps, explanation, steps=steps, fill=fill, rng=rng)
+        result = curves_from_tensors(model, pixels, fmaps, explanation, steps=steps, fill=fill, rng=rng, occlusion=occlusion)
         effects = effects_from_tensors(model, pixels[:1], fmaps[:1], pixels[1:], fmaps[1:], [explanation], fill=fill)[0]
         rows.append((result.is_match, {**result.aucs(), **decision_changes(explanation, effects)}))
         correlations.append(map_rank_correlations(model.net, randomised.net, fmaps[:1], fmaps[1:], method)["mean"])

@@ -61,6 +61,26 @@ def test_curves_start_and_end_at_the_original_and_the_filled_score(model, photos
     assert all(0.0 <= v <= 1.0 for v in aucs.values())
 
 
+def test_occlusion_ordering_measures_each_cell_by_masking_it_alone(model, photos):
+    pixels = model.pixels([photos["cat"], photos["coffee"]])
+    fmaps = model.fmaps_from_pixels(pixels)
+    explanation = model.explain_feature_maps(fmaps[:1], fmaps[1:])[0]
+    filled = fa.fill_pixels(pixels, "blur")
+    maps = fa.occlusion_maps(model, pixels, filled, fmaps, explanation)
+    h, w = fmaps.shape[-2:]
+    assert maps["a"].shape == maps["b"].shape == (h, w)
+    i, j = np.unravel_index(np.abs(maps["b"]).argmax(), (h, w))
+    rows, cols = pixels.shape[-2] // h, pixels.shape[-1] // w
+    masked = pixels[1:].clone()
+    masked[..., i * rows : (i + 1) * rows, j * cols : (j + 1) * cols] = filled[1:, :, i * rows : (i + 1) * rows, j * cols : (j + 1) * cols]
+    by_hand = model.score_fmaps(fmaps[:1], model.fmaps_from_pixels(masked))[0]
+    drop = decision(explanation.similarity, explanation.is_match) - decision(float(by_hand), explanation.is_match)
+    assert maps["b"][i, j] == pytest.approx(drop, abs=1e-5)
+    result = fa.curves_from_tensors(model, pixels, fmaps, explanation, steps=3, occlusion=True)
+    assert set(result.curves["a"]) == {*fa.ORDERINGS, fa.OCCLUSION}
+    assert {"deletion_auc_occlusion", "insertion_auc_occlusion"} <= set(result.aucs())
+
+
 def test_unmasked_variant_scores_the_original_pair(model, photos):
     pixels = model.pixels([photos["cat"], photos["coffee"]])
     fmaps = model.fmaps_from_pixels(pixels)
