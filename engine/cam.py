@@ -55,9 +55,7 @@ class BasePairCAM:
         raise NotImplementedError
 
     def cam(self, activations: Tensor, gradients: Tensor) -> Tensor:
-        # Summed in float64: a map is a small difference of many channel terms of both signs.
-        weights = self.channel_weights(activations.double(), gradients.double())
-        return torch.relu((weights * activations.double()).sum(dim=1)).float()
+        return torch.relu((self.channel_weights(activations, gradients) * activations).sum(dim=1))
 
     def __call__(self, acts_a: Tensor, acts_b: Tensor, targets: Sequence[Target]) -> PairCams:
         acts_a = acts_a.detach().float().clone().requires_grad_(True)

@@ -50,7 +50,7 @@ class SiameseNet(nn.Module):
         raise NotImplementedError
 
     def project(self, fmap: Tensor) -> Tensor:
-        """B×P×h×w bias-free per-cell projections of the feature maps (float32)."""
+        """B×P×h×w bias-free per-cell projections of the feature maps (in the head's precision)."""
         raise NotImplementedError
 
     def signature(self, fmap: Tensor) -> tuple[Tensor, ...]:
