@@ -29,6 +29,7 @@ from common import (
     shared_data,
 )
 
+from engine.config import BACKBONE_BATCH
 from engine.data import LabelledImages, load_labelled_images, split
 from engine.faithfulness import (
     DEFAULT_AREA,
@@ -36,7 +37,7 @@ from engine.faithfulness import (
     FILLS,
     evaluate_explanations,
 )
-from engine.inference import BACKBONE_BATCH, SimilarityModel, load_model
+from engine.inference import SimilarityModel, load_model
 
 HOLDOUT, SEED = 0.3, 0
 DELETION_TARGET, INSERTION_TARGET = 0.5, 1.5

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from common import add_model_option, command_line, load_bench_model, markdown_table, median_time, record, shared_data
+from engine.config import BACKBONE_BATCH
 from engine.data import load_labelled_images
-from engine.inference import BACKBONE_BATCH, SimilarityModel
+from engine.inference import SimilarityModel
 from engine.metrics import retrieval_metrics
 
 THREADS = 2
@@ -102,7 +103,7 @@ def batch_sizes(model: SimilarityModel, paths: list, repeats: int) -> str:
     best = min(rows, key=lambda row: float(row[1]))[0]
     return (f"### Backbone batch size ({len(pixels)} images, {precision_name(model.config.bf16)}, BatchNorms folded)\n\n"
             f"{markdown_table(['images per pass', 'ms per image', 'images/s'], rows)}\n\n"
-            f"Fastest: {best} per pass; the engine uses {BACKBONE_BATCH} (`engine.inference.BACKBONE_BATCH`).")
+            f"Fastest: {best} per pass; the engine uses {BACKBONE_BATCH} (`engine.config.BACKBONE_BATCH`).")
 
 
 def explanation(model: SimilarityModel, paths: list, repeats: int) -> str:

@@ -10,6 +10,11 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# Images per backbone pass. On a 2-core CPU a MobileNetV2 at 448 px runs fastest per image in batches of
+# 1–2 and about 1.7× slower per image in batches of 32 (the activations no longer fit in cache):
+# benchmarks/speed.py measures it.
+BACKBONE_BATCH = 2
+
 Preset = Literal["whymatch", "paper"]
 
 
@@ -63,8 +68,8 @@ class Settings(BaseSettings):
     threads: int = 0
     # Images per indexing transaction and pairs per scoring batch.
     batch_size: int = 32
-    # Images per backbone pass: on CPU at 448 px small batches are fastest (cache-bound; benchmarks/speed.py).
-    backbone_batch: int = Field(2, gt=0)
+    # Images per backbone pass (see BACKBONE_BATCH).
+    backbone_batch: int = Field(BACKBONE_BATCH, gt=0)
     data_dir: Path = Path("data")
     # The catalogue database: SQLite in ``data_dir`` unless this names another (e.g. PostgreSQL:
     # ``postgresql+psycopg://user:password@host:5432/whymatch``).

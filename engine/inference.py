@@ -18,7 +18,7 @@ from torch import Tensor
 
 from engine.backbones import backbone_spec, create_backbone
 from engine.concepts import attach_concepts
-from engine.config import ModelConfig
+from engine.config import BACKBONE_BATCH, ModelConfig
 from engine.correspondences import attach_correspondences
 from engine.explain import PairExplanation, explain_projections
 from engine.faithfulness import DEFAULT_AREA, DEFAULT_FILL, effects_from_tensors
@@ -28,13 +28,6 @@ from engine.model import SiameseNet, build_net
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-# Names the layout of packed descriptions; stores keyed by a model fingerprint include it, so
-# descriptions of an older layout are recomputed, never misread.
-DESCRIPTION_FORMAT = "projections-1"
-# Images per backbone pass. On a 2-core CPU a MobileNetV2 at 448 px runs fastest per image in batches of
-# 1–2 and about 1.7× slower per image in batches of 32 (the activations no longer fit in cache):
-# benchmarks/speed.py measures it.
-BACKBONE_BATCH = 2
 
 
 class SimilarityModel:
@@ -50,6 +43,9 @@ class SimilarityModel:
             self.net.backbone.to(memory_format=torch.channels_last)
 
     cam_layer = "backbone.cam"
+    # Names the layout of packed descriptions; stores keyed by a model fingerprint include it, so
+    # descriptions of an older layout are recomputed, never misread.
+    description_format = "projections-1"
 
     @property
     def threshold(self) -> float:
@@ -120,7 +116,14 @@ class SimilarityModel:
             raise ValueError(f"score_described needs as many descriptions in a as in b ({len(packed_a)} != {len(packed_b)})")
         if not len(packed_a):
             return np.zeros(0, np.float32)
-        score = self.net.score_descriptions(unpack_descriptions(packed_a), unpack_descriptions(packed_b))
+        # Each distinct image is unpacked and turned into its signature once (a query meets many
+        # candidates, a dedup item many neighbours), then pairs index into those.
+        distinct: dict[bytes, int] = {}
+        rows_a = [distinct.setdefault(bytes(blob), len(distinct)) for blob in packed_a]
+        rows_b = [distinct.setdefault(bytes(blob), len(distinct)) for blob in packed_b]
+        (projections,) = unpack_descriptions(list(distinct))
+        signature = self.net.signature_from_projections(projections)
+        score = self.net.score_signatures(tuple(part[rows_a] for part in signature), tuple(part[rows_b] for part in signature))
         return score.numpy().astype(np.float32)
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
@@ -231,7 +234,7 @@ def pack_description(parts: tuple[Tensor, ...]) -> bytes:
 
 
 def unpack_descriptions(blobs: Sequence[bytes]) -> tuple[Tensor, ...]:
-    """Packed descriptions of n images → the batch-first float32 tensors ``SiameseNet.score_descriptions`` takes."""
+    """Packed descriptions of n images → their batch-first float32 tensors (``SiameseNet.describe``'s layout)."""
     loaded = [load(bytes(blob)) for blob in blobs]
     return tuple(torch.stack([parts[str(n)] for parts in loaded]).float() for n in range(len(loaded[0])))
 

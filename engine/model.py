@@ -44,7 +44,8 @@ class SiameseNet(nn.Module):
 
     @property
     def head_dtype(self) -> torch.dtype:
-        return next(p for name, p in self.named_parameters() if not name.startswith("backbone.")).dtype
+        """The precision of the trained layers (those after the backbone)."""
+        return next(p for name, child in self.named_children() if name != "backbone" for p in child.parameters()).dtype
 
     def embed_fmap(self, fmap: Tensor) -> Tensor:
         raise NotImplementedError
@@ -77,9 +78,6 @@ class SiameseNet(nn.Module):
 
     def evidence_projections(self, proj_a: Tensor, proj_b: Tensor) -> Tensor:
         return self.signature_logit(self.signature_from_projections(proj_a), self.signature_from_projections(proj_b))
-
-    def score_descriptions(self, desc_a: tuple[Tensor, ...], desc_b: tuple[Tensor, ...]) -> Tensor:
-        return self.score_from_evidence(self.evidence_projections(desc_a[0], desc_b[0]))
 
     def score_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
         return self.score_signatures(self.signature(fmap_a), self.signature(fmap_b))

@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 from engine.errors import ImageLoadError
 from engine.images import DEFAULT_MAX_PIXELS, load_image
-from engine.inference import DESCRIPTION_FORMAT
 from indexer import crud
 from indexer import faiss_index as fx
 from indexer.catalogue import Diff, Skipped, Work, diff, image_size, scan
@@ -93,7 +92,7 @@ class IndexReport:
 def model_fingerprint(model) -> str:
     """sha256 of the model's config, weights and description layout: embeddings and stored
     descriptions by another model are never mixed in."""
-    digest = hashlib.sha256(DESCRIPTION_FORMAT.encode())
+    digest = hashlib.sha256(model.description_format.encode())
     config = {k: v for k, v in asdict(model.config).items() if k != "provenance"}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.net.state_dict().items()):

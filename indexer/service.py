@@ -17,7 +17,7 @@ from pathlib import Path
 
 import faiss
 
-from engine.config import Settings
+from engine.config import BACKBONE_BATCH, Settings
 from indexer import faiss_index as fx
 from indexer.db import Database, get_database
 from indexer.dedup import DedupOptions, DedupReport, find_duplicates
@@ -34,7 +34,7 @@ class Catalogue:
 
     def __init__(self, data_dir: str | os.PathLike, *, database_url: str | None = None, model=None,
                  model_path: str | os.PathLike | None = None, threads: int = 0, batch_size: int = 32,
-                 backbone_batch: int | None = None, index_factory: str | None = None, db: Database | None = None,
+                 backbone_batch: int = BACKBONE_BATCH, index_factory: str | None = None, db: Database | None = None,
                  log: Callable[[str], None] | None = _stderr) -> None:
         self.data_dir = Path(data_dir)
         self.database_url = database_url or f"sqlite:///{(self.data_dir / 'whymatch.db').as_posix()}"
@@ -75,8 +75,7 @@ class Catalogue:
         if self._model is None:
             from engine import load_model
 
-            batch = {"batch_size": self.backbone_batch} if self.backbone_batch else {}
-            self._model = load_model(self._model_path, threads=self._threads, **batch)
+            self._model = load_model(self._model_path, threads=self._threads, batch_size=self.backbone_batch)
         if self._threads > 0:
             import torch
 
