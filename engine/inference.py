@@ -22,7 +22,7 @@ from engine.config import BACKBONE_BATCH, ModelConfig
 from engine.correspondences import attach_correspondences
 from engine.explain import PairExplanation, explain_projections
 from engine.faithfulness import DEFAULT_AREA, DEFAULT_FILL, effects_from_tensors
-from engine.images import ImageSource, image_size, load_image, to_tensor
+from engine.images import ImageSource, image_size, load_image, load_pixels, to_tensor
 from engine.model import SiameseNet, build_net
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
@@ -60,7 +60,9 @@ class SimilarityModel:
         return [load_image(img, target_size=self.config.input_size) for img in images]
 
     def pixels(self, images: Sequence[ImageSource]) -> Tensor:
-        return to_tensor(self.load(images), self.config.input_size, self.mean, self.std)
+        """The normalised input batch of images (decoded straight to arrays, as ``load_pixels``)."""
+        size = self.config.input_size
+        return to_tensor([load_pixels(img, target_size=size) for img in images], size, self.mean, self.std)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.config.bf16:

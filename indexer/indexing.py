@@ -31,7 +31,7 @@ from sqlalchemy import update
 from tqdm import tqdm
 
 from engine.errors import ImageLoadError
-from engine.images import DEFAULT_MAX_PIXELS, load_image
+from engine.images import DEFAULT_MAX_PIXELS, load_pixels
 from indexer import crud
 from indexer import faiss_index as fx
 from indexer.catalogue import Diff, Skipped, Work, diff, image_size, scan
@@ -150,7 +150,7 @@ def _prepare(work: Work, known: dict[str, int], input_size: int, max_pixels: int
     if sha in known:
         return _Prepared(work, "copy", **facts)
     try:
-        image = load_image(data, target_size=input_size, max_pixels=max_pixels)
+        image = load_pixels(data, target_size=input_size, max_pixels=max_pixels)
         width, height = image_size(data)
     except ImageLoadError as exc:
         return _Prepared(work, "broken", reason=str(exc), **facts)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from engine.errors import ImageLoadError
-from engine.images import DEFAULT_MAX_PIXELS, image_sha256, load_image, to_tensor
+from engine.images import DEFAULT_MAX_PIXELS, image_sha256, load_image, load_pixels, to_tensor
 
 
 def _save(img: Image.Image, path: Path, **kwargs) -> Path:
@@ -261,3 +261,79 @@ def test_trns_colour_key_becomes_white() -> None:
         buf = io.BytesIO()
         Image.new(mode, (4, 4), colour).save(buf, "PNG", transparency=colour)
         assert load_image(buf.getvalue()).getpixel((0, 0)) == (255, 255, 255)
+
+
+# ---------------------------------------------------------------- load_pixels: the model's fast path
+
+
+def _textured(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    """A photo-like image (smooth gradients plus noise) so JPEG decoders have real work to do."""
+    rng = np.random.default_rng(width * 7 + height)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), (x + y) % 256], axis=2)
+    pixels = np.clip(base + rng.integers(-30, 30, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+@pytest.mark.parametrize(
+    ("size", "mode", "target", "subsampling", "progressive"),
+    [
+        ((640, 427), "RGB", 448, 2, False),
+        ((2000, 1500), "RGB", 224, 2, False),  # DCT-scaled by 4
+        ((1000, 900), "RGB", 448, 1, True),  # scaled by 2, progressive, 4:2:2
+        ((333, 501), "RGB", 224, 0, False),  # 4:4:4, odd sides
+        ((800, 600), "L", 300, 0, False),  # greyscale
+    ],
+)
+def test_load_pixels_matches_load_image(tmp_path: Path, size, mode, target, subsampling, progressive) -> None:
+    path = _save(_textured(*size, mode), tmp_path / "photo.jpg", quality=90, subsampling=subsampling,
+                 progressive=progressive)
+    for hint in (target, None):
+        expected = np.asarray(load_image(path, target_size=hint))
+        pixels = load_pixels(path, target_size=hint)
+        assert pixels.dtype == np.uint8 and pixels.shape == expected.shape
+        assert np.array_equal(pixels, expected)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_load_pixels_exif_orientations_match_load_image(tmp_path: Path, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(_textured(48, 32), tmp_path / "o.jpg", exif=exif, quality=95)
+    assert np.array_equal(load_pixels(path), np.asarray(load_image(path)))
+
+
+def test_load_pixels_other_formats_and_inputs(tmp_path: Path) -> None:
+    cmyk = _save(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), tmp_path / "cmyk.jpg")
+    png = _save(_textured(20, 10).convert("RGBA"), tmp_path / "a.png")
+    for source in (cmyk, png, png.read_bytes(), Image.open(png), np.zeros((4, 5), np.uint8)):
+        assert np.array_equal(load_pixels(source), np.asarray(load_image(source)))
+    rgb = np.full((6, 7, 3), 9, np.uint8)
+    assert load_pixels(rgb) is rgb  # already model-ready: no copy
+
+
+def test_load_pixels_bad_input_reports_like_load_image(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    _textured(128, 128).save(buf, "JPEG")
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageLoadError, match="truncated or corrupt"):
+        load_pixels(cut)
+    with pytest.raises(ImageLoadError, match="empty"):
+        load_pixels(b"")
+    with pytest.raises(ImageLoadError, match="too large"):
+        load_pixels(buf.getvalue(), max_pixels=100)
+    with pytest.raises(ImageLoadError, match="too large"):
+        load_pixels(np.zeros((20, 20, 3), np.uint8), max_pixels=100)
+
+
+def test_load_pixels_decodes_plain_jpegs_without_pillow(tmp_path: Path, monkeypatch) -> None:
+    """The speed of the model's input path rests on this; identical pixels are checked above."""
+    import engine.images as images
+
+    calls = []
+    decode = images.simplejpeg.decode_jpeg
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    load_pixels(_save(_textured(64, 48), tmp_path / "p.jpg"))
+    load_pixels(_save(_textured(64, 48), tmp_path / "p.png"))
+    assert len(calls) == 1
