@@ -69,8 +69,11 @@ export class Comparison {
     this.effects = this.root.querySelector(".effects");
     this.concepts = this.root.querySelector(".concepts");
     this.root.querySelector(".legend-bar").style.background = colourGradient();
+    const sideTemplate = document.getElementById("comparison-side-template");
+    const pair = this.root.querySelector(".pair");
     this.sides = Object.fromEntries(SIDES.map((side) => {
-      const figure = this.root.querySelector(`.side[data-side="${side}"]`);
+      const figure = pair.appendChild(sideTemplate.content.firstElementChild.cloneNode(true));
+      figure.dataset.side = side;
       return [side, {
         img: figure.querySelector("img"),
         canvas: figure.querySelector("canvas"),
