@@ -98,11 +98,7 @@ def load_image(
     but never below ``target_size`` on either side; the caller still resizes (``to_tensor``).
     Raises ``ImageLoadError`` with a short reason for anything a user can get wrong.
     """
-    if target_size is not None and (not isinstance(target_size, int) or target_size < 1):
-        raise ValueError(f"target_size must be a positive int or None, got {target_size!r}")
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be positive, got {max_pixels!r}")
-
+    _check_arguments(target_size, max_pixels)
     if isinstance(source, Image.Image):
         _check_pixels(source.size, max_pixels)
         return _decode(source, target_size=None, owned=False)
@@ -120,6 +116,13 @@ def load_image(
             f"got {type(source).__name__}"
         )
     return _load_bytes(data, where, target_size, max_pixels)
+
+
+def _check_arguments(target_size: int | None, max_pixels: int) -> None:
+    if target_size is not None and (not isinstance(target_size, int) or target_size < 1):
+        raise ValueError(f"target_size must be a positive int or None, got {target_size!r}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels!r}")
 
 
 def _load_bytes(data: bytes, where: str, target_size: int | None, max_pixels: int) -> Image.Image:
@@ -146,15 +149,16 @@ def load_pixels(
     target_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
-    """The pixels of ``load_image(source, ...)`` as a new H×W×3 uint8 array: the model's input path.
+    """The pixels of ``load_image(source, ...)`` as an H×W×3 uint8 array: the model's input path.
 
     Plain JPEGs (YCbCr or greyscale: nearly every photo in a catalogue) are decoded by
     libjpeg-turbo straight into numpy through simplejpeg, at the DCT scale Pillow's draft mode
     picks and with the same IDCT and upsampling, so the pixels are identical (tests check it);
     that is ~25 % faster than Pillow's decoder and skips Pillow's copy into an array, together
     ~1 ms of a 640×427 photo. Everything else, and any JPEG simplejpeg refuses, goes through
-    ``load_image``, whose verdict on bad data is the one reported.
+    ``load_image``, whose verdict on bad data is the one reported. An RGB uint8 array is returned as is.
     """
+    _check_arguments(target_size, max_pixels)
     if isinstance(source, np.ndarray) and source.dtype == np.uint8 and source.ndim == 3 and source.shape[2] == 3:
         _check_pixels((source.shape[1], source.shape[0]), max_pixels)
         return source
@@ -191,13 +195,13 @@ def _decode_plain_jpeg(data: bytes, target_size: int | None, max_pixels: int, wh
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
             width, height, mode = img.width, img.height, img.mode
-            _check_pixels((width, height), max_pixels, where)
             try:
                 orientation = img.getexif().get(_ORIENTATION_TAG, 1)
             except _DECODE_ERRORS:
                 orientation = 1  # as load_image: broken EXIF keeps the stored orientation
     except (UnidentifiedImageError, *_DECODE_ERRORS):
         return None
+    _check_pixels((width, height), max_pixels, where)
     if mode not in _PLAIN_JPEG_MODES:
         return None
     scale = _draft_scale(width, height, target_size)
