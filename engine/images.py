@@ -399,8 +399,8 @@ def to_tensor(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> torch.Tensor:
-    """Resize each image (RGB PIL image or H×W×3 uint8 array) to size×size and return a normalised float32 batch B×3×size×size
-    (in channels_last memory layout).
+    """Resize each image (RGB PIL image or H×W×3 uint8 array) to size×size and return a normalised
+    float32 batch B×3×size×size (in channels_last memory layout).
 
     The *whole* image is squeezed to a square, not centre-cropped: for duplicate detection a
     change in the border matters as much as one in the middle.  OpenCV resizes (about 2.5× faster

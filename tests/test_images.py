@@ -329,7 +329,7 @@ def test_load_pixels_bad_input_reports_like_load_image(tmp_path: Path) -> None:
 
 def test_load_pixels_decodes_plain_jpegs_without_pillow(tmp_path: Path, monkeypatch) -> None:
     """The speed of the model's input path rests on this; identical pixels are checked above."""
-    import engine.images as images
+    from engine import images
 
     calls = []
     decode = images.simplejpeg.decode_jpeg
