@@ -35,14 +35,12 @@ def signatures(net: SiameseNet, fmaps: Tensor, chunk: int = 256) -> tuple[Tensor
     return tuple(torch.cat(column) for column in zip(*parts))
 
 
-def pair_scores(net: SiameseNet, fmaps_a: Tensor, fmaps_b: Tensor, i: np.ndarray, j: np.ndarray, chunk: int = 1024) -> np.ndarray:
+def pair_scores(net: SiameseNet, fmaps_a: Tensor, fmaps_b: Tensor, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Head similarity of pairs (fmaps_a[i], fmaps_b[j]); each image is described once."""
     sig_a = signatures(net, fmaps_a)
     sig_b = sig_a if fmaps_b is fmaps_a else signatures(net, fmaps_b)
     with torch.inference_mode():
-        parts = [net.score_signatures(tuple(d[i[s : s + chunk]] for d in sig_a), tuple(d[j[s : s + chunk]] for d in sig_b)).numpy()
-                 for s in range(0, len(i), chunk)]
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        return net.score_pairs(sig_a, i, sig_b, j).numpy().astype(np.float32)
 
 
 def evaluate_fmaps(

@@ -125,8 +125,7 @@ class SimilarityModel:
         rows_b = [distinct.setdefault(bytes(blob), len(distinct)) for blob in packed_b]
         (projections,) = unpack_descriptions(list(distinct))
         signature = self.net.signature_from_projections(projections)
-        score = self.net.score_signatures(tuple(part[rows_a] for part in signature), tuple(part[rows_b] for part in signature))
-        return score.numpy().astype(np.float32)
+        return self.net.score_pairs(signature, rows_a, signature, rows_b).numpy().astype(np.float32)
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
         """(n, d) float32 embeddings (unit length for the whymatch preset), as stored in the index."""

@@ -20,12 +20,19 @@ Only the layers after the backbone are trained and saved.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.backbones import Backbone
 from engine.config import ModelConfig
+
+# Pairs scored per step by ``score_pairs``. A pair's intermediates are N_a×N_b per matrix (196×196
+# floats at 448 px): a few pairs' worth stays in the CPU cache, thousands stream through memory.
+# Measured on 2 cores: 0.14 ms per pair in steps of 16, 0.60 ms in one step of 2000.
+PAIR_CHUNK = 16
 
 
 class SiameseNet(nn.Module):
@@ -71,6 +78,14 @@ class SiameseNet(nn.Module):
 
     def score_signatures(self, sig_a: tuple[Tensor, ...], sig_b: tuple[Tensor, ...]) -> Tensor:
         return self.score_from_evidence(self.signature_logit(sig_a, sig_b))
+
+    def score_pairs(self, sig_a: tuple[Tensor, ...], rows_a: Sequence[int], sig_b: tuple[Tensor, ...],
+                    rows_b: Sequence[int]) -> Tensor:
+        """Scores of the pairs (row ``rows_a[n]`` of ``sig_a``, row ``rows_b[n]`` of ``sig_b``), ``PAIR_CHUNK`` at a time."""
+        parts = [self.score_signatures(tuple(part[rows_a[s : s + PAIR_CHUNK]] for part in sig_a),
+                                       tuple(part[rows_b[s : s + PAIR_CHUNK]] for part in sig_b))
+                 for s in range(0, len(rows_a), PAIR_CHUNK)]
+        return torch.cat(parts) if parts else torch.zeros(0)
 
     def describe(self, fmap: Tensor) -> tuple[Tensor]:
         """What is stored per image: its projections, from which it is scored and explained."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine.explain import explain_fmaps, normalise_map
+from engine.model import PAIR_CHUNK
 from tests.conftest import make_model
 
 
@@ -132,3 +133,22 @@ def test_all_zero_map_is_reported_not_normalised():
     assert empty and not values.any() and np.isfinite(values).all()
     values, empty = normalise_map(np.array([[0.0, 2.0]], np.float32))
     assert not empty and values.max() == 1.0
+
+
+@pytest.mark.parametrize("preset", ["whymatch", "paper"])
+def test_scoring_in_chunks_and_from_descriptions_equals_direct_scores(photos, preset):
+    """Dedup and search score many pairs of few images from stored descriptions, a few pairs per step."""
+    model = make_model(preset)
+    names = ["cat", "cat_crop", "coffee", "rocket"]
+    fmaps = model.feature_maps([photos[n] for n in names])
+    rng = np.random.default_rng(0)
+    rows_a, rows_b = rng.integers(0, len(names), 3 * PAIR_CHUNK + 5), rng.integers(0, len(names), 3 * PAIR_CHUNK + 5)
+    with torch.inference_mode():
+        signature = model.net.signature(fmaps)
+        direct = model.net.score_signatures(tuple(p[rows_a] for p in signature), tuple(p[rows_b] for p in signature))
+        chunked = model.net.score_pairs(signature, rows_a, signature, rows_b)
+        assert len(model.net.score_pairs(signature, [], signature, [])) == 0
+    np.testing.assert_allclose(chunked.numpy(), direct.numpy(), atol=1e-6)
+    _, packed = model.encode([photos[n] for n in names])
+    described = model.score_described([packed[r] for r in rows_a], [packed[r] for r in rows_b])
+    np.testing.assert_allclose(described, direct.numpy(), atol=2e-3)  # descriptions are stored as float16
