@@ -13,9 +13,8 @@ large for any two cells aligned with the shared embedding direction, whatever th
 weighting by the Grad-CAM maps, paired visibly wrong regions on AirBnB photos, so neither is used.)
 PaperNet pools before anything pair-wise happens and has no such term; its fallback scores a cell pair
 by the cosine of the two cells' first-layer projections (what its MLP sees of each cell) weighted by
-both images' Grad-CAM maps of the
-*similarity* (factual maps of a match, counterfactual maps of a non-match: correspondences always show
-what argues for the match).
+both images' Grad-CAM maps of the *similarity* (factual maps of a match, counterfactual maps of a
+non-match: correspondences always show what argues for the match).
 
 Contributions are summed over a (2r+1)² window around each cell of a and of b: a correspondence is a
 pair of regions, not of single cells. Greedy non-maximum suppression keeps region pairs whose a-window
