@@ -145,7 +145,8 @@ def airbnb(bench: Bench, limit: int | None, model_path: Path | None) -> str:
     else:
         ours, ours_seconds = train_on("whymatch", "airbnb", kept, bench)
         source = f"a whymatch model trained in this run ({given} was not trained with holdout 0.3, seed 0 on airbnb)"
-    m = evaluate_fmaps(ours.net, fmaps_of(ours, held, bench), held.groups, "groups", ours.threshold, seed=SEED)
+    held_fmaps = fmaps_of(ours, held, bench)
+    m = evaluate_fmaps(ours.net, held_fmaps, held.groups, "groups", ours.threshold, seed=SEED)
     size = ours.config.input_size
     row(f"whymatch, {size} px: embedding only", m, ours_seconds, prefix="embedding_")
     row(f"whymatch, {size} px: + head re-scoring (top {RERANK_K})", m, ours_seconds)
@@ -154,7 +155,7 @@ def airbnb(bench: Bench, limit: int | None, model_path: Path | None) -> str:
                f"({m['recall@1']:.3f}); pair AUC ≥ {TARGET_AUC:.2f} — {status(m['pair_auc'] >= TARGET_AUC)} ({m['pair_auc']:.3f}). "
                f"whymatch rows: {source}.")
     table = markdown_table(["AirBnB duplicates", "R@1", "R@5", "mAP", "pair AUC (all pairs)", "train s"], rows)
-    shortfall = auc_shortfall(ours, fmaps_of(ours, held, bench), held)
+    shortfall = auc_shortfall(ours, held_fmaps, held)
     return "\n\n".join([describe_split("AirBnB duplicates", kept, held), table, targets, shortfall])
 
 
