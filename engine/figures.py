@@ -17,9 +17,10 @@ from engine.concepts import describe_concepts
 from engine.explain import PairExplanation
 
 
-def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """The heatmap (h×w in [0, 1]) upsampled to the photo, coloured (JET) and blended on it."""
-    rgb = np.asarray(image.convert("RGB"))
+def overlay(image: Image.Image | np.ndarray, heatmap: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The heatmap (h×w in [0, 1]) upsampled to the photo (a PIL image or an H×W×3 uint8 RGB array, as
+    ``SimilarityModel.load`` gives), coloured (JET) and blended on it."""
+    rgb = image if isinstance(image, np.ndarray) else np.asarray(image.convert("RGB"))
     resized = cv2.resize(heatmap.astype(np.float32), (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_CUBIC)
     coloured = cv2.applyColorMap(np.uint8(255 * np.clip(resized, 0, 1)), cv2.COLORMAP_JET)[:, :, ::-1]
     blended = (1 - alpha) * rgb.astype(np.float32) + alpha * coloured.astype(np.float32)
@@ -27,8 +28,8 @@ def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5) -> Imag
 
 
 def pair_figure(
-    image_a: Image.Image,
-    image_b: Image.Image,
+    image_a: Image.Image | np.ndarray,
+    image_b: Image.Image | np.ndarray,
     explanation: PairExplanation,
     path: str | Path,
     *,
@@ -55,7 +56,8 @@ def pair_figure(
             ax.set_title(label, fontsize=9)
             ax.axis("off")
     if explanation.correspondences:
-        scales = [(p.size[0] / s[0], p.size[1] / s[1]) for p, s in zip((image_a, image_b), sizes or (image_a.size, image_b.size))]
+        shown = [_size(image_a), _size(image_b)]
+        scales = [(p[0] / s[0], p[1] / s[1]) for p, s in zip(shown, sizes or shown)]
         draw_correspondences(fig, axes[0][0], axes[1][0], explanation.correspondences, scales)
     fig.suptitle(f"similarity {explanation.similarity:.3f} — {decision} (threshold {explanation.threshold:.2f})", fontsize=11)
     if explanation.concepts is not None:
@@ -67,6 +69,10 @@ def pair_figure(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _size(image: Image.Image | np.ndarray) -> tuple[int, int]:
+    return (image.shape[1], image.shape[0]) if isinstance(image, np.ndarray) else image.size
 
 
 def effect_label(explanation: PairExplanation, name: str) -> str:

@@ -22,7 +22,7 @@ from engine.config import BACKBONE_BATCH, ModelConfig
 from engine.correspondences import attach_correspondences
 from engine.explain import PairExplanation, explain_projections
 from engine.faithfulness import DEFAULT_AREA, DEFAULT_FILL, effects_from_tensors
-from engine.images import ImageSource, image_size, load_image, load_pixels, to_tensor
+from engine.images import ImageSource, image_size, load_pixels, to_tensor
 from engine.model import SiameseNet, build_net
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
@@ -55,14 +55,15 @@ class SimilarityModel:
     def metric(self) -> str:
         return self.config.metric
 
-    def load(self, images: Sequence[ImageSource]) -> list:
-        """Decode images (at reduced size where the format allows) as RGB PIL images."""
-        return [load_image(img, target_size=self.config.input_size) for img in images]
+    def load(self, images: Sequence[ImageSource]) -> list[np.ndarray]:
+        """Decode images as the model sees them: H×W×3 uint8 RGB arrays, at reduced size where the
+        format allows (``engine.images.load_pixels``). Passing these back to any model method decodes
+        nothing again."""
+        return [load_pixels(img, target_size=self.config.input_size) for img in images]
 
     def pixels(self, images: Sequence[ImageSource]) -> Tensor:
-        """The normalised input batch of images (decoded straight to arrays, as ``load_pixels``)."""
-        size = self.config.input_size
-        return to_tensor([load_pixels(img, target_size=size) for img in images], size, self.mean, self.std)
+        """The normalised input batch of images."""
+        return to_tensor(self.load(images), self.config.input_size, self.mean, self.std)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.config.bf16:

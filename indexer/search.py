@@ -213,7 +213,7 @@ def _original_size(source: ImageSource, decoded) -> tuple[int, int]:
             return image_size(source)
         except ImageLoadError:
             pass
-    return decoded.size
+    return int(decoded.shape[1]), int(decoded.shape[0])
 
 
 def _describe_files(model, sources: list[str]) -> list[tuple[object, bytes | None, str | None]]:
