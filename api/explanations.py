@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image
 
 from engine import PairExplanation
+from engine.explain import MAP_NAMES
 from engine.figures import overlay
 
-MAP_NAMES = ("factual_a", "factual_b", "counterfactual_a", "counterfactual_b")
 PICTURE_NAMES = ("image_a", "image_b")
 KEY_PATTERN = r"^[0-9a-f]{32}$"
 

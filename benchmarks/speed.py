@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from common import add_model_option, command_line, load_bench_model, markdown_table, median_time, record, shared_data
 from engine.config import BACKBONE_BATCH
 from engine.data import load_labelled_images
+from engine.explain import MAP_NAMES
 from engine.inference import SimilarityModel
 from engine.metrics import retrieval_metrics
 
@@ -148,10 +149,9 @@ def explanation(model: SimilarityModel, paths: list, repeats: int) -> str:
 
 
 def _map_difference(model: SimilarityModel, fmaps: torch.Tensor, described: bytes, stored: list[bytes]) -> float:
-    names = ("factual_a", "factual_b", "counterfactual_a", "counterfactual_b")
     exact = model.explain_feature_maps(fmaps[:1], fmaps[1:])
     packed = model.explain_described(described, stored)
-    return max(float(np.abs(getattr(e, name) - getattr(p, name)).max()) for e, p in zip(exact, packed) for name in names)
+    return max(float(np.abs(getattr(e, name) - getattr(p, name)).max()) for e, p in zip(exact, packed) for name in MAP_NAMES)
 
 
 def main() -> None:
