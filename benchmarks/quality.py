@@ -28,7 +28,7 @@ from engine.data import LabelledImages, load_labelled_images, paper_pairs, split
 from engine.evaluate import RERANK_K, evaluate_fmaps, pair_scores
 from engine.inference import SimilarityModel, build_model, load_model
 from engine.metrics import all_pairs, pair_metrics, retrieval_metrics
-from engine.train import TrainOptions, cached_feature_maps, train
+from engine.train import TrainOptions, cached_features, maps_from_frozen, train
 
 HOLDOUT, SEED = 0.3, 0
 TARGET_R1, TARGET_AUC, TARGET_FLOWERS_ACCURACY = 0.90, 0.99, 0.95
@@ -83,7 +83,8 @@ def describe_split(name: str, kept: LabelledImages, held: LabelledImages) -> str
 
 
 def fmaps_of(model: SimilarityModel, data: LabelledImages, bench: Bench) -> torch.Tensor:
-    return cached_feature_maps(model, data.paths, bench.features, with_flips=False, progress=False).fmaps
+    frozen = cached_features(model, data.paths, bench.features, with_flips=False, progress=False).features
+    return maps_from_frozen(model.net, frozen)
 
 
 def train_on(preset: Preset, name: str, kept: LabelledImages, bench: Bench, **overrides: int | str) -> tuple[SimilarityModel, float]:

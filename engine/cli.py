@@ -38,6 +38,7 @@ def _load(ctx: click.Context, model_path: Path | None):
 @click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False), default=None, help="Local state_dict for backbones without packaged weights.")
 @click.option("--input-size", type=int, default=None)
 @click.option("--embed-dim", type=int, default=None)
+@click.option("--tuned-blocks", type=click.IntRange(min=0), default=None, help="Fine-tune the backbone's last N blocks with the head (default 0: frozen backbone).")
 @click.option("--holdout", type=float, default=0.0, show_default=True, help="Fraction of groups held apart (never trained on, for benchmarks).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--epochs", type=int, default=40, show_default=True)
@@ -48,8 +49,8 @@ def _load(ctx: click.Context, model_path: Path | None):
 @click.pass_context
 def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_csv: Path | None, out_dir: Path, preset: str,
                   backbone: str | None, backbone_weights: str | None, input_size: int | None, embed_dim: int | None,
-                  holdout: float, seed: int, epochs: int, patience: int, lr: float, resume: bool, as_json: bool) -> None:
-    """Train a Siamese model (frozen backbone, cached features) and save it to OUT."""
+                  tuned_blocks: int | None, holdout: float, seed: int, epochs: int, patience: int, lr: float, resume: bool, as_json: bool) -> None:
+    """Train a Siamese model (frozen backbone but for its last --tuned-blocks, cached features) and save it to OUT."""
     from engine.train import TrainOptions, train
 
     settings = _settings(ctx)
@@ -57,14 +58,18 @@ def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_c
         torch.set_num_threads(settings.threads)
     data = load_labelled_images(data_dir, form, groups_csv)
     if holdout > 0:
-        kept, held = split(data, holdout, seed)
+        kept, _ = split(data, holdout, seed)
         data = data.subset(kept)
-    config = ModelConfig.for_preset(preset, backbone=backbone, backbone_weights=backbone_weights, input_size=input_size, embed_dim=embed_dim)
+    config = ModelConfig.for_preset(preset, backbone=backbone, backbone_weights=backbone_weights, input_size=input_size,
+                                    embed_dim=embed_dim, tuned_blocks=tuned_blocks)
     command = "whymatch " + " ".join(sys.argv[1:])
     options = TrainOptions(epochs=epochs, patience=patience, learning_rate=lr, seed=seed, resume=resume,
                            cache_dir=settings.data_dir / "cache" / "features",
                            extra={"command": command, "holdout": holdout, "seed": seed})
-    _, metrics = train(config, data, out_dir, options)
+    try:
+        _, metrics = train(config, data, out_dir, options)
+    except (WeightsNotInstalledError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps({k: float(v) for k, v in metrics.items()}))
     else:

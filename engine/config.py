@@ -28,6 +28,9 @@ class ModelConfig:
     input_size: int = 448
     embed_dim: int = 256
     local_dim: int = 128
+    # The backbone's last blocks fine-tuned with the head (0: the whole backbone is frozen). Their
+    # weights are saved in the checkpoint; the ImageNet concepts then read a fine-tuned map.
+    tuned_blocks: int = 0
     threshold: float = 0.5
     bf16: bool = True
     provenance: dict[str, Any] = field(default_factory=dict)

@@ -156,6 +156,12 @@ class EfficientNetLite0(nn.Module):
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x)))
 
+    def feature_blocks(self) -> nn.Sequential:
+        """``forward_features`` as a sequence of blocks (stem conv, the MBConv blocks, head conv), sharing
+        this model's modules."""
+        return nn.Sequential(nn.Sequential(self._conv_stem, self._bn0, nn.ReLU6()), *self._blocks,
+                             nn.Sequential(self._conv_head, self._bn1, nn.ReLU6()))
+
     def forward_head(self, features: Tensor) -> Tensor:
         """Logits from a ``forward_features`` map, so Grad-CAM can keep a handle on the map."""
         pooled = features.mean(dim=(2, 3))

@@ -8,7 +8,7 @@ layers and all gradients for Grad-CAM run in float32.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -73,11 +73,20 @@ class SimilarityModel:
     @torch.inference_mode()
     def fmaps_from_pixels(self, pixels: Tensor) -> Tensor:
         """Grad-CAM-layer activations (float32) of a preprocessed batch."""
+        return self._run(self.net.backbone.features, pixels)
+
+    @torch.inference_mode()
+    def frozen_features(self, pixels: Tensor) -> Tensor:
+        """The frozen backbone blocks' output (float32) of a preprocessed batch: what training caches,
+        since only the blocks after it (``config.tuned_blocks``) and the head learn."""
+        return self._run(self.net.backbone_parts[0], pixels)
+
+    def _run(self, layers: Callable[[Tensor], Tensor], pixels: Tensor) -> Tensor:
         if self.config.bf16:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            fmap = self.net.backbone.features(pixels)
-        return fmap.float().contiguous()
+            out = layers(pixels)
+        return out.float().contiguous()
 
     def pixel_batches(self, images: Sequence[ImageSource]) -> Iterator[Tensor]:
         """Preprocessed batches, decoded one batch at a time in this thread. Decoding ahead in a

@@ -2,7 +2,8 @@
 
 Both networks share the contract the rest of the engine relies on:
 
-* ``backbone.features(x)`` — the Grad-CAM layer's activations (frozen ImageNet backbone);
+* ``backbone.features(x)`` — the Grad-CAM layer's activations (an ImageNet backbone, frozen but for
+  its last ``config.tuned_blocks`` blocks);
 * ``embed_fmap(fmap)`` — the embedding stored in FAISS;
 * ``project(fmap)`` — the bias-free per-cell linear projections that are the head's *only* view of a
   feature map (the first layer of every path from the feature map to the score is linear per cell:
@@ -15,7 +16,7 @@ Both networks share the contract the rest of the engine relies on:
   unit local descriptors), ``score_signatures(sa, sb)`` the similarity in (0, 1), differentiable with
   respect to *both* images and never clipped, so every pair has gradients for Grad-CAM.
 
-Only the layers after the backbone are trained and saved.
+Only the layers after the backbone, and the tuned blocks, are trained and saved.
 """
 
 from __future__ import annotations
@@ -36,13 +37,23 @@ PAIR_CHUNK = 16
 
 
 class SiameseNet(nn.Module):
-    """Shared parts of both presets: the frozen backbone and the trained-state helpers."""
+    """Shared parts of both presets: the backbone (frozen but for its tuned blocks) and the trained-state helpers."""
 
     def __init__(self, backbone: Backbone, config: ModelConfig) -> None:
         super().__init__()
         self.backbone = backbone
         self.config = config
         self.backbone.requires_grad_(False)
+        self.backbone_parts[1].requires_grad_(True)
+
+    @property
+    def backbone_parts(self) -> tuple[nn.Sequential, nn.Sequential]:
+        """(frozen, tuned) blocks of the backbone's stem (views sharing its modules)."""
+        return self.backbone.split(self.config.tuned_blocks)
+
+    def features_from_frozen(self, frozen: Tensor) -> Tensor:
+        """The Grad-CAM layer's activations from the frozen blocks' output (what training caches)."""
+        return self.backbone.cam(self.backbone_parts[1](frozen))
 
     def working(self, tensor: Tensor) -> Tensor:
         """Feature maps may arrive in bfloat16 (autocast) or float16 (stored descriptions); the trained
@@ -112,8 +123,10 @@ class SiameseNet(nn.Module):
         return self
 
     def trained_state_dict(self) -> dict[str, Tensor]:
-        """The parameters a checkpoint stores: everything but the (packaged) backbone."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+        """The parameters a checkpoint stores: everything but the (packaged) backbone's frozen blocks."""
+        frozen, tuned = self.backbone_parts
+        kept = tuple(f"backbone.stem.{len(frozen) + i}." for i in range(len(tuned)))
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.") or k.startswith(kept)}
 
     def load_trained_state_dict(self, state: dict[str, Tensor]) -> None:
         expected = set(self.trained_state_dict())

