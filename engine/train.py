@@ -1,12 +1,13 @@
 """Training on 2 CPU cores: the backbone is frozen, so its features are computed once and cached.
 
-Only the layers after the backbone learn (and, with ``tuned_blocks``, the backbone's last blocks, at a
-tenth of the learning rate), on cached features of each image and of its mirror image (a cheap
-augmentation): the output of the frozen blocks, which is the Grad-CAM layer's map when none is tuned. ``whymatch`` trains the embedding with a multi-positive InfoNCE loss
-and the head with binary cross-entropy on every pair of a batch; batches are built around hard
-negatives — the groups nearest to each other under the current embeddings (for the AirBnB photos:
-the same kind of room in other listings). ``paper`` trains the seed method: contrastive loss with
-margin 2 on the paper's pairs (one similar and one dissimilar partner per image, re-drawn each epoch).
+Only the layers after the backbone learn (and, with ``tuned_blocks``, the backbone's last blocks), on
+cached features of each image and of its mirror image (a cheap augmentation): the output of the
+frozen blocks, which is the Grad-CAM layer's map when none is tuned. ``whymatch`` trains the
+embedding with a multi-positive InfoNCE loss and the head with binary cross-entropy on every pair of
+a batch; batches are built around hard negatives — the groups nearest to each other under the
+current embeddings (for the AirBnB photos: the same kind of room in other listings). ``paper``
+trains the seed method: contrastive loss with margin 2 on the paper's pairs (one similar and one
+dissimilar partner per image, re-drawn each epoch).
 
 An inner validation split (by group) picks the best epoch, stops early and calibrates the decision
 threshold; the held-out split of a benchmark is never seen. Each epoch writes a resumable checkpoint.
@@ -42,8 +43,6 @@ class TrainOptions:
     epochs: int = 40
     patience: int = 8
     learning_rate: float = 3e-4
-    # The tuned backbone blocks learn at this fraction of the learning rate (they start from ImageNet).
-    tuned_lr_scale: float = 0.1
     weight_decay: float = 1e-4
     groups_per_batch: int = 16
     images_per_group: int = 3
@@ -187,10 +186,10 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
     feature_seconds = time.time() - started
     if isinstance(net, MatchNet):
         _pca_init(net, maps_from_frozen(net, fit_cache.features))
-    tuned = list(net.backbone_parts[1].parameters())
-    head = [p for name, p in net.named_parameters() if p.requires_grad and not name.startswith("backbone.")]
-    groups = [{"params": head}] + ([{"params": tuned, "lr": options.learning_rate * options.tuned_lr_scale}] if tuned else [])
-    optimizer = torch.optim.AdamW(groups, lr=options.learning_rate, weight_decay=options.weight_decay)
+    # One rate for all: on flowers (Lite0, last 6 blocks) the tuned blocks at the head's rate reached the
+    # inner-validation accuracy of a tenth of it (0.92) in 8 epochs instead of 12–20.
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=options.weight_decay)
     start_epoch, best, best_epoch, history = 0, -1.0, -1, []
     resume_path = out_dir / RESUME_FILE
     if options.resume and resume_path.is_file():
