@@ -8,7 +8,9 @@ is a plain callable of the score (``lambda s: s``, ``lambda s: 1 - s``), so d ta
 = target'(score) · score'(evidence) · d evidence / d activation. A normalised Grad-CAM map does not
 change when a pair's gradient is multiplied by a positive number, so only the *sign* of the scalar
 factor is applied: the maps are exactly those of the target, yet a score saturated at 0 or 1 in
-float32 (whose factor underflows to zero) still gets its maps.
+float32 (whose factor underflows to zero) still gets its maps. Every method's map before its ReLU is
+linear in the gradients, so it is computed once per image and each target's map is the ReLU of it
+times that sign.
 """
 
 from __future__ import annotations
@@ -50,27 +52,32 @@ class BasePairCAM:
         self.evidence_fn = evidence_fn
         self.to_score = to_score
 
-    def channel_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
-        """B×C×h×w weights combining activations into a map; the method's one decision."""
+    def signed_map(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        """B×h×w map before the ReLU, linear in the gradients: Σ_c weights · activations, the
+        weights being the method's one decision."""
         raise NotImplementedError
 
-    def cam(self, activations: Tensor, gradients: Tensor) -> Tensor:
-        return torch.relu((self.channel_weights(activations, gradients) * activations).sum(dim=1))
-
     def __call__(self, acts_a: Tensor, acts_b: Tensor, targets: Sequence[Target]) -> PairCams:
-        acts_a = acts_a.detach().float().clone().requires_grad_(True)
-        acts_b = acts_b.detach().float().clone().requires_grad_(True)
+        acts_a, acts_b = _leaf(acts_a), _leaf(acts_b)
         with torch.enable_grad():
             evidence = self.evidence_fn(acts_a, acts_b)
             grad_a, grad_b = torch.autograd.grad(evidence.sum(), (acts_a, acts_b))
         scores = self.to_score(evidence.detach())
+        signed_a, signed_b = self.signed_map(acts_a.detach(), grad_a), self.signed_map(acts_b.detach(), grad_b)
         maps_a, maps_b = [], []
         for target in targets:
             # score'(evidence) > 0 by contract, so the sign of the chain's factor is that of target'(score).
-            factor = torch.sign(_derivative(target, scores)).view(-1, 1, 1, 1)
-            maps_a.append(self.cam(acts_a.detach(), factor * grad_a))
-            maps_b.append(self.cam(acts_b.detach(), factor * grad_b))
+            sign = torch.sign(_derivative(target, scores)).view(-1, 1, 1)
+            maps_a.append(torch.relu(sign * signed_a))
+            maps_b.append(torch.relu(sign * signed_b))
         return PairCams(scores, maps_a, maps_b)
+
+
+def _leaf(activations: Tensor) -> Tensor:
+    """A float32 leaf to differentiate against, sharing the input's memory (nothing writes to it);
+    copied only when it was made under inference mode, which forbids gradients on it."""
+    leaf = activations.detach().float()
+    return (leaf.clone() if leaf.is_inference() else leaf).requires_grad_(True)
 
 
 def _derivative(function: Target, values: Tensor) -> Tensor:
@@ -84,15 +91,16 @@ def _derivative(function: Target, values: Tensor) -> Tensor:
 class GradCAM(BasePairCAM):
     """Selvaraju et al. 2017: channel weights are the spatially averaged gradients."""
 
-    def channel_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
-        return gradients.mean(dim=(2, 3), keepdim=True)
+    def signed_map(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        # One batched matrix product: no B×C×h×w temporary.
+        return torch.einsum("bc,bchw->bhw", gradients.mean(dim=(2, 3)), activations)
 
 
 class HiResCAM(BasePairCAM):
     """Draelos & Carin 2020: element-wise gradient × activation, faithful for any head."""
 
-    def channel_weights(self, activations: Tensor, gradients: Tensor) -> Tensor:
-        return gradients
+    def signed_map(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        return (gradients * activations).sum(dim=1)
 
 
 CAM_METHODS: dict[str, type[BasePairCAM]] = {"gradcam": GradCAM, "hirescam": HiResCAM}
