@@ -100,13 +100,22 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:
     """Median wall seconds of ``fn`` over ``repeats`` calls, after one untimed warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return median_times([fn], repeats)[0]
+
+
+def median_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median wall seconds of each of ``fns`` over ``repeats`` rounds that call them in turn (after one
+    untimed warm-up round), so that a shared machine's drift weighs on all of them alike and their
+    ratios hold."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, samples in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def record(section: str, command: str, table_markdown: str, notes: str = "") -> Path:

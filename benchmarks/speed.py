@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import add_model_option, command_line, load_bench_model, markdown_table, median_time, record, shared_data
+from common import add_model_option, command_line, load_bench_model, markdown_table, median_time, median_times, record, shared_data
 from engine.config import BACKBONE_BATCH
 from engine.data import load_labelled_images
 from engine.explain import MAP_NAMES
@@ -60,8 +60,7 @@ def recall_at_1(emb: np.ndarray, groups: list[str | None]) -> float:
 def throughput(model: SimilarityModel, paths: list, pixels: list[torch.Tensor], repeats: int) -> str:
     """End-to-end ``embed`` against the bare backbone on the same batches, under the model's own autocast."""
     n = len(paths)
-    e2e = median_time(lambda: model.embed(paths), repeats)
-    bare = median_time(lambda: backbone_pass(model, pixels), repeats)
+    e2e, bare = median_times([lambda: model.embed(paths), lambda: backbone_pass(model, pixels)], repeats)
     ratio = bare / e2e
     table = markdown_table(["path", "images/s", "median s"], [
         ["end to end: `model.embed(paths)` (JPEG decode at reduced DCT scale + preprocess + forward + projection)", f"{n / e2e:.1f}", f"{e2e:.3f}"],
@@ -131,7 +130,7 @@ def explanation(model: SimilarityModel, paths: list, repeats: int) -> str:
         ("search's case: the query from its file (decode + backbone + projection), the matches from the index",
          from_query_file),
     ]
-    times = [(name, median_time(lambda: call(1), repeats), median_time(lambda: call(n), repeats)) for name, call in rows]
+    times = [(name, *median_times([lambda call=call: call(1), lambda call=call: call(n)], repeats)) for name, call in rows]
     table = markdown_table(["call", "one pair, s", f"one query × {n} matches, s", "ratio"],
                            [[name, f"{one:.4f}", f"{many:.4f}", f"×{many / one:.2f}"] for name, one, many in times])
     ratios = {name: many / one for name, one, many in times}
@@ -158,7 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=128, help="AirBnB images for throughput and the bf16 check (the first N)")
     parser.add_argument("--limit", type=int, default=None, help="smoke run: use only the first N images; records nothing unless --record")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed repeats per measurement (median reported)")
     parser.add_argument("--record", action="store_true", help="record docs/benchmarks.md even with --limit")
     add_model_option(parser)
     args = parser.parse_args()
@@ -180,7 +179,8 @@ def main() -> None:
     ])
     notes = (f"Model: {args.model or 'shipped engine/models/default'} ({model.config.preset} preset, {model.config.input_size} px). "
              f"{THREADS} threads (`torch.set_num_threads({THREADS})`); every time is the median of {args.repeats} runs after one "
-             f"warm-up. The R@1 check compares precisions on images the model may have been trained on: it is not a quality figure.")
+             f"warm-up; the two sides of each ratio (end to end and backbone; one pair and {MATCHES} matches) are timed in "
+             f"alternation, so the machine's drift weighs on both. The R@1 check compares precisions on images the model may have been trained on: it is not a quality figure.")
     if args.limit:
         notes += f"\n\n**Smoke run** (`--limit {args.limit}`): not comparable with the full figures."
     print(tables + "\n\n" + notes)
