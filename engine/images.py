@@ -23,6 +23,7 @@ Why each rule exists:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -416,11 +417,9 @@ def to_tensor(
     if len(images) == 0:
         return torch.empty((0, 3, size, size), dtype=torch.float32)
 
-    # (x / 255 - mean) / std of every possible byte, per channel: one table lookup per pixel
-    # normalises it. The pixels stay in their decoded HWC order, i.e. torch's channels_last layout,
-    # which the CPU convolutions want: no copy to NCHW and back.
-    table = ((np.arange(256, dtype=np.float64)[:, None] / 255.0 - np.asarray(mean)) / np.asarray(std))
-    table = table.astype(np.float32).reshape(1, 256, 3)
+    # One table lookup per pixel normalises it. The pixels stay in their decoded HWC order, i.e.
+    # torch's channels_last layout, which the CPU convolutions want: no copy to NCHW and back.
+    table = _normalisation_table(tuple(mean), tuple(std))
     batch = np.empty((len(images), size, size, 3), dtype=np.float32)
     for i, img in enumerate(images):
         rgb = img if isinstance(img, np.ndarray) else np.asarray(img if img.mode == "RGB" else _to_rgb(img))
@@ -429,6 +428,15 @@ def to_tensor(
             rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
         cv2.LUT(rgb, table, dst=batch[i])
     return torch.from_numpy(batch).permute(0, 3, 1, 2)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalisation_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(x / 255 - mean) / std of every possible byte x, per channel (1×256×3 float32, for ``cv2.LUT``)."""
+    table = (np.arange(256, dtype=np.float64)[:, None] / 255.0 - np.asarray(mean)) / np.asarray(std)
+    table = table.astype(np.float32).reshape(1, 256, 3)
+    table.flags.writeable = False
+    return table
 
 
 # --------------------------------------------------------------------------------------------
