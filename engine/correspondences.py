@@ -44,9 +44,9 @@ Size = tuple[int, int]
 def local_match_contributions(net: MatchNet, local_a: Tensor, local_b: Tensor) -> Tensor:
     """k×N_a×N_b terms that sum exactly to ``net.local_match(local_a, local_b)``."""
     corr = local_a @ local_b.transpose(1, 2)
-    temperature = net.log_temperature.exp()
-    rows = torch.softmax(corr / temperature, dim=2) / corr.shape[1]
-    cols = torch.softmax(corr / temperature, dim=1) / corr.shape[2]
+    weights = net.match_weights(corr)
+    rows = weights / (weights.sum(dim=2, keepdim=True) * corr.shape[1])
+    cols = weights / (weights.sum(dim=1, keepdim=True) * corr.shape[2])
     return corr * (rows + cols) / 2
 
 
