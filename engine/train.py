@@ -2,7 +2,8 @@
 
 Only the layers after the backbone learn (and, with ``tuned_blocks``, the backbone's last blocks), on
 cached features of each image and of its mirror image (a cheap augmentation): the output of the
-frozen blocks, which is the Grad-CAM layer's map when none is tuned. ``whymatch`` trains the
+frozen blocks, which is the Grad-CAM layer's map when none is tuned; ``crop_min`` < 1 adds random
+windows of those maps (crops of the image as the frozen blocks saw it). ``whymatch`` trains the
 embedding with a multi-positive InfoNCE loss and the head with binary cross-entropy on every pair of
 a batch; batches are built around hard negatives — the groups nearest to each other under the
 current embeddings (for the AirBnB photos: the same kind of room in other listings). ``paper``
@@ -52,6 +53,16 @@ class TrainOptions:
     resume: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
+    # Each view keeps a random window of at least this fraction of the cached map's area (1: whole maps).
+    crop_min: float = 1.0
+    # After two epochs without a better validation score the learning rate is multiplied by this (1: constant).
+    lr_decay: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.crop_min <= 1:
+            raise ValueError(f"crop_min must be in (0, 1], got {self.crop_min}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
 
 
 @dataclass
@@ -190,12 +201,16 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
     # inner-validation accuracy of a tenth of it (0.92) in 8 epochs instead of 12–20.
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=options.weight_decay)
+    scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=options.lr_decay, patience=1)
+                 if options.lr_decay < 1 else None)
     start_epoch, best, best_epoch, history = 0, -1.0, -1, []
     resume_path = out_dir / RESUME_FILE
     if options.resume and resume_path.is_file():
         state = torch.load(resume_path, map_location="cpu", weights_only=True)
         net.load_trained_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
         history = json.loads(state["history"])
         rng = np.random.default_rng(options.seed + start_epoch)
@@ -212,12 +227,16 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
             losses.append(loss.item())
         metrics = evaluate_fmaps(net, maps_from_frozen(net, val_frozen), val.groups, data.form, None, seed=options.seed)
         score = metrics[criterion] + (metrics["pair_auc"] if criterion != "pair_auc" else 0)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **{k: round(float(v), 4) for k, v in metrics.items()}})
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
+                        **{k: round(float(v), 4) for k, v in metrics.items()}})
+        if scheduler is not None:
+            scheduler.step(score)
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{criterion: f"{metrics[criterion]:.3f}", "auc": f"{metrics['pair_auc']:.3f}"})
         if score > best:
             best, best_epoch = score, epoch
             save_checkpoint(net, config, out_dir)
-        torch.save({"net": net.trained_state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+        torch.save({"net": net.trained_state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler else {}, "epoch": epoch,
                     "best": best, "best_epoch": best_epoch, "history": json.dumps(history)}, resume_path)
         if epoch - best_epoch >= options.patience:
             break
@@ -229,7 +248,8 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
     final = evaluate_fmaps(best_model.net, val_fmaps, val.groups, data.form, config.threshold, seed=options.seed)
     config.provenance.update({
         "data": str(data.root), "form": data.form, "images": len(data), "fit_images": len(fit), "inner_val_images": len(val),
-        "best_epoch": best_epoch, "epochs_run": len(history), "feature_seconds": round(feature_seconds, 1),
+        "best_epoch": best_epoch, "epochs_run": len(history), "crop_min": options.crop_min, "lr_decay": options.lr_decay,
+        "feature_seconds": round(feature_seconds, 1),
         "train_seconds": round(time.time() - started, 1), "inner_val_metrics": {k: round(float(v), 4) for k, v in final.items()},
         **options.extra,
     })
@@ -267,6 +287,18 @@ def maps_from_frozen(net: SiameseNet, frozen: Tensor, chunk: int = 64) -> Tensor
         return torch.cat([net.features_from_frozen(part.float()).half() for part in frozen.split(chunk)])
 
 
+def random_windows(maps: Tensor, area_min: float, rng: np.random.Generator) -> Tensor:
+    """One window per map, all of one random size covering between ``area_min`` and all of a map's
+    area (the aspect kept, so a batch stays one tensor), each at its own random place."""
+    if area_min >= 1:
+        return maps
+    height, width = maps.shape[2:]
+    side = float(rng.uniform(area_min, 1.0)) ** 0.5
+    h, w = max(1, round(height * side)), max(1, round(width * side))
+    tops, lefts = rng.integers(0, height - h + 1, len(maps)), rng.integers(0, width - w + 1, len(maps))
+    return torch.stack([m[:, y : y + h, x : x + w] for m, y, x in zip(maps, tops, lefts)])
+
+
 def _reload(out_dir: Path, model: SimilarityModel) -> SimilarityModel:
     """Put the best epoch's weights (saved during training) back into the model."""
     model.net.load_trained_state_dict(load_file(str(out_dir / WEIGHTS_FILE)))
@@ -281,7 +313,7 @@ def _epoch_batches(net: SiameseNet, fit: LabelledImages, cache: CachedFeatures, 
     def views(idx: np.ndarray) -> Tensor:
         flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
         chosen = torch.where(flip.view(-1, 1, 1, 1), cache.flipped[idx], cache.features[idx]) if cache.flipped is not None else cache.features[idx]
-        return chosen.float()
+        return random_windows(chosen, options.crop_min, rng).float()
 
     if isinstance(net, MatchNet):
         for batch in _hard_batches(net, maps_from_frozen(net, cache.features), fit.groups, options, rng):
