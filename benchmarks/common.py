@@ -7,6 +7,7 @@ always carries the exact command line, the date, the torch version and the CPU i
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import re
@@ -103,18 +104,23 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
     return median_times([fn], repeats)[0]
 
 
-def median_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median wall seconds of each of ``fns`` over ``repeats`` rounds that call them in turn (after one
-    untimed warm-up round), so that a shared machine's drift weighs on all of them alike and their
-    ratios hold."""
+def median_times(fns: list[Callable[[], object]], repeats: int, min_sample: float = 0.0) -> list[float]:
+    """Median wall seconds of one call of each of ``fns`` over ``repeats`` rounds that call them in turn
+    (after one untimed warm-up round), so that a shared machine's drift weighs on all of them alike and
+    their ratios hold. Calls shorter than ``min_sample`` seconds are timed in loops that long (as
+    timeit's autorange does), so a millisecond call is not measured at the timer's and scheduler's grain."""
+    loops = []
     for fn in fns:
+        start = time.perf_counter()
         fn()
+        loops.append(max(1, math.ceil(min_sample / max(time.perf_counter() - start, 1e-9))))
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, samples in zip(fns, times):
+        for fn, samples, number in zip(fns, times, loops):
             start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
+            for _ in range(number):
+                fn()
+            samples.append((time.perf_counter() - start) / number)
     return [statistics.median(samples) for samples in times]
 
 

@@ -26,6 +26,8 @@ from engine.metrics import retrieval_metrics
 THREADS = 2
 TARGET_THROUGHPUT_RATIO, TARGET_EXPLAIN_RATIO = 0.85, 3.0
 MATCHES = 10
+# Each timed sample of an explanation lasts at least this long (millisecond calls are looped).
+MIN_SAMPLE = 0.2
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 
@@ -130,7 +132,7 @@ def explanation(model: SimilarityModel, paths: list, repeats: int) -> str:
         ("search's case: the query from its file (decode + backbone + projection), the matches from the index",
          from_query_file),
     ]
-    times = [(name, *median_times([lambda call=call: call(1), lambda call=call: call(n)], repeats)) for name, call in rows]
+    times = [(name, *median_times([lambda call=call: call(1), lambda call=call: call(n)], repeats, MIN_SAMPLE)) for name, call in rows]
     table = markdown_table(["call", "one pair, s", f"one query × {n} matches, s", "ratio"],
                            [[name, f"{one:.4f}", f"{many:.4f}", f"×{many / one:.2f}"] for name, one, many in times])
     ratios = {name: many / one for name, one, many in times}
@@ -179,7 +181,7 @@ def main() -> None:
     ])
     notes = (f"Model: {args.model or 'shipped engine/models/default'} ({model.config.preset} preset, {model.config.input_size} px). "
              f"{THREADS} threads (`torch.set_num_threads({THREADS})`); every time is the median of {args.repeats} runs after one "
-             f"warm-up; the two sides of each ratio (end to end and backbone; one pair and {MATCHES} matches) are timed in "
+             f"warm-up (an explanation's run repeats the call for at least {MIN_SAMPLE} s and counts the mean); the two sides of each ratio (end to end and backbone; one pair and {MATCHES} matches) are timed in "
              f"alternation, so the machine's drift weighs on both. The R@1 check compares precisions on images the model may have been trained on: it is not a quality figure.")
     if args.limit:
         notes += f"\n\n**Smoke run** (`--limit {args.limit}`): not comparable with the full figures."
