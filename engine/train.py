@@ -55,7 +55,8 @@ class TrainOptions:
     extra: dict = field(default_factory=dict)
     # Each view keeps a random window of at least this fraction of the cached map's area (1: whole maps).
     crop_min: float = 1.0
-    # After two epochs without a better validation score the learning rate is multiplied by this (1: constant).
+    # After two epochs without a better validation score (by more than ReduceLROnPlateau's relative 1e-4)
+    # the learning rate is multiplied by this (1: constant).
     lr_decay: float = 1.0
 
     def __post_init__(self) -> None:
