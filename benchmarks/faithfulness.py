@@ -35,6 +35,7 @@ from engine.faithfulness import (
     DEFAULT_AREA,
     DEFAULT_STEPS,
     FILLS,
+    REFERENCES,
     evaluate_explanations,
 )
 from engine.inference import SimilarityModel, load_model
@@ -82,25 +83,28 @@ def status(met: bool) -> str:
     return "met" if met else "**not met**"
 
 
-def faithfulness_rows(name: str, metrics: dict) -> tuple[list[list[object]], list[str]]:
-    rows, verdicts = [], []
+def named_ratios(references: list[str], ratios: list[float | None]) -> str:
+    return ", ".join(f"{ref} ordering ×{r:.2f}" for ref, r in zip(references, ratios) if r is not None)
+
+
+def faithfulness_rows(name: str, metrics: dict, references: list[str]) -> tuple[dict[str, list[list[object]]], list[str]]:
+    """Rows of the deletion, insertion and effects tables, and the verdicts per decision."""
+    rows: dict[str, list[list[object]]] = {"deletion": [], "insertion": [], "effects": []}
+    verdicts = []
+    orderings = ["", "_random", "_centre", *[f"_{ref}" for ref in references]]
     for label, suffix in (("match", "_match"), ("no match", "_no_match"), ("all", "")):
         n = metrics[f"n_pairs{suffix}"]
-        if not n:
-            rows.append([name, label, 0, *[None] * 14])
-            continue
-        m = {k: metrics[f"{k}{suffix}"] for k in (
-            "deletion_auc", "deletion_auc_random", "deletion_auc_centre", "deletion_auc_occlusion", "insertion_auc",
-            "insertion_auc_random", "insertion_auc_centre", "insertion_auc_occlusion", "effect_factual", "effect_counterfactual")}
-        deletion, insertion = ratio(m["deletion_auc"], m["deletion_auc_random"]), ratio(m["insertion_auc"], m["insertion_auc_random"])
-        occluded = (ratio(m["deletion_auc_occlusion"], m["deletion_auc_random"]), ratio(m["insertion_auc_occlusion"], m["insertion_auc_random"]))
-        rows.append([name, label, n, m["deletion_auc"], m["deletion_auc_random"], m["deletion_auc_centre"], m["deletion_auc_occlusion"],
-                     deletion, occluded[0], m["insertion_auc"], m["insertion_auc_random"], m["insertion_auc_centre"],
-                     m["insertion_auc_occlusion"], insertion, occluded[1], m["effect_factual"], m["effect_counterfactual"]])
-        if suffix:
+        rows["effects"].append([name, label, n, metrics.get(f"effect_factual{suffix}"), metrics.get(f"effect_counterfactual{suffix}")])
+        ratios = {}
+        for kind in ("deletion", "insertion"):
+            areas = [metrics.get(f"{kind}_auc{ordering}{suffix}") if n else None for ordering in orderings]
+            ratios[kind] = [ratio(area, areas[1]) if n else None for area in [areas[0], *areas[3:]]]
+            rows[kind].append([name, label, n, *areas, *ratios[kind]])
+        if suffix and n:
+            deletion, insertion = ratios["deletion"][0], ratios["insertion"][0]
             verdicts.append(f"{name}, {label} ({n} pairs): deletion ×{deletion:.2f} of random — {status(deletion <= DELETION_TARGET)} "
-                            f"(occlusion ordering ×{occluded[0]:.2f}); insertion ×{insertion:.2f} of random — "
-                            f"{status(insertion >= INSERTION_TARGET)} (occlusion ×{occluded[1]:.2f}).")
+                            f"({named_ratios(references, ratios['deletion'][1:])}); insertion ×{insertion:.2f} of random — "
+                            f"{status(insertion >= INSERTION_TARGET)} ({named_ratios(references, ratios['insertion'][1:])}).")
     return rows, verdicts
 
 
@@ -126,6 +130,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=DEFAULT_PAIRS, help="pairs sampled per data set, half similar (fewer: smoke run)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="points of each deletion/insertion curve after the first")
     parser.add_argument("--fill", choices=FILLS, default="blur")
+    parser.add_argument("--references", default=",".join(REFERENCES),
+                        help="comma-separated reference orderings read off the model (greedy costs ~h·w·steps/2 backbone passes per image)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=BACKBONE_BATCH, help="masked images per backbone pass (the engine's default: fastest on CPU)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of the effects timing (median)")
@@ -135,11 +141,15 @@ def main() -> None:
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     if not names or set(names) - set(DATASETS):
         parser.error(f"choose data sets from {', '.join(DATASETS)}")
+    references = [r.strip() for r in args.references.split(",") if r.strip()]
+    if set(references) - set(REFERENCES):
+        parser.error(f"choose reference orderings from {', '.join(REFERENCES)}")
 
     torch.set_num_threads(args.threads)
     default = load_bench_model(args.model)
     given = f"the model at {args.model}" if args.model else "the shipped model"
-    rows, verdicts, sources, sanity = [], [], [], []
+    rows: dict[str, list[list[object]]] = {"deletion": [], "insertion": [], "effects": []}
+    verdicts, sources, sanity = [], [], []
     held_sets = {name: held_apart(name) for name in names}
     for name, held in held_sets.items():
         model, source = model_for(name, default, given)
@@ -147,17 +157,19 @@ def main() -> None:
         log(f"{name}: {args.pairs} pairs of {len(held)} held-apart images, {args.steps} steps, fill {args.fill}")
         start = time.perf_counter()
         metrics = evaluate_explanations(model, held, max_pairs=args.pairs, steps=args.steps, fill=args.fill, seed=SEED, progress=True,
-                                        occlusion=True)
+                                        references=references)
         seconds = time.perf_counter() - start
-        part, verdict = faithfulness_rows(name, metrics)
-        rows += part
+        part, verdict = faithfulness_rows(name, metrics, references)
+        for kind, kind_rows in part.items():
+            rows[kind] += kind_rows
         verdicts += verdict
         sources.append(f"**{name}**: {len(held)} held-apart images; {source}; {seconds:.0f} s for {metrics['n_pairs']} pairs.")
         sanity.append(f"{name} {metrics['randomised_head_spearman']:.2f}")
-    table = markdown_table(["data set", "decision", "pairs", "deletion AUC", "random", "centre", "occlusion", "÷ random (≤ 0.5)",
-                            "occlusion ÷ random", "insertion AUC", "random", "centre", "occlusion", "÷ random (≥ 1.5)",
-                            "occlusion ÷ random", "effect factual", "effect counterfactual"], rows)
-    sections = ["\n".join(sources), table, "Targets: " + " ".join(verdicts)]
+    tables = [markdown_table(["data set", "decision", "pairs", f"{kind} AUC: factual map", "random", "centre", *references,
+                              f"factual ÷ random ({target})", *[f"{ref} ÷ random" for ref in references]], rows[kind])
+              for kind, target in (("deletion", f"≤ {DELETION_TARGET}"), ("insertion", f"≥ {INSERTION_TARGET}"))]
+    tables.append(markdown_table(["data set", "decision", "pairs", "effect factual", "effect counterfactual"], rows["effects"]))
+    sections = ["\n".join(sources), *tables, "Targets: " + " ".join(verdicts)]
     if "airbnb" in names:
         sections.append(effect_timing(default, held_sets["airbnb"], args.repeats))
     notes = f"""\
@@ -167,10 +179,14 @@ image (insertion) in {args.steps} equal steps, most important first by the map u
 other image untouched; the curve is the score of the decision made — the similarity for a pair decided
 match, 1 − similarity for no match (the factual map explains that score) — and its area is over x in
 [0, 1]. A faithful map has a small deletion area and a large insertion area. Baselines: a random map at
-feature resolution (14×14 at 448 px, 7×7 at 224 px) and a centre-first map, upsampled the same way. Reference: the
-occlusion ordering, each feature cell's pixel block filled on its own and the pair re-scored (its measured drop of the
-decision score is the cell's importance; h·w backbone passes per image), upsampled the same way. It is what the model
-itself says about single cells, so it shows how far any cell ordering gets on this model. Areas are averaged over both
+feature resolution (14×14 at 448 px, 7×7 at 224 px) and a centre-first map, upsampled the same way. References
+read off the model rather than explained (`--references`), upsampled the same way: the *occlusion* ordering, each
+feature cell's pixel block filled on its own and the pair re-scored (its measured drop of the decision score is the
+cell's importance; h·w backbone passes per image); the *greedy* ordering, searched step by step on the curve's own
+steps, each step removing the share of cells whose removal on top of the earlier ones leaves the lowest decision
+score (about h·w·steps/2 passes per image). Occlusion is blind to how cells act together; greedy is not, and shows
+how low a deletion area an ordering of cells does reach on this model (it was searched for deletion: its insertion
+figures are a by-product). Areas are averaged over both
 images of a pair, then over pairs; "÷ random" is the ratio of those means. Pairs: `--pairs` sampled from
 all held-apart pairs, half of them similar (same group / class), grouped by the model's decision.
 "effect factual / counterfactual": mean change of the decision score when the top {DEFAULT_AREA:.0%} of an

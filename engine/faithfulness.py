@@ -11,10 +11,12 @@ re-scores the pair with the full head, the other image left untouched:
   for a non-match: the factual map explains that score), its area is taken over x in [0, 1]. A
   faithful map gives a small deletion area and a large insertion area. The same curves for a random
   map and for a centre-first map (image centre most important) are the baselines; every ordering is an
-  h×w map upsampled the same way, so none of them is favoured by its shape. On request, an
-  *occlusion* ordering is measured too: each feature cell's block of pixels filled on its own and the
-  pair re-scored (h·w backbone passes per image). It is read off the model rather than explained, so
-  it shows how low a deletion area any ordering of cells can reasonably reach on this model.
+  h×w map upsampled the same way, so none of them is favoured by its shape. On request, reference
+  orderings read off the model rather than explained are measured too: *occlusion* (each feature
+  cell's block of pixels filled on its own and the pair re-scored; h·w backbone passes per image) and
+  *greedy* (cells removed step by step, each step taking those whose removal, on top of the earlier
+  ones, lowers the score most). The greedy one shows how low a deletion area some ordering of cells
+  does reach on this model; occlusion, blind to how cells act together, does not.
 * **Effects**: each of the four maps of an explanation, its top ``area`` fraction of the image's
   pixels (20% by default) filled, re-scored: "masking the factual region of image b lowers the
   similarity from 0.91 to 0.37". All masked variants of k explanations share batched backbone passes.
@@ -47,7 +49,8 @@ if TYPE_CHECKING:
 
 FILLS = ("blur", "mean")
 ORDERINGS = ("factual", "random", "centre")
-OCCLUSION = "occlusion"
+OCCLUSION, GREEDY = "occlusion", "greedy"
+REFERENCES = (OCCLUSION, GREEDY)
 DEFAULT_FILL = "blur"
 DEFAULT_AREA = 0.2
 DEFAULT_STEPS = 16
@@ -183,7 +186,7 @@ class Curve:
 @dataclass
 class PairCurves:
     """Curves of one pair: ``curves[side][ordering]`` for side ``a``/``b`` and ordering in ``ORDERINGS``
-    (and ``OCCLUSION`` when measured)."""
+    (and the ``REFERENCES`` measured)."""
 
     similarity: float
     is_match: bool
@@ -215,26 +218,26 @@ def curves_from_tensors(
     steps: int = DEFAULT_STEPS,
     fill: str = DEFAULT_FILL,
     rng: np.random.Generator | None = None,
-    occlusion: bool = False,
+    references: Sequence[str] = (),
 ) -> PairCurves:
     """Deletion/insertion curves of a pair (pixels and feature maps of a and b, stacked 2×...), for
-    both images, for the factual map and the baselines (and the occlusion ordering if asked);
-    2·(3·2·(steps − 1) + 1) masked images in batched backbone passes (the fully filled image is shared
-    by all orderings), plus 2·(2·(steps − 1) + h·w) for the occlusion ordering."""
+    both images, for the factual map and the baselines, and for the reference orderings named in
+    ``references`` (``REFERENCES``); 2·(3·2·(steps − 1) + 1) masked images in batched backbone passes
+    (the fully filled image is shared by all orderings), plus 2·2·(steps − 1) per reference and what
+    the reference's search costs (``occlusion_maps``, ``greedy_deletion_maps``)."""
     if steps < 2:
         raise ValueError(f"steps must be at least 2, got {steps}")
     rng = rng if rng is not None else np.random.default_rng(0)
     size = tuple(pixels.shape[-2:])
     cells = tuple(fmaps.shape[-2:])
     filled = fill_pixels(pixels, fill)
-    measured = occlusion_maps(model, pixels, filled, fmaps, explanation) if occlusion else {}
+    measured = {name: reference_maps(name, model, pixels, filled, fmaps, explanation, steps) for name in references}
     counts = [round(t / steps * size[0] * size[1]) for t in range(1, steps)]
     variants = Variants(pixels, filled, [], [], [], [])
     layout: dict[str, dict[str, slice]] = {}
     for side, own in (("a", 0), ("b", 1)):
         orderings = {"factual": getattr(explanation, f"factual_{side}"), "random": random_map(cells, rng), "centre": centre_map(cells)}
-        if occlusion:
-            orderings[OCCLUSION] = measured[side]
+        orderings.update({name: maps[side] for name, maps in measured.items()})
         tie_break = random_map(cells, rng)
         masks = [torch.zeros(size, dtype=torch.bool)]
         layout[side] = {}
@@ -260,27 +263,80 @@ def curves_from_tensors(
     return PairCurves(explanation.similarity, explanation.is_match, curves)
 
 
+def _cell_blocks(size: tuple[int, int], cells: tuple[int, int]) -> list[tuple[slice, slice]]:
+    """The pixel block of each feature cell, row by row (edges rounded, so the blocks tile the image)."""
+    (height, width), (h, w) = size, cells
+    rows = [round(i * height / h) for i in range(h + 1)]
+    cols = [round(j * width / w) for j in range(w + 1)]
+    return [(slice(rows[i], rows[i + 1]), slice(cols[j], cols[j + 1])) for i in range(h) for j in range(w)]
+
+
+def _keep_all_but(size: tuple[int, int], blocks: Sequence[tuple[slice, slice]], removed: Sequence[int]) -> Tensor:
+    keep = torch.ones(size, dtype=torch.bool)
+    for cell in removed:
+        keep[blocks[cell]] = False
+    return keep
+
+
+def _score_removals(model: SimilarityModel, pixels: Tensor, filled: Tensor, fmaps: Tensor, explanation: PairExplanation,
+                    own: int, blocks: Sequence[tuple[slice, slice]], removals: Sequence[Sequence[int]]) -> np.ndarray:
+    """Decision scores of image ``own`` with each set of cell blocks filled, against the other image."""
+    size = tuple(pixels.shape[-2:])
+    variants = Variants(pixels, filled, [own] * len(removals), [_keep_all_but(size, blocks, cells) for cells in removals],
+                        [fmaps[1 - own]] * len(removals), [own == 0] * len(removals))
+    return decision_score(score_variants(model, variants), explanation.is_match)
+
+
+def reference_maps(name: str, model: SimilarityModel, pixels: Tensor, filled: Tensor, fmaps: Tensor,
+                   explanation: PairExplanation, steps: int = DEFAULT_STEPS) -> dict[str, np.ndarray]:
+    """The maps of reference ordering ``name`` (one of ``REFERENCES``) for images a and b."""
+    if name == OCCLUSION:
+        return occlusion_maps(model, pixels, filled, fmaps, explanation)
+    if name == GREEDY:
+        return greedy_deletion_maps(model, pixels, filled, fmaps, explanation, steps)
+    raise ValueError(f"unknown reference ordering {name!r}; choose from {', '.join(REFERENCES)}")
+
+
 def occlusion_maps(model: SimilarityModel, pixels: Tensor, filled: Tensor, fmaps: Tensor,
                    explanation: PairExplanation) -> dict[str, np.ndarray]:
     """Per image, each feature cell's measured importance for the decision made: how much the
     decision score falls when that cell's block of pixels alone is filled (negative: it rises)."""
-    size, (h, w) = tuple(pixels.shape[-2:]), tuple(fmaps.shape[-2:])
-    rows = [round(i * size[0] / h) for i in range(h + 1)]
-    cols = [round(j * size[1] / w) for j in range(w + 1)]
-    variants = Variants(pixels, filled, [], [], [], [])
-    for own in (0, 1):
-        for i in range(h):
-            for j in range(w):
-                keep = torch.ones(size, dtype=torch.bool)
-                keep[rows[i] : rows[i + 1], cols[j] : cols[j + 1]] = False
-                variants.source.append(own)
-                variants.keep.append(keep)
-                variants.partners.append(fmaps[1 - own])
-                variants.masked_is_a.append(own == 0)
-    scores = decision_score(score_variants(model, variants), explanation.is_match)
+    cells = tuple(fmaps.shape[-2:])
+    blocks = _cell_blocks(tuple(pixels.shape[-2:]), cells)
     original = float(decision_score(explanation.similarity, explanation.is_match))
-    drops = (original - scores).astype(np.float32).reshape(2, h, w)
-    return {"a": drops[0], "b": drops[1]}
+    singles = [[cell] for cell in range(len(blocks))]
+    return {side: (original - _score_removals(model, pixels, filled, fmaps, explanation, own, blocks, singles)).astype(np.float32).reshape(cells)
+            for own, side in ((0, "a"), (1, "b"))}
+
+
+def greedy_deletion_maps(model: SimilarityModel, pixels: Tensor, filled: Tensor, fmaps: Tensor,
+                         explanation: PairExplanation, steps: int = DEFAULT_STEPS) -> dict[str, np.ndarray]:
+    """Per image, a cell ordering searched on the model itself to make the deletion curve fall fast:
+    at each of the curve's ``steps``, every cell not yet removed is tried on top of those removed so
+    far and the step's share of cells is taken from those whose removal leaves the lowest decision
+    score. Unlike the occlusion ordering it sees how cells act together (a match resting on many
+    redundant parts survives the loss of any one), so it shows how low a deletion area some map can
+    reach on this model. About h·w·steps/2 backbone passes per image: a reference, not an explanation.
+    Importance falls with the order of removal (the first cell removed has the largest)."""
+    cells = tuple(fmaps.shape[-2:])
+    blocks = _cell_blocks(tuple(pixels.shape[-2:]), cells)
+    n = len(blocks)
+    maps = {}
+    for own, side in ((0, "a"), (1, "b")):
+        removed: list[int] = []
+        for t in range(1, steps + 1):
+            taken = set(removed)
+            rest = [cell for cell in range(n) if cell not in taken]
+            need = round(t / steps * n) - len(removed)
+            if 0 < need < len(rest):
+                scores = _score_removals(model, pixels, filled, fmaps, explanation, own, blocks, [[*removed, cell] for cell in rest])
+                removed += [rest[k] for k in np.argsort(scores, kind="stable")[:need]]
+            elif need > 0:
+                removed += rest
+        importance = np.empty(n, np.float32)
+        importance[removed] = np.arange(n, 0, -1, dtype=np.float32)
+        maps[side] = importance.reshape(cells)
+    return maps
 
 
 def pair_curves(
@@ -411,13 +467,14 @@ def evaluate_explanations(
     seed: int = 0,
     progress: bool = False,
     on_pair: Callable[[PairCurves], None] | None = None,
-    occlusion: bool = False,
+    references: Sequence[str] = (),
 ) -> dict[str, float | None]:
     """Mean deletion/insertion areas of the factual maps and of the baselines over sampled pairs of
     ``data``, overall and per decision (keys suffixed ``_match`` / ``_no_match``), the mean effects
     (``decision_changes``) and the mean rank correlation between the trained and the randomised
-    head's maps (``randomised_head_spearman``, see ``engine.sanity``). ``occlusion`` adds the occlusion
-    ordering's areas (``deletion_auc_occlusion``, ...; h·w more backbone passes per image)."""
+    head's maps (``randomised_head_spearman``, see ``engine.sanity``). ``references`` adds the areas of
+    those reference orderings (``deletion_auc_occlusion``, ``deletion_auc_greedy``, ...; see
+    ``curves_from_tensors`` for their cost)."""
     from engine.sanity import map_rank_correlations, randomised_copy
 
     pairs = sample_pairs(data.groups, max_pairs, seed)
@@ -429,7 +486,7 @@ def evaluate_explanations(
         pixels = model.pixels([data.paths[a], data.paths[b]])
         fmaps = model.fmaps_from_pixels(pixels)
         explanation = model.explain_feature_maps(fmaps[:1], fmaps[1:], method)[0]
-        result = curves_from_tensors(model, pixels, fmaps, explanation, steps=steps, fill=fill, rng=rng, occlusion=occlusion)
+        result = curves_from_tensors(model, pixels, fmaps, explanation, steps=steps, fill=fill, rng=rng, references=references)
         effects = effects_from_tensors(model, pixels[:1], fmaps[:1], pixels[1:], fmaps[1:], [explanation], fill=fill)[0]
         rows.append((result.is_match, {**result.aucs(), **decision_changes(explanation, effects)}))
         correlations.append(map_rank_correlations(model.net, randomised.net, fmaps[:1], fmaps[1:], method)["mean"])

@@ -76,9 +76,34 @@ def test_occlusion_ordering_measures_each_cell_by_masking_it_alone(model, photos
     by_hand = model.score_fmaps(fmaps[:1], model.fmaps_from_pixels(masked))[0]
     drop = decision(explanation.similarity, explanation.is_match) - decision(float(by_hand), explanation.is_match)
     assert maps["b"][i, j] == pytest.approx(drop, abs=1e-5)
-    result = fa.curves_from_tensors(model, pixels, fmaps, explanation, steps=3, occlusion=True)
+    result = fa.curves_from_tensors(model, pixels, fmaps, explanation, steps=3, references=[fa.OCCLUSION])
     assert set(result.curves["a"]) == {*fa.ORDERINGS, fa.OCCLUSION}
     assert {"deletion_auc_occlusion", "insertion_auc_occlusion"} <= set(result.aucs())
+
+
+def top_cells(importance: np.ndarray, k: int) -> set[int]:
+    return set(np.argsort(-importance.flatten(), kind="stable")[:k].tolist())
+
+
+def test_greedy_ordering_starts_with_the_cells_whose_loss_alone_costs_most(model, photos):
+    pixels = model.pixels([photos["cat"], photos["cat_crop"]])
+    fmaps = model.fmaps_from_pixels(pixels)
+    explanation = model.explain_feature_maps(fmaps[:1], fmaps[1:])[0]
+    filled = fa.fill_pixels(pixels, "blur")
+    steps = 4
+    greedy = fa.greedy_deletion_maps(model, pixels, filled, fmaps, explanation, steps)
+    occlusion = fa.occlusion_maps(model, pixels, filled, fmaps, explanation)
+    n = fmaps.shape[-2] * fmaps.shape[-1]
+    first_step = round(n / steps)
+    for side in "ab":
+        assert greedy[side].shape == fmaps.shape[-2:]
+        assert sorted(greedy[side].flatten().tolist()) == list(range(1, n + 1))
+        # The first step searches single cells, which is what occlusion measures: the same cells come first.
+        assert top_cells(greedy[side], first_step) == top_cells(occlusion[side], first_step)
+    result = fa.curves_from_tensors(model, pixels, fmaps, explanation, steps=steps, references=fa.REFERENCES)
+    assert {f"{kind}_auc_{name}" for kind in ("deletion", "insertion") for name in fa.REFERENCES} <= set(result.aucs())
+    with pytest.raises(ValueError, match="unknown reference"):
+        fa.curves_from_tensors(model, pixels, fmaps, explanation, steps=steps, references=["oracle"])
 
 
 def test_unmasked_variant_scores_the_original_pair(model, photos):
