@@ -13,7 +13,8 @@ shows each method at its default threshold.
   cosine similarity.
 
 Wall time is for the held-apart images from files to pairs: decode + encode + pair search (+ head re-scoring
-for whymatch), 2 threads, model construction excluded.
+for whymatch), 2 threads, model construction excluded. The notes add the bare backbone forward pass over the
+same photos at 224 and 448 px: no CNN-based method can run faster than that here.
 
     .venv/bin/python benchmarks/dedup.py            # records docs/benchmarks.md
 """
@@ -27,12 +28,15 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from common import add_model_option, command_line, load_bench_model, markdown_table, record, shared_data
+from common import add_model_option, command_line, load_bench_model, markdown_table, median_time, record, shared_data
 from engine.data import LabelledImages, load_labelled_images, split
 from engine.metrics import all_pairs
 
 THREADS = 2
+FLOOR_REPEATS = 5
+FLOOR_SIZES = (224, 448)
 HOLDOUT, SEED = 0.3, 0
 PHASH_DEFAULT, CNN_DEFAULT = 10, 0.9
 
@@ -141,6 +145,14 @@ def cnn_scores(cnn, data: LabelledImages, workdir: Path, min_similarity: float, 
     return _pairs(found, names, float), seconds
 
 
+def backbone_floor(model, data: LabelledImages, size: int) -> float:
+    """Seconds of the bare backbone forward over ``data`` at ``size`` px (pixels decoded beforehand, the
+    engine's batches and precision): what any CNN method pays on this machine before decoding or matching."""
+    pixels = [F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True)
+              for batch in model.pixel_batches(data.paths)]
+    return median_time(lambda: [model.fmaps_from_pixels(batch) for batch in pixels], FLOOR_REPEATS)
+
+
 def _pairs(found: dict, names: dict[str, str], to_score) -> dict[Pair, float]:
     pairs: dict[Pair, float] = {}
     for name, duplicates in found.items():
@@ -193,6 +205,7 @@ def main() -> None:
             rows.append([name, f"default ({default_label})", p, r, f1, f"{seconds_default:.1f}"])
             print(markdown_table(["method", "threshold", "precision", "recall", "F1", "wall s"], rows[-2:]), flush=True)
 
+    floors = {size: backbone_floor(model, held, size) for size in FLOOR_SIZES}
     table = markdown_table(["method", "threshold", "precision", "recall", "F1", "wall s (held-apart set)"], rows)
     ours_f1, ours_time = rows[0][4], float(rows[0][5])
     others = rows[2:]
@@ -204,7 +217,11 @@ def main() -> None:
         f"{best_other[4]:.3f} ({best_other[0]}), {'met' if ours_f1 > best_other[4] else '**not met**'}; ahead on time — "
         f"{ours_time:.1f} s vs the fastest other {fastest_other:.1f} s, "
         f"{'met' if ours_time < fastest_other else '**not met**'}. Wall time counts decode, encode and pair search "
-        f"(and for whymatch the head re-scoring of the k-NN candidates) with {THREADS} threads."
+        f"(and for whymatch the head re-scoring of the k-NN candidates) with {THREADS} threads. "
+        f"The floor of any CNN method on this CPU, the bare backbone forward pass over the same {len(held)} photos "
+        f"(decoded beforehand, batches of {model.batch_size}, the engine's precision; median of {FLOOR_REPEATS}): "
+        + ", ".join(f"{floors[size]:.2f} s at {size} px" for size in FLOOR_SIZES)
+        + f" (the shipped model works at {model.config.input_size} px)."
     )
     print(table)
     print(notes)
