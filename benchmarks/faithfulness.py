@@ -191,8 +191,9 @@ images of a pair, then over pairs; "÷ random" is the ratio of those means. Pair
 all held-apart pairs, half of them similar (same group / class), grouped by the model's decision.
 "effect factual / counterfactual": mean change of the decision score when the top {DEFAULT_AREA:.0%} of an
 image by that map is filled (negative: the region carried evidence for the decision; positive: against it).
-Pairs decided no match with a similarity near 0 keep 1 − similarity ≈ 1 whatever is blurred (blurring one
-photo never makes two different rooms alike), so all their curves are flat and their ratios sit at 1.
+Pairs decided no match with a similarity near 0 keep 1 − similarity ≈ 1 under most blurs (blurring one photo
+rarely makes two different rooms alike), so their curves are nearly flat and their ratios sit near 1; only the
+greedy search finds blurs that raise such a pair's similarity.
 Sanity check (Adebayo et al. 2018): mean Spearman correlation between the maps of the trained head and of
 a copy with re-initialised projections, same feature maps: {", ".join(sanity)} (1 would mean the maps
 ignore the trained weights). torch threads: {args.threads}; {args.batch_size} masked images per backbone pass; times
