@@ -97,8 +97,8 @@ def faithfulness_rows(name: str, metrics: dict, references: list[str]) -> tuple[
         rows["effects"].append([name, label, n, metrics.get(f"effect_factual{suffix}"), metrics.get(f"effect_counterfactual{suffix}")])
         ratios = {}
         for kind in ("deletion", "insertion"):
-            areas = [metrics.get(f"{kind}_auc{ordering}{suffix}") if n else None for ordering in orderings]
-            ratios[kind] = [ratio(area, areas[1]) if n else None for area in [areas[0], *areas[3:]]]
+            areas = [metrics.get(f"{kind}_auc{ordering}{suffix}") for ordering in orderings]
+            ratios[kind] = [ratio(area, areas[1]) for area in [areas[0], *areas[3:]]]
             rows[kind].append([name, label, n, *areas, *ratios[kind]])
         if suffix and n:
             deletion, insertion = ratios["deletion"][0], ratios["insertion"][0]
