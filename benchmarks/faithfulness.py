@@ -26,7 +26,7 @@ from common import (
     command_line,
     load_bench_model,
     markdown_table,
-    median_time,
+    median_times,
     record,
     shared_data,
 )
@@ -111,10 +111,10 @@ def faithfulness_rows(name: str, metrics: dict, references: list[str]) -> tuple[
 
 
 def effect_timing(model: SimilarityModel, data: LabelledImages, repeats: int) -> str:
-    """One pair from paths: the explanation alone against the explanation with its effects."""
+    """One pair from paths: the explanation alone against the explanation with its effects, timed in
+    alternation so that the machine's drift weighs on both sides of the ratio."""
     a, b = data.paths[0], data.paths[1]
-    explain = median_time(lambda: model.explain(a, [b]), repeats)
-    both = median_time(lambda: model.explain(a, [b], effects=True), repeats)
+    explain, both = median_times([lambda: model.explain(a, [b]), lambda: model.explain(a, [b], effects=True)], repeats)
     table = markdown_table(["call (one AirBnB pair from paths)", "median s", "× explanation"], [
         ["`model.explain(a, [b])`", f"{explain:.3f}", "1.00"],
         ["`model.explain(a, [b], effects=True)`", f"{both:.3f}", f"{both / explain:.2f}"],
@@ -136,7 +136,7 @@ def main() -> None:
                         help="comma-separated reference orderings read off the model (greedy costs ~h·w·steps/2 backbone passes per image)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=BACKBONE_BATCH, help="masked images per backbone pass (the engine's default: fastest on CPU)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs of the effects timing (median)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs of the effects timing (median)")
     parser.add_argument("--record", action="store_true", help="record docs/benchmarks.md even for a smoke run")
     add_model_option(parser)
     args = parser.parse_args()
@@ -198,8 +198,8 @@ rarely makes two different rooms alike), so their curves are nearly flat and the
 greedy search finds blurs that raise such a pair's similarity.
 Sanity check (Adebayo et al. 2018): mean Spearman correlation between the maps of the trained head and of
 a copy with re-initialised projections, same feature maps: {", ".join(sanity)} (1 would mean the maps
-ignore the trained weights). torch threads: {args.threads}; {args.batch_size} masked images per backbone pass; times
-are medians of {args.repeats} runs after a warm-up."""
+ignore the trained weights). torch threads: {args.threads}; {args.batch_size} masked images per backbone pass; the two
+calls of the timing are timed in alternation, medians of {args.repeats} rounds after a warm-up."""
     smoke = args.pairs != DEFAULT_PAIRS
     if smoke:
         notes += f"\n\n**Smoke run** (`--pairs {args.pairs}`): not comparable with the full figures."

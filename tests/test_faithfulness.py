@@ -110,7 +110,7 @@ def test_unmasked_variant_scores_the_original_pair(model, photos):
     pixels = model.pixels([photos["cat"], photos["coffee"]])
     fmaps = model.fmaps_from_pixels(pixels)
     keep = torch.ones(pixels.shape[-2:], dtype=torch.bool)
-    variants = fa.Variants(pixels, fa.fill_pixels(pixels), [0, 1], [keep, keep], [fmaps[1], fmaps[0]], [True, False])
+    variants = fa.Variants(pixels, fa.fill_pixels(pixels), fmaps, [0, 1], [keep, keep], [1, 0], [True, False])
     expected = model.score_fmaps(fmaps[:1], fmaps[1:])[0]
     np.testing.assert_allclose(fa.score_variants(model, variants), [expected, expected], atol=1e-6)
 
