@@ -7,15 +7,38 @@ import sys
 from pathlib import Path
 
 import click
-import torch
+import numpy as np
 
 from engine.config import ModelConfig, Settings
-from engine.data import load_labelled_images, split
+from engine.data import LabelledImages, load_labelled_images, readable_paths, split
 from engine.errors import ImageLoadError, WeightsNotInstalledError
 
 
 def _settings(ctx: click.Context) -> Settings:
     return ctx.obj if isinstance(ctx.obj, Settings) else Settings()
+
+
+def _labelled_images(data_dir: Path, form: str | None, groups_csv: Path | None, input_size: int,
+                     holdout: float = 0.0, seed: int = 0, held_apart: bool = False) -> LabelledImages:
+    """The data set a command runs on (the kept or the held-apart side of a --holdout split), its
+    unreadable files left out and reported on stderr."""
+    try:
+        data = load_labelled_images(data_dir, form, groups_csv)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if holdout > 0:
+        data = data.subset(split(data, holdout, seed)[1 if held_apart else 0])
+    kept, skipped = readable_paths(data.paths, input_size)
+    for path, reason in skipped:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    if not kept:
+        raise click.ClickException(f"no readable image in {data_dir}")
+    return data.subset(kept)
+
+
+def _number(value: object) -> int | float:
+    """A metric for JSON: counts stay integers, everything else is a float (numpy scalars included)."""
+    return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else float(value)
 
 
 def _load(ctx: click.Context, model_path: Path | None):
@@ -36,16 +59,16 @@ def _load(ctx: click.Context, model_path: Path | None):
 @click.option("--preset", type=click.Choice(["whymatch", "paper"]), default="whymatch", show_default=True)
 @click.option("--backbone", default=None, help="Registered backbone (mobilenet_v2, efficientnet_lite0, ...).")
 @click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False), default=None, help="Local state_dict for backbones without packaged weights.")
-@click.option("--input-size", type=int, default=None)
-@click.option("--embed-dim", type=int, default=None)
+@click.option("--input-size", type=click.IntRange(min=32), default=None)
+@click.option("--embed-dim", type=click.IntRange(min=1), default=None)
 @click.option("--tuned-blocks", type=click.IntRange(min=0), default=None, help="Fine-tune the backbone's last N blocks with the head (default 0: frozen backbone).")
-@click.option("--holdout", type=float, default=0.0, show_default=True, help="Fraction of groups held apart (never trained on, for benchmarks).")
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="Fraction of groups held apart (never trained on, for benchmarks).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--epochs", type=int, default=40, show_default=True)
-@click.option("--patience", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=3e-4, show_default=True)
-@click.option("--lr-decay", type=float, default=1.0, show_default=True, help="Multiply the learning rate by this after two epochs without a better validation score (1: constant).")
-@click.option("--crop-min", type=float, default=1.0, show_default=True, help="Train on random windows of the cached feature maps covering at least this fraction of their area (1: whole maps).")
+@click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--patience", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-4, show_default=True)
+@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Multiply the learning rate by this after two epochs without a better validation score (1: constant).")
+@click.option("--crop-min", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Train on random windows of the cached feature maps covering at least this fraction of their area (1: whole maps).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/resume.pt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the inner-validation metrics as JSON.")
 @click.pass_context
@@ -58,13 +81,12 @@ def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_c
 
     settings = _settings(ctx)
     if settings.threads:
+        import torch
+
         torch.set_num_threads(settings.threads)
-    data = load_labelled_images(data_dir, form, groups_csv)
-    if holdout > 0:
-        kept, _ = split(data, holdout, seed)
-        data = data.subset(kept)
     config = ModelConfig.for_preset(preset, backbone=backbone, backbone_weights=backbone_weights, input_size=input_size,
                                     embed_dim=embed_dim, tuned_blocks=tuned_blocks)
+    data = _labelled_images(data_dir, form, groups_csv, config.input_size, holdout, seed)
     command = "whymatch " + " ".join(sys.argv[1:])
     try:
         options = TrainOptions(epochs=epochs, patience=patience, learning_rate=lr, lr_decay=lr_decay, crop_min=crop_min,
@@ -74,7 +96,7 @@ def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_c
     except (WeightsNotInstalledError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
-        click.echo(json.dumps({k: float(v) for k, v in metrics.items()}))
+        click.echo(json.dumps({k: _number(v) for k, v in metrics.items()}))
     else:
         click.echo(f"saved {out_dir}; inner validation: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
@@ -128,13 +150,13 @@ def compare_command(ctx: click.Context, image_a: Path, image_b: Path, out: Path 
 @click.option("--gallery", "galleries", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True, help="Extra distractor folders searched too.")
 @click.option("--form", type=click.Choice(["groups", "classes"]), default=None)
 @click.option("--groups-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
-@click.option("--holdout", type=float, default=0.0, help="Evaluate only on the held-apart split of --data (as train --holdout with the same --seed).")
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.0, help="Evaluate only on the held-apart split of --data (as train --holdout with the same --seed).")
 @click.option("--seed", type=int, default=0)
 @click.option("--model", "model_path", type=click.Path(exists=True, path_type=Path), default=None)
 @click.option("--explanations", is_flag=True, help="Instead: faithfulness of the factual maps (deletion/insertion areas "
               "against random and centre-first orderings) on sampled pairs.")
-@click.option("--max-pairs", type=int, default=100, show_default=True, help="With --explanations: pairs sampled, half similar.")
-@click.option("--steps", type=int, default=16, show_default=True, help="With --explanations: points of each curve after the first.")
+@click.option("--max-pairs", type=click.IntRange(min=1), default=100, show_default=True, help="With --explanations: pairs sampled, half similar.")
+@click.option("--steps", type=click.IntRange(min=2), default=16, show_default=True, help="With --explanations: points of each curve after the first.")
 @click.option("--fill", type=click.Choice(["blur", "mean"]), default="blur", show_default=True, help="With --explanations: what removed pixels become.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -148,9 +170,7 @@ def eval_command(ctx: click.Context, data_dir: Path, galleries: tuple[Path, ...]
     from engine.faithfulness import evaluate_explanations
 
     model = _load(ctx, model_path)
-    data = load_labelled_images(data_dir, form, groups_csv)
-    if holdout > 0:
-        data = data.subset(split(data, holdout, seed)[1])
+    data = _labelled_images(data_dir, form, groups_csv, model.config.input_size, holdout, seed, held_apart=True)
     if explanations:
         metrics = evaluate_explanations(model, data, max_pairs=max_pairs, steps=steps, fill=fill, seed=seed, progress=sys.stderr.isatty())
         if as_json:
@@ -161,10 +181,14 @@ def eval_command(ctx: click.Context, data_dir: Path, galleries: tuple[Path, ...]
         return
     fmaps = model.feature_maps(data.paths)
     gallery_paths = [p for g in galleries for p in list_images(g)]
+    readable, skipped = readable_paths(gallery_paths, model.config.input_size)
+    for path, reason in skipped:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    gallery_paths = [gallery_paths[i] for i in readable]
     gallery = model.feature_maps(gallery_paths) if gallery_paths else None
     metrics = evaluate_fmaps(model.net, fmaps, data.groups, data.form, model.threshold, gallery_fmaps=gallery, seed=seed)
     if as_json:
-        click.echo(json.dumps({k: float(v) for k, v in metrics.items()}))
+        click.echo(json.dumps({k: _number(v) for k, v in metrics.items()}))
         return
     for key, value in metrics.items():
         click.echo(f"{key:>24}  {value:.4f}" if isinstance(value, float) else f"{key:>24}  {value}")

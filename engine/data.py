@@ -20,7 +20,8 @@ from typing import Literal
 
 import numpy as np
 
-from engine.images import image_sha256
+from engine.errors import ImageLoadError
+from engine.images import image_sha256, load_pixels
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 Form = Literal["groups", "classes"]
@@ -91,6 +92,21 @@ def load_labelled_images(root: str | Path, form: Form | None = None, groups_csv:
     else:
         groups = [default_group_key(n) for n in names]
     return LabelledImages(root, paths, groups, classes, form)
+
+
+def readable_paths(paths: list[Path], input_size: int) -> tuple[list[int], list[tuple[Path, str]]]:
+    """Positions of the files that decode, and (path, reason) for each that does not, so that one
+    broken file is left out and reported instead of stopping a run over thousands. Each file is
+    decoded once more, at the reduced size the model reads it (a few ms)."""
+    kept, skipped = [], []
+    for position, path in enumerate(paths):
+        try:
+            load_pixels(path, target_size=input_size)
+        except ImageLoadError as exc:
+            skipped.append((path, str(exc)))
+        else:
+            kept.append(position)
+    return kept, skipped
 
 
 def _read_groups_csv(path: Path) -> dict[str, str]:

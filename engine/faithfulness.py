@@ -421,9 +421,10 @@ def effects_from_tensors(
     return results
 
 
-def effect_sentences(explanation: PairExplanation) -> list[str]:
+def effect_sentences(explanation: PairExplanation, names: tuple[str, str] = ("image a", "image b")) -> list[str]:
     """The effects in words, e.g. "masking the factual region of image b (20% of its area, blurred)
-    lowers the similarity from 0.91 to 0.37"."""
+    lowers the similarity from 0.91 to 0.37"; ``names`` call images a and b otherwise (search: the
+    query and the match)."""
     effects = explanation.effects
     if not effects:
         return []
@@ -432,15 +433,16 @@ def effect_sentences(explanation: PairExplanation) -> list[str]:
     for name in MAP_NAMES:
         entry = effects.get(name)
         role, side = name.rsplit("_", 1)
+        image = names["ab".index(side)]
         if entry is None:
-            sentences.append(f"the {role} map of image {side} is empty: nothing to mask")
+            sentences.append(f"the {role} map of {image} is empty: nothing to mask")
             continue
         before, after = explanation.similarity, entry["masked_similarity"]
         if abs(after - before) < 0.005:
             verb = f"leaves the similarity at {before:.2f}"
         else:
             verb = f"{'raises' if after > before else 'lowers'} the similarity from {before:.2f} to {after:.2f}"
-        sentence = f"masking the {role} region of image {side} ({effects['area']:.0%} of its area, {filled}) {verb}"
+        sentence = f"masking the {role} region of {image} ({effects['area']:.0%} of its area, {filled}) {verb}"
         if entry["flips"]:
             sentence += f", which flips the decision to {'no match' if explanation.is_match else 'match'}"
         sentences.append(sentence)

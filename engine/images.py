@@ -30,15 +30,17 @@ import os
 import struct
 import zlib
 from collections.abc import Sequence
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import cv2
 import numpy as np
 import simplejpeg
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engine.errors import ImageLoadError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -406,8 +408,11 @@ def to_tensor(
     The *whole* image is squeezed to a square, not centre-cropped: for duplicate detection a
     change in the border matters as much as one in the middle.  OpenCV resizes (about 2.5× faster
     than Pillow here, which matters once the backbone runs at ~15 ms per image): pixel-area
-    averaging when the image shrinks (antialiased), bilinear when it grows.
+    averaging when the image shrinks (antialiased), bilinear when it grows. (torch is imported here,
+    not with the module, so that decoding alone, e.g. the CLI's checks, does not load it.)
     """
+    import torch
+
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     if len(mean) != 3 or len(std) != 3:

@@ -4,9 +4,32 @@ Uses only the engine's public API (``engine.load_model``, ``SimilarityModel`` me
 ``engine.images``, ``engine.metrics``, ``engine.figures``). Entry point: ``Catalogue``.
 """
 
-from indexer.dedup import DedupOptions, DedupReport
-from indexer.indexing import IndexOptions, IndexReport
-from indexer.search import Match, SearchResult
-from indexer.service import Catalogue
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from indexer.dedup import DedupOptions, DedupReport
+    from indexer.indexing import IndexOptions, IndexReport
+    from indexer.search import Match, SearchResult
+    from indexer.service import Catalogue
+
+# Exports load on first use, so that the ``whymatch`` command starts without importing torch and FAISS.
+_EXPORTS = {
+    "DedupOptions": "indexer.dedup",
+    "DedupReport": "indexer.dedup",
+    "IndexOptions": "indexer.indexing",
+    "IndexReport": "indexer.indexing",
+    "Match": "indexer.search",
+    "SearchResult": "indexer.search",
+    "Catalogue": "indexer.service",
+}
 
 __all__ = ["Catalogue", "DedupOptions", "DedupReport", "IndexOptions", "IndexReport", "Match", "SearchResult"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -30,6 +31,31 @@ def _catalogue(ctx: click.Context, model_path: Path | None = None):
     return catalogue
 
 
+def _indexed_catalogue(ctx: click.Context, model_path: Path | None) -> object:
+    """The catalogue search and dedup read: a clear error rather than an empty result when nothing is
+    indexed there yet, and no database file created by merely looking."""
+    from sqlalchemy.engine import make_url
+
+    settings = _settings(ctx)
+    hint = f"run `whymatch index FOLDER` first (data directory {settings.data_dir.resolve()}, set by WHYMATCH_DATA_DIR)"
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or ":memory:").is_file():
+        raise click.ClickException(f"no catalogue at {Path(url.database or ':memory:').resolve()}: {hint}")
+    catalogue = _catalogue(ctx, model_path)
+    if not catalogue.n_indexed():
+        raise click.ClickException(f"nothing is indexed with this model in {catalogue.db!r}: {hint}")
+    return catalogue
+
+
+def _check_listing_regex(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise click.BadParameter(f"not a regular expression: {exc}") from exc
+    return value
+
+
 _model_option = click.option("--model", "model_path", type=click.Path(exists=True, path_type=Path), default=None,
                              help="Checkpoint directory (default: WHYMATCH_MODEL_PATH or the shipped model).")
 
@@ -38,7 +64,7 @@ _model_option = click.option("--model", "model_path", type=click.Path(exists=Tru
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--rebuild", is_flag=True, help="Re-read and re-embed every file and build the FAISS index afresh.")
 @click.option("--index-factory", default=None, help="FAISS index_factory string (e.g. HNSW32, IVF1024,PQ32); default: by catalogue size.")
-@click.option("--listing-regex", default=None, help="Listing key from the path relative to the folder (named group 'listing' or group 1); default: the file's folder.")
+@click.option("--listing-regex", default=None, callback=_check_listing_regex, help="Listing key from the path relative to the folder (named group 'listing' or group 1); default: the file's folder.")
 @click.option("--max-pixels", type=int, default=None, help="Refuse images with more pixels (decompression bombs); default 60 MP.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's report as JSON.")
@@ -66,7 +92,7 @@ def explanation_lines(explanation) -> list[str]:
     lines = []
     if explanation.concepts is not None:
         lines.append(("both show: " if explanation.is_match else "differs: ") + describe_concepts(explanation.concepts))
-    return lines + effect_sentences(explanation)
+    return lines + effect_sentences(explanation, names=("the query", "the match"))
 
 
 @click.command("search")
@@ -87,11 +113,12 @@ def search_command(ctx: click.Context, query: Path, k: int, candidates: int | No
     """Find the catalogue images most similar to QUERY, re-scored by the Siamese head."""
     from engine.errors import ImageLoadError
 
-    catalogue = _catalogue(ctx, model_path)
+    if (concepts or effects) and explain_dir is None:
+        raise click.UsageError("--concepts and --effects describe explanations: give --explain DIR too")
+    catalogue = _indexed_catalogue(ctx, model_path)
     try:
         result = catalogue.search(query, k=k, candidates=candidates, exclude_self=not include_self,
-                                  explain_dir=explain_dir, method=method, effects=effects and explain_dir is not None,
-                                  concepts=concepts and explain_dir is not None)
+                                  explain_dir=explain_dir, method=method, effects=effects, concepts=concepts)
     except ImageLoadError as exc:
         raise click.ClickException(str(exc)) from exc
     for bad in result.unreadable:
@@ -113,7 +140,7 @@ def search_command(ctx: click.Context, query: Path, k: int, candidates: int | No
 
 
 @click.command("dedup")
-@click.option("--threshold", type=float, default=None, help="Keep pairs whose head score is at least this.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Keep pairs whose head score is at least this.")
 @click.option("--precision", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Calibrate the threshold for this precision on labelled pairs (--labels and/or reviews); stored per model.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -126,12 +153,13 @@ def search_command(ctx: click.Context, query: Path, k: int, candidates: int | No
 @click.pass_context
 def dedup_command(ctx: click.Context, threshold: float | None, precision: float | None, labels: Path | None, k: int,
                   min_index_similarity: float | None, as_json: bool, as_csv: bool, model_path: Path | None) -> None:
-    """Find duplicate photos and the listings that share them; results are stored for review."""
+    """Find duplicate photos and the listings that share them. Each run is stored, and the newest one is
+    the web page's review queue (reviewers' decisions on a pair carry over to later runs)."""
     if threshold is not None and precision is not None:
         raise click.UsageError("give --threshold or --precision, not both")
     if as_json and as_csv:
         raise click.UsageError("give --json or --csv, not both")
-    catalogue = _catalogue(ctx, model_path)
+    catalogue = _indexed_catalogue(ctx, model_path)
     try:
         report = catalogue.dedup(k=k, threshold=threshold, precision=precision, labels=labels,
                                  min_index_similarity=min_index_similarity)

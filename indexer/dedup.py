@@ -40,6 +40,7 @@ from indexer.db import Database
 from indexer.models import DedupCalibration, DedupRun, DuplicateGroup, DuplicatePair, Item
 
 MAX_EXACT_CLIQUE = 50  # larger sets of identical files are linked as a star, not every pair
+SUMMARY_GROUPS = 20  # duplicate groups the text summary lists (all are in --json / --csv)
 
 
 @dataclass
@@ -121,6 +122,11 @@ class DedupReport:
             c = self.calibration
             lines.append(f"calibrated for precision {c['precision_target']:g} on {c['n_pairs']} labelled pairs "
                          f"({c['n_positive']} duplicates): recall {c['recall']:.3f}")
+        if self.groups:
+            shown = sorted(self.groups, key=lambda g: (-g.max_score, -len(g.items)))[:SUMMARY_GROUPS]
+            lines.append(f"duplicate groups (highest score first{'' if len(shown) == len(self.groups) else f', {len(shown)} shown'}):")
+            for group in shown:
+                lines.append(f"  max {group.max_score:.3f}: " + ", ".join(group.sources))
         if self.listings:
             lines.append("listings sharing photos (strongest evidence first):")
             for share in self.listings[:50]:
@@ -265,7 +271,7 @@ def calibrate(scores: dict[tuple[int, int], float], labels: dict[int, str], revi
     s_arr, y_arr = np.asarray(s, np.float64), np.asarray(y, np.int64)
     if y_arr.sum() == 0:
         raise ValueError(f"no labelled duplicate among the {len(s)} labelled candidate pairs: cannot calibrate "
-                         "(give --labels with a path,group CSV covering the catalogue, or review some pairs)")
+                         "(review some pairs, or give labels: a path,group CSV covering the catalogue, the CLI's --labels)")
     threshold = threshold_for_precision(s_arr, y_arr, precision)
     kept = s_arr >= threshold
     return {"precision_target": precision, "threshold": float(threshold), "n_pairs": int(len(s)),

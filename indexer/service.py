@@ -88,6 +88,13 @@ class Catalogue:
             self._model_key = model_fingerprint(self.model)
         return self._model_key
 
+    def n_indexed(self) -> int:
+        """Items embedded with this model: what search and dedup can find."""
+        from indexer import crud
+
+        with self.db.session() as session:
+            return crud.count_embedded(session, self.model_key)
+
     # ------------------------------------------------------------------ operations
 
     def index(self, path: str | os.PathLike, *, rebuild: bool = False, index_factory: str | None = None,

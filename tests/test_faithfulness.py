@@ -245,6 +245,8 @@ def test_effect_sentences(model, photos):
     sentences = fa.effect_sentences(explanation)
     assert "lowers the similarity" in sentences[0]
     assert "empty" in sentences[3]
+    named = fa.effect_sentences(explanation, names=("the query", "the match"))
+    assert named[0].startswith("masking the factual region of the query") and named[3] == "the counterfactual map of the match is empty: nothing to mask"
     assert fa.effect_sentences(model.explain(photos["cat"], [photos["coffee"]])[0]) == []
 
 

@@ -154,5 +154,8 @@ def test_dedup_command_csv_and_json(tmp_path, tiny_model, tiny_checkpoint):  # n
     assert payload["threshold_source"] == "calibrated" and len(payload["groups"]) == 2 and payload["listings"]
     text = CliRunner().invoke(main, ["dedup", "-k", "4"], env=env)
     assert text.exit_code == 0 and "stored calibration" in text.stdout and "listing_2 ~ listing_8" in text.stdout
+    assert "duplicate groups" in text.stdout and all(source in text.stdout for source in group_2 | group_5)
+    out_of_range = CliRunner().invoke(main, ["dedup", "--threshold", "1.5"], env=env)
+    assert out_of_range.exit_code == 2 and "--threshold" in out_of_range.output
     both = CliRunner().invoke(main, ["dedup", "--threshold", "0.5", "--precision", "0.9"], env=env)
     assert both.exit_code != 0 and "not both" in both.output

@@ -191,6 +191,11 @@ def test_stale_or_missing_index_still_searches(indexed, tiny_model, tmp_path):
 def test_search_command(tmp_path, tiny_checkpoint):  # noqa: F811
     paths = write_catalogue(tmp_path / "photos", 5)
     env = {"WHYMATCH_DATA_DIR": str(tmp_path / "data"), "WHYMATCH_MODEL_PATH": str(tiny_checkpoint)}
+    before = CliRunner().invoke(main, ["search", str(paths[0])], env=env)
+    assert before.exit_code == 1 and "whymatch index" in before.output and str((tmp_path / "data").resolve()) in before.output
+    assert not (tmp_path / "data" / "whymatch.db").exists()
+    bad_regex = CliRunner().invoke(main, ["index", str(tmp_path / "photos"), "--listing-regex", "("], env=env)
+    assert bad_regex.exit_code == 2 and "--listing-regex" in bad_regex.output
     assert CliRunner().invoke(main, ["index", str(tmp_path / "photos")], env=env).exit_code == 0
     query = tmp_path / "query.jpg"
     edited(tiles()[3]).save(query)
@@ -202,6 +207,8 @@ def test_search_command(tmp_path, tiny_checkpoint):  # noqa: F811
     assert len(list((tmp_path / "why").glob("*.png"))) == 8
     text = CliRunner().invoke(main, ["search", str(paths[0]), "-k", "3"], env=env)
     assert text.exit_code == 0 and "3 matches" in text.stdout and str(paths[0]) not in text.stdout.split("source", 1)[1]
+    without_explain = CliRunner().invoke(main, ["search", str(paths[0]), "--effects"], env=env)
+    assert without_explain.exit_code == 2 and "--explain" in without_explain.output
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"nope")
     failed = CliRunner().invoke(main, ["search", str(bad)], env=env)

@@ -60,3 +60,28 @@ def test_compare_reports_a_broken_image_clearly(trained, tmp_path):
     result = CliRunner().invoke(main, ["compare", str(broken), str(next(folder.rglob("*.jpg"))), "--model", str(out)], env=env)
     assert result.exit_code != 0
     assert "broken.jpg" in result.output or "image" in result.output.lower()
+
+
+def test_eval_leaves_out_and_reports_a_broken_file(trained):
+    out, folder, env = trained
+    (folder / "room" / "city_9_0.jpg").write_bytes(b"not a photo")
+    result = CliRunner().invoke(main, ["eval", "--data", str(folder), "--form", "groups", "--model", str(out), "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.stderr and "city_9_0.jpg" in result.stderr
+    metrics = json.loads(result.stdout)
+    assert isinstance(metrics["n_queries"], int) and metrics["n_queries"] == 12
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--data", "{empty}"], 1, "no images"),
+    (["--data", "{folder}", "--groups-csv", "{bad_csv}"], 1, "path,group"),
+    (["--data", "{folder}", "--holdout", "1.5"], 2, "--holdout"),
+])
+def test_bad_eval_input_is_a_one_line_error(trained, tmp_path, args, code, message):
+    out, folder, env = trained
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.csv").write_text("file,listing\nroom/city_1_0.jpg,x\n")
+    values = {"empty": tmp_path / "empty", "folder": folder, "bad_csv": tmp_path / "bad.csv"}
+    result = CliRunner().invoke(main, ["eval", *[a.format(**values) for a in args], "--model", str(out)], env=env)
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import click
 import numpy as np
-import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from engine.data import list_images, load_labelled_images
@@ -89,6 +88,8 @@ def demo_catalogue(data_dir: Path, catalogue: Path | None) -> Path:
 def demo_command(ctx: click.Context, catalogue: Path | None, out_dir: Path, pairs: int, serve: bool, port: int) -> None:
     """Explain the best and worst matching pairs of a demo catalogue, then index it, find its duplicates
     and run an explained search."""
+    import torch
+
     from engine.evaluate import embedding_similarities
     from engine.explain import explain_fmaps
     from engine.figures import pair_figure
