@@ -28,12 +28,18 @@ def _labelled_images(data_dir: Path, form: str | None, groups_csv: Path | None, 
         raise click.ClickException(str(exc)) from exc
     if holdout > 0:
         data = data.subset(split(data, holdout, seed)[1 if held_apart else 0])
-    kept, skipped = readable_paths(data.paths, input_size)
-    for path, reason in skipped:
-        click.echo(f"skipped {path}: {reason}", err=True)
+    kept = _readable(data.paths, input_size)
     if not kept:
         raise click.ClickException(f"no readable image in {data_dir}")
     return data.subset(kept)
+
+
+def _readable(paths: list[Path], input_size: int) -> list[int]:
+    """Positions of the paths that decode; the others are listed on stderr."""
+    kept, skipped = readable_paths(paths, input_size)
+    for path, reason in skipped:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    return kept
 
 
 def _number(value: object) -> int | float:
@@ -181,10 +187,7 @@ def eval_command(ctx: click.Context, data_dir: Path, galleries: tuple[Path, ...]
         return
     fmaps = model.feature_maps(data.paths)
     gallery_paths = [p for g in galleries for p in list_images(g)]
-    readable, skipped = readable_paths(gallery_paths, model.config.input_size)
-    for path, reason in skipped:
-        click.echo(f"skipped {path}: {reason}", err=True)
-    gallery_paths = [gallery_paths[i] for i in readable]
+    gallery_paths = [gallery_paths[i] for i in _readable(gallery_paths, model.config.input_size)]
     gallery = model.feature_maps(gallery_paths) if gallery_paths else None
     metrics = evaluate_fmaps(model.net, fmaps, data.groups, data.form, model.threshold, gallery_fmaps=gallery, seed=seed)
     if as_json:

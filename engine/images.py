@@ -408,8 +408,8 @@ def to_tensor(
     The *whole* image is squeezed to a square, not centre-cropped: for duplicate detection a
     change in the border matters as much as one in the middle.  OpenCV resizes (about 2.5× faster
     than Pillow here, which matters once the backbone runs at ~15 ms per image): pixel-area
-    averaging when the image shrinks (antialiased), bilinear when it grows. (torch is imported here,
-    not with the module, so that decoding alone, e.g. the CLI's checks, does not load it.)
+    averaging when the image shrinks (antialiased), bilinear when it grows. torch is imported on
+    the first call, so that decoding alone (the CLI's checks of a data folder) does not load it.
     """
     import torch
 

@@ -7,10 +7,14 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from engine.config import Settings
+
+if TYPE_CHECKING:
+    from indexer.service import Catalogue
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -31,7 +35,7 @@ def _catalogue(ctx: click.Context, model_path: Path | None = None):
     return catalogue
 
 
-def _indexed_catalogue(ctx: click.Context, model_path: Path | None) -> object:
+def _indexed_catalogue(ctx: click.Context, model_path: Path | None) -> Catalogue:
     """The catalogue search and dedup read: a clear error rather than an empty result when nothing is
     indexed there yet, and no database file created by merely looking."""
     from sqlalchemy.engine import make_url
@@ -39,8 +43,8 @@ def _indexed_catalogue(ctx: click.Context, model_path: Path | None) -> object:
     settings = _settings(ctx)
     hint = f"run `whymatch index FOLDER` first (data directory {settings.data_dir.resolve()}, set by WHYMATCH_DATA_DIR)"
     url = make_url(settings.database_url)
-    if url.get_backend_name() == "sqlite" and not Path(url.database or ":memory:").is_file():
-        raise click.ClickException(f"no catalogue at {Path(url.database or ':memory:').resolve()}: {hint}")
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
+        raise click.ClickException(f"no catalogue at {Path(url.database).resolve()}: {hint}")
     catalogue = _catalogue(ctx, model_path)
     if not catalogue.n_indexed():
         raise click.ClickException(f"nothing is indexed with this model in {catalogue.db!r}: {hint}")
