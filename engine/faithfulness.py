@@ -103,9 +103,11 @@ def centre_map(shape: tuple[int, int]) -> np.ndarray:
 
 
 def importance_key(importance: np.ndarray, size: tuple[int, int], tie_break: np.ndarray) -> Tensor:
-    """Per-pixel sort key: the h×w map (plus a tiny tie-break) upsampled bilinearly to H×W."""
+    """Per-pixel sort key: the h×w map (plus a tiny tie-break) upsampled bilinearly to H×W; a stack
+    of m maps (m×h×w) gives m×H×W keys in one call."""
     cells = torch.from_numpy(np.asarray(importance, np.float32) + TIE_BREAK * tie_break)
-    return F.interpolate(cells[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    stacked = cells.reshape(-1, 1, *cells.shape[-2:])
+    return F.interpolate(stacked, size=size, mode="bilinear", align_corners=False).view(*cells.shape[:-2], *size)
 
 
 def pixel_ranks(key: Tensor) -> Tensor:
@@ -117,12 +119,13 @@ def pixel_ranks(key: Tensor) -> Tensor:
 
 
 def top_region(key: Tensor, area: float) -> Tensor:
-    """Boolean H×W mask of the ``area`` fraction of pixels with the largest key (exact count)."""
+    """Boolean mask of the ``area`` fraction of pixels with the largest key (exact count), for an
+    H×W key or, map by map, for a stack of them."""
     if not 0.0 < area <= 1.0:
         raise ValueError(f"area must be in (0, 1], got {area}")
-    flat = key.flatten()
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[torch.topk(flat, round(area * flat.numel()), sorted=False).indices] = True
+    flat = key.reshape(-1, key.shape[-2] * key.shape[-1])
+    mask = torch.zeros(flat.shape, dtype=torch.bool)
+    mask.scatter_(1, torch.topk(flat, round(area * flat.shape[1]), dim=1, sorted=False).indices, True)
     return mask.view_as(key)
 
 
@@ -154,10 +157,11 @@ def score_variants(model: SimilarityModel, variants: Variants) -> np.ndarray:
         return np.zeros(0, np.float32)
     masked = []
     for start in range(0, n, model.batch_size):
-        rows = range(start, min(start + model.batch_size, n))
-        index = torch.tensor([variants.source[r] for r in rows])
-        keep = torch.stack([variants.keep[r] for r in rows])[:, None]
-        masked.append(signatures(model.net, model.fmaps_from_pixels(torch.where(keep, variants.sources[index], variants.filled[index]))))
+        # lerp with a 0/1 weight returns either end exactly, and is faster than where's broadcast of a
+        # bool mask over channels-last pixels.
+        batch = torch.cat([torch.lerp(variants.filled[s : s + 1], variants.sources[s : s + 1], keep.to(variants.sources.dtype))
+                           for s, keep in zip(variants.source[start : start + model.batch_size], variants.keep[start : start + model.batch_size])])
+        masked.append(signatures(model.net, model.fmaps_from_pixels(batch)))
     described = tuple(torch.cat(parts) for parts in zip(*masked, signatures(model.net, variants.fmaps)))
     pairs = [(v, n + p) if is_a else (n + p, v) for v, (p, is_a) in enumerate(zip(variants.partner, variants.masked_is_a))]
     rows_a, rows_b = (list(rows) for rows in zip(*pairs))
@@ -395,18 +399,15 @@ def effects_from_tensors(
     size, cells = tuple(sources.shape[-2:]), tuple(fmap_a.shape[-2:])
     tie_break = random_map(cells, np.random.default_rng(seed))
     variants = Variants(sources, fill_pixels(sources, fill), torch.cat([fmap_a, fmaps_b]), [], [], [], [])
-    entries: list[tuple[int, str]] = []
-    for i, explanation in enumerate(explanations):
-        for name in MAP_NAMES:
-            if name in explanation.empty_maps:
-                continue
-            is_a = name.endswith("_a")
-            region = top_region(importance_key(getattr(explanation, name), size, tie_break), area)
-            variants.source.append(0 if is_a else 1 + i)
-            variants.keep.append(~region)
-            variants.partner.append(1 + i if is_a else 0)
-            variants.masked_is_a.append(is_a)
-            entries.append((i, name))
+    entries = [(i, name) for i, explanation in enumerate(explanations) for name in MAP_NAMES if name not in explanation.empty_maps]
+    if entries:
+        regions = top_region(importance_key(np.stack([getattr(explanations[i], name) for i, name in entries]), size, tie_break), area)
+        variants.keep += list(~regions)
+    for i, name in entries:
+        is_a = name.endswith("_a")
+        variants.source.append(0 if is_a else 1 + i)
+        variants.partner.append(1 + i if is_a else 0)
+        variants.masked_is_a.append(is_a)
     scores = score_variants(model, variants)
     results = [{"fill": fill, "area": area, **dict.fromkeys(MAP_NAMES)} for _ in explanations]
     for (i, name), masked in zip(entries, scores):

@@ -157,6 +157,17 @@ def test_region_has_the_requested_area_and_the_largest_values():
         fa.top_region(key, 0.0)
 
 
+def test_a_stack_of_maps_gives_each_map_its_own_key_and_region():
+    rng = np.random.default_rng(1)
+    maps, tie_break = rng.random((3, 4, 4)), fa.random_map((4, 4), rng)
+    keys = fa.importance_key(maps, (64, 48), tie_break)
+    regions = fa.top_region(keys, 0.2)
+    assert keys.shape == regions.shape == (3, 64, 48)
+    for importance, key, region in zip(maps, keys, regions):
+        assert torch.equal(key, fa.importance_key(importance, (64, 48), tie_break))
+        assert torch.equal(region, fa.top_region(key, 0.2))
+
+
 def test_ties_are_not_broken_in_raster_order():
     zeros = np.zeros((4, 4), np.float32)
     region = fa.top_region(fa.importance_key(zeros, (32, 32), fa.random_map((4, 4), np.random.default_rng(0))), 0.25)
