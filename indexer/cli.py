@@ -151,24 +151,42 @@ def search_command(ctx: click.Context, query: Path, k: int, candidates: int | No
               help="CSV path,group of known duplicate groups (paths relative to the CSV), for --precision.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per item in the candidate graph.")
 @click.option("--min-index-similarity", type=float, default=None, help="Skip candidate pairs below this index similarity.")
+@click.option("--last", "show_last", is_flag=True, help="Show the newest stored run (with today's review decisions) instead of running again.")
+@click.option("--run", "run_id", type=click.IntRange(min=1), default=None, help="Show stored run RUN_ID instead of running again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (pairs, groups, listings) as JSON.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the kept pairs as CSV.")
 @_model_option
 @click.pass_context
 def dedup_command(ctx: click.Context, threshold: float | None, precision: float | None, labels: Path | None, k: int,
-                  min_index_similarity: float | None, as_json: bool, as_csv: bool, model_path: Path | None) -> None:
+                  min_index_similarity: float | None, show_last: bool, run_id: int | None, as_json: bool, as_csv: bool,
+                  model_path: Path | None) -> None:
     """Find duplicate photos and the listings that share them. Each run is stored, and the newest one is
-    the web page's review queue (reviewers' decisions on a pair carry over to later runs)."""
+    the web page's review queue (reviewers' decisions on a pair carry over to later runs); --last or
+    --run show a stored run again without recomputing it."""
     if threshold is not None and precision is not None:
         raise click.UsageError("give --threshold or --precision, not both")
     if as_json and as_csv:
         raise click.UsageError("give --json or --csv, not both")
+    if show_last and run_id is not None:
+        raise click.UsageError("give --last or --run, not both")
+    stored = show_last or run_id is not None
+    searching = [flag for name, flag in (("threshold", "--threshold"), ("precision", "--precision"), ("labels", "--labels"),
+                                         ("k", "-k"), ("min_index_similarity", "--min-index-similarity"))
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if stored and searching:
+        raise click.UsageError(f"{', '.join(searching)} set how to find duplicates; a stored run (--last / --run) is shown as it was found")
     catalogue = _indexed_catalogue(ctx, model_path)
-    try:
-        report = catalogue.dedup(k=k, threshold=threshold, precision=precision, labels=labels,
-                                 min_index_similarity=min_index_similarity)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+    if stored:
+        report = catalogue.dedup_run(run_id)
+        if report is None:
+            raise click.ClickException(f"no dedup run {run_id} in {catalogue.db!r}" if run_id is not None
+                                       else f"no dedup run stored yet in {catalogue.db!r}: run `whymatch dedup` first")
+    else:
+        try:
+            report = catalogue.dedup(k=k, threshold=threshold, precision=precision, labels=labels,
+                                     min_index_similarity=min_index_similarity)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     elif as_csv:

@@ -24,6 +24,7 @@ import os
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import faiss
@@ -105,7 +106,8 @@ class DedupReport:
     calibration: dict | None = None
     unreadable: list[Skipped] = field(default_factory=list)
     run_id: int | None = None
-    seconds: float = 0.0
+    seconds: float | None = 0.0  # None for a run read back from the database (``stored_report``)
+    created_at: str | None = None  # ISO 8601, UTC
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -116,7 +118,7 @@ class DedupReport:
         lines = [
             f"{self.n_items} items, {self.n_candidates} candidate pairs (k={self.k}); threshold {self.threshold:.4f} "
             f"({self.threshold_source}); {len(self.pairs)} duplicate pairs in {len(self.groups)} groups "
-            f"(run {self.run_id}, {self.seconds:.1f} s)",
+            f"(run {self.run_id}{f', {self.seconds:.1f} s' if self.seconds is not None else f' of {self.created_at}, stored'})",
         ]
         if self.calibration:
             c = self.calibration
@@ -416,6 +418,52 @@ def _store(db: Database, report: DedupReport, model_key: str, generation_id: int
                                       index_similarity=p.index_similarity, head_score=p.head_score, exact=p.exact)
                         for p in report.pairs)
         report.run_id = run.id
+        report.created_at = _iso(run.created_at)
+
+
+def _iso(moment: datetime) -> str:
+    """A stored time in UTC, ISO 8601: SQLite hands it back without its zone, PostgreSQL in the session's."""
+    utc = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    return utc.isoformat(timespec="seconds")
+
+
+def stored_report(db: Database, run_id: int | None = None) -> DedupReport | None:
+    """A stored run (the newest unless ``run_id``) read back as ``find_duplicates`` reported it: its pairs
+    strongest first, groups, listing report, and each pair's newest review as of now. None when there is
+    no such run. What a run does not store reads as empty: the calibration's details and the items that
+    could not be read. Items deleted from the catalogue since are left out with their pairs."""
+    with db.session() as session:
+        run = crud.latest_dedup_run(session) if run_id is None else crud.get_dedup_run(session, run_id)
+        if run is None:
+            return None
+        reviews = crud.latest_reviews(session)
+        group_order = [group.id for group in crud.dedup_groups(session, run.id)]
+        item_a, item_b = aliased(Item), aliased(Item)
+        rows = session.execute(
+            select(DuplicatePair.group_id, DuplicatePair.item_a_id, DuplicatePair.item_b_id, item_a.source, item_b.source,
+                   item_a.listing, item_b.listing, DuplicatePair.index_similarity, DuplicatePair.head_score, DuplicatePair.exact)
+            .join(item_a, item_a.id == DuplicatePair.item_a_id).join(item_b, item_b.id == DuplicatePair.item_b_id)
+            .where(DuplicatePair.run_id == run.id)
+            .order_by(DuplicatePair.head_score.desc(), DuplicatePair.item_a_id, DuplicatePair.item_b_id)
+        ).all()
+        report = DedupReport(run.threshold, run.threshold_source, run.precision_target, run.k, run.n_items, run.n_candidates,
+                             [], [], [], run_id=run.id, seconds=None, created_at=_iso(run.created_at))
+    present = {row.group_id for row in rows}
+    position = {group_id: n for n, group_id in enumerate(g for g in group_order if g in present)}
+    report.pairs = [PairResult(a, b, source_a, source_b, listing_a, listing_b, similarity, score, exact, position[group_id],
+                               reviews.get((a, b)))
+                    for group_id, a, b, source_a, source_b, listing_a, listing_b, similarity, score, exact in rows]
+    members: dict[int, dict[int, tuple[str, str | None]]] = defaultdict(dict)
+    for p in report.pairs:
+        members[p.group].update({p.item_a: (p.source_a, p.listing_a), p.item_b: (p.source_b, p.listing_b)})
+    group_ids = sorted(position, key=position.get)
+    for n, group_id in enumerate(group_ids):
+        items = sorted(members[n])
+        scores = [p.head_score for p in report.pairs if p.group == n]
+        report.groups.append(GroupResult(items, [members[n][i][0] for i in items],
+                                         sorted({members[n][i][1] for i in items} - {None}), max(scores), len(scores), group_id))
+    report.listings = listing_report(report.pairs)
+    return report
 
 
 def stored_listing_report(session: Session, run_id: int) -> list[ListingShare]:

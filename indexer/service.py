@@ -20,7 +20,7 @@ import faiss
 from engine.config import BACKBONE_BATCH, Settings
 from indexer import faiss_index as fx
 from indexer.db import Database, get_database
-from indexer.dedup import DedupOptions, DedupReport, find_duplicates
+from indexer.dedup import DedupOptions, DedupReport, find_duplicates, stored_report
 from indexer.indexing import IndexOptions, IndexReport, index_catalogue, load_current_index, model_fingerprint, run_lock
 from indexer.search import SearchResult, search
 
@@ -141,3 +141,8 @@ class Catalogue:
             index, generation, _ = self.current_index()
             return find_duplicates(model=self.model, db=self.db, index=index, model_key=self.model_key,
                                    generation_id=generation, options=options)
+
+    def dedup_run(self, run_id: int | None = None) -> DedupReport | None:
+        """A stored dedup run (the newest unless ``run_id``) as ``dedup`` reported it, without finding
+        duplicates again (no model needed); None when there is no such run."""
+        return stored_report(self.db, run_id)

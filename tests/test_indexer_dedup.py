@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import shutil
+from dataclasses import asdict
 
 import pytest
 from click.testing import CliRunner
@@ -123,6 +124,29 @@ def test_reviews_label_pairs_for_calibration(tmp_path, tiny_model):
     assert all(p.review == "accept" for p in calibrated.pairs)
 
 
+def test_a_stored_run_reads_back_as_it_was_reported_with_todays_reviews(tmp_path, tiny_model, database_url):  # noqa: F811
+    root = tmp_path / "photos"
+    _, group_2, group_5 = _plant(root)
+    catalogue = catalogue_for(tmp_path, tiny_model, database_url)
+    assert catalogue.dedup_run() is None
+    catalogue.index(root)
+    found = catalogue.dedup(k=4, threshold=_separating_threshold(tiny_model, group_2, group_5, root))
+    newer = catalogue.dedup(k=4, threshold=1.0)  # only the exact copy is kept
+    with catalogue.db.session() as session:
+        crud.add_review(session, found.pairs[-1].item_a, found.pairs[-1].item_b, "reject", reviewer="test")
+    stored = catalogue.dedup_run(found.run_id)
+    assert stored.seconds is None and stored.created_at == found.created_at and stored.run_id == found.run_id
+    assert [asdict(p) | {"review": None} for p in stored.pairs] == [asdict(p) for p in found.pairs]
+    assert [p.review for p in stored.pairs] == [None] * 3 + ["reject"]
+    assert [asdict(g) for g in stored.groups] == [asdict(g) for g in found.groups]
+    assert stored.listings == found.listings
+    assert (stored.threshold, stored.threshold_source, stored.k, stored.n_items, stored.n_candidates) == (
+        found.threshold, found.threshold_source, found.k, found.n_items, found.n_candidates)
+    assert catalogue.dedup_run().run_id == newer.run_id and len(catalogue.dedup_run().pairs) == 1
+    assert catalogue.dedup_run(newer.run_id + 1) is None
+    assert f"run {found.run_id} of {found.created_at}, stored" in stored.summary()
+
+
 def test_candidates_come_from_a_knn_graph(tmp_path, tiny_model):
     root = tmp_path / "photos"
     write_catalogue(root, 12)
@@ -159,3 +183,15 @@ def test_dedup_command_csv_and_json(tmp_path, tiny_model, tiny_checkpoint):  # n
     assert out_of_range.exit_code == 2 and "--threshold" in out_of_range.output
     both = CliRunner().invoke(main, ["dedup", "--threshold", "0.5", "--precision", "0.9"], env=env)
     assert both.exit_code != 0 and "not both" in both.output
+    last = CliRunner().invoke(main, ["dedup", "--last", "--json"], env=env)  # the text run above, not run again
+    assert last.exit_code == 0, last.output
+    stored = json.loads(last.stdout)
+    assert stored["threshold_source"] == "stored calibration" and stored["seconds"] is None
+    assert {p["source_a"] for p in stored["pairs"]} | {p["source_b"] for p in stored["pairs"]} == group_2 | group_5
+    by_id = CliRunner().invoke(main, ["dedup", "--run", str(stored["run_id"]), "--json"], env=env)
+    assert json.loads(by_id.stdout) == stored
+    assert f"run {stored['run_id']} of" in CliRunner().invoke(main, ["dedup", "--last"], env=env).stdout
+    missing = CliRunner().invoke(main, ["dedup", "--run", "99"], env=env)
+    assert missing.exit_code == 1 and "no dedup run 99" in missing.output
+    mixed = CliRunner().invoke(main, ["dedup", "--last", "-k", "4"], env=env)
+    assert mixed.exit_code == 2 and "-k" in mixed.output
