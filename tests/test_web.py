@@ -265,6 +265,9 @@ def test_review_queue_decisions_persist(page, server, catalogue, screenshots):
     assert scores == sorted(scores, reverse=True)  # strongest first
     comparison = page.locator("#review-comparison")
     expect(comparison.locator(".verdict")).to_have_text(re.compile(r"^(Match|No match) — similarity"))
+    run_pattern = re.compile(r"pairs to review, strongest first — dedup run (\d+) of .+, threshold \d\.\d{3} \(\w[\w ]*\)\.$")
+    expect(page.locator("#review-status")).to_have_text(run_pattern)  # which run the queue shows
+    run_id = int(run_pattern.search(page.locator("#review-status").inner_text()).group(1))
 
     # Without a token the write is refused, and the page says how to fix it.
     page.keyboard.press("a")
@@ -315,7 +318,8 @@ def test_review_queue_decisions_persist(page, server, catalogue, screenshots):
         assert crud.latest_reviews(session) == {first: "accept", third: "reject"}
 
     page.get_by_role("button", name="Find duplicates").click()  # a new dedup run from the page
-    expect(page.locator("#review-status")).to_contain_text("pairs to review, strongest first", timeout=60_000)
+    expect(page.locator("#review-status")).to_contain_text(f"pairs to review, strongest first — dedup run {run_id + 1} of",
+                                                           timeout=60_000)
     expect(progress).to_have_text(re.compile(r"^2 of \d+ reviewed"))  # the decisions carry over to the new run
 
 

@@ -56,16 +56,25 @@ function queuePair(pair) {
 
 // Every pair of the latest dedup run, strongest first, whatever its status: the queue shows the
 // reviewed ones too, so progress and earlier decisions stay visible after a reload.
+// Returns them with the run they come from (null before any run).
 async function fetchAllPairs() {
   const all = [];
   let total = Infinity;
+  let run = null;
   while (all.length < total) {
     const body = await getJSON(`api/duplicates?status=all&offset=${all.length}&limit=${PAGE}`);
     all.push(...body.pairs.map(queuePair));
     total = body.total;
+    run = body.run;
     if (body.pairs.length === 0) break;
   }
-  return all;
+  return { pairs: all, run };
+}
+
+// Which run the queue shows, so a reviewer knows how fresh it is and what threshold kept its pairs.
+function describeRun(run) {
+  const when = new Date(run.created_at).toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+  return `dedup run ${run.id} of ${when}, threshold ${run.threshold.toFixed(3)} (${run.threshold_source})`;
 }
 
 function reviewedCount() {
@@ -194,8 +203,9 @@ function advance() {
 export async function loadQueue() {
   setStatus(status, "loading", "Loading the duplicate pairs…");
   queueList.setAttribute("aria-busy", "true");
+  let run;
   try {
-    pairs = await fetchAllPairs();
+    ({ pairs, run } = await fetchAllPairs());
   } catch (error) {
     setStatus(status, "error", error.message);
     return;
@@ -213,8 +223,8 @@ export async function loadQueue() {
   }
   const first = nextUnreviewed(-1);
   setStatus(status, "done", first === -1
-    ? `All ${pairs.length} pairs reviewed.`
-    : `${pairs.length - reviewedCount()} pairs to review, strongest first.`);
+    ? `All ${pairs.length} pairs reviewed — ${describeRun(run)}.`
+    : `${pairs.length - reviewedCount()} pairs to review, strongest first — ${describeRun(run)}.`);
   show(first === -1 ? 0 : first);
 }
 
