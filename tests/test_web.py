@@ -368,3 +368,23 @@ def test_effects_concepts_and_correspondences_are_shown_when_present(page, catal
     view_box = dialog.locator('.side[data-side="a"] svg.boxes').get_attribute("viewBox")
     with Image.open(query) as photo:  # boxes are in the photo's own pixels
         assert view_box == f"0 0 {photo.width} {photo.height}"
+
+
+def test_an_empty_dedup_run_is_named_not_mistaken_for_no_run(page, catalogue):
+    """A run that kept no pair is still the queue's run: the page says so, rather than asking for a run."""
+    from indexer.models import DedupRun
+
+    with catalogue.db.session() as session:
+        empty = DedupRun(model_key=catalogue.model_key, threshold=1.0, threshold_source="given", precision_target=None, k=10)
+        session.add(empty)
+        session.flush()
+        run_id = empty.id
+    try:
+        page.goto("/#review")
+        status = page.locator("#review-status")
+        expect(status).to_have_attribute("data-kind", "empty")
+        expect(status).to_contain_text(f"No duplicate pairs in dedup run {run_id} of")
+        expect(status).to_contain_text("threshold 1.000 (given)")
+    finally:
+        with catalogue.db.session() as session:
+            session.delete(session.get(DedupRun, run_id))

@@ -218,7 +218,9 @@ export async function loadQueue() {
   if (pairs.length === 0) {
     queueList.replaceChildren();
     pairPanel.hidden = true;
-    setStatus(status, "empty", "No duplicate pairs to review: press “Find duplicates” (or run “whymatch dedup”).");
+    setStatus(status, "empty", run
+      ? `No duplicate pairs in ${describeRun(run)}.`
+      : "No duplicate pairs to review: press “Find duplicates” (or run “whymatch dedup”).");
     return;
   }
   const first = nextUnreviewed(-1);
