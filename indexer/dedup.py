@@ -438,41 +438,37 @@ def stored_report(db: Database, run_id: int | None = None) -> DedupReport | None
             return None
         reviews = crud.latest_reviews(session)
         group_order = [group.id for group in crud.dedup_groups(session, run.id)]
-        item_a, item_b = aliased(Item), aliased(Item)
-        rows = session.execute(
-            select(DuplicatePair.group_id, DuplicatePair.item_a_id, DuplicatePair.item_b_id, item_a.source, item_b.source,
-                   item_a.listing, item_b.listing, DuplicatePair.index_similarity, DuplicatePair.head_score, DuplicatePair.exact)
-            .join(item_a, item_a.id == DuplicatePair.item_a_id).join(item_b, item_b.id == DuplicatePair.item_b_id)
-            .where(DuplicatePair.run_id == run.id)
-            .order_by(DuplicatePair.head_score.desc(), DuplicatePair.item_a_id, DuplicatePair.item_b_id)
-        ).all()
+        rows = _stored_pair_rows(session, run.id)
         report = DedupReport(run.threshold, run.threshold_source, run.precision_target, run.k, run.n_items, run.n_candidates,
                              [], [], [], run_id=run.id, seconds=None, created_at=_iso(run.created_at))
     present = {row.group_id for row in rows}
     position = {group_id: n for n, group_id in enumerate(g for g in group_order if g in present)}
-    report.pairs = [PairResult(a, b, source_a, source_b, listing_a, listing_b, similarity, score, exact, position[group_id],
-                               reviews.get((a, b)))
-                    for group_id, a, b, source_a, source_b, listing_a, listing_b, similarity, score, exact in rows]
+    report.pairs = [PairResult(*fields, position[group_id], reviews.get((fields[0], fields[1]))) for group_id, *fields in rows]
     members: dict[int, dict[int, tuple[str, str | None]]] = defaultdict(dict)
+    scores: dict[int, list[float]] = defaultdict(list)
     for p in report.pairs:
         members[p.group].update({p.item_a: (p.source_a, p.listing_a), p.item_b: (p.source_b, p.listing_b)})
-    group_ids = sorted(position, key=position.get)
-    for n, group_id in enumerate(group_ids):
+        scores[p.group].append(p.head_score)
+    for group_id, n in position.items():
         items = sorted(members[n])
-        scores = [p.head_score for p in report.pairs if p.group == n]
         report.groups.append(GroupResult(items, [members[n][i][0] for i in items],
-                                         sorted({members[n][i][1] for i in items} - {None}), max(scores), len(scores), group_id))
+                                         sorted({members[n][i][1] for i in items} - {None}), max(scores[n]), len(scores[n]), group_id))
     report.listings = listing_report(report.pairs)
     return report
 
 
-def stored_listing_report(session: Session, run_id: int) -> list[ListingShare]:
-    """The listing report of a stored run (as ``find_duplicates`` reported it), rebuilt from its pairs."""
+def _stored_pair_rows(session: Session, run_id: int) -> list:
+    """A stored run's pairs, strongest first: (group_id, then ``PairResult``'s fields up to ``exact``)."""
     item_a, item_b = aliased(Item), aliased(Item)
-    rows = session.execute(
-        select(DuplicatePair.item_a_id, DuplicatePair.item_b_id, item_a.source, item_b.source, item_a.listing,
-               item_b.listing, DuplicatePair.index_similarity, DuplicatePair.head_score, DuplicatePair.exact)
+    return session.execute(
+        select(DuplicatePair.group_id, DuplicatePair.item_a_id, DuplicatePair.item_b_id, item_a.source, item_b.source,
+               item_a.listing, item_b.listing, DuplicatePair.index_similarity, DuplicatePair.head_score, DuplicatePair.exact)
         .join(item_a, item_a.id == DuplicatePair.item_a_id).join(item_b, item_b.id == DuplicatePair.item_b_id)
         .where(DuplicatePair.run_id == run_id)
+        .order_by(DuplicatePair.head_score.desc(), DuplicatePair.item_a_id, DuplicatePair.item_b_id)
     ).all()
-    return listing_report([PairResult(*row) for row in rows])
+
+
+def stored_listing_report(session: Session, run_id: int) -> list[ListingShare]:
+    """The listing report of a stored run (as ``find_duplicates`` reported it), rebuilt from its pairs."""
+    return listing_report([PairResult(*fields) for _, *fields in _stored_pair_rows(session, run_id)])
