@@ -35,19 +35,26 @@ def _catalogue(ctx: click.Context, model_path: Path | None = None):
     return catalogue
 
 
+def _index_first_hint(settings: Settings) -> str:
+    return f"run `whymatch index FOLDER` first (data directory {settings.data_dir.resolve()}, set by WHYMATCH_DATA_DIR)"
+
+
+def _check_database_exists(settings: Settings) -> None:
+    """A clear error for a SQLite catalogue that does not exist, rather than creating one by merely looking."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
+        raise click.ClickException(f"no catalogue at {Path(url.database).resolve()}: {_index_first_hint(settings)}")
+
+
 def _indexed_catalogue(ctx: click.Context, model_path: Path | None) -> Catalogue:
     """The catalogue search and dedup read: a clear error rather than an empty result when nothing is
     indexed there yet, and no database file created by merely looking."""
-    from sqlalchemy.engine import make_url
-
-    settings = _settings(ctx)
-    hint = f"run `whymatch index FOLDER` first (data directory {settings.data_dir.resolve()}, set by WHYMATCH_DATA_DIR)"
-    url = make_url(settings.database_url)
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
-        raise click.ClickException(f"no catalogue at {Path(url.database).resolve()}: {hint}")
+    _check_database_exists(_settings(ctx))
     catalogue = _catalogue(ctx, model_path)
     if not catalogue.n_indexed():
-        raise click.ClickException(f"nothing is indexed with this model in {catalogue.db!r}: {hint}")
+        raise click.ClickException(f"nothing is indexed with this model in {catalogue.db!r}: {_index_first_hint(_settings(ctx))}")
     return catalogue
 
 
@@ -171,17 +178,21 @@ def dedup_command(ctx: click.Context, threshold: float | None, precision: float 
         raise click.UsageError("give --last or --run, not both")
     stored = show_last or run_id is not None
     searching = [flag for name, flag in (("threshold", "--threshold"), ("precision", "--precision"), ("labels", "--labels"),
-                                         ("k", "-k"), ("min_index_similarity", "--min-index-similarity"))
+                                         ("k", "-k"), ("min_index_similarity", "--min-index-similarity"), ("model_path", "--model"))
                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
     if stored and searching:
         raise click.UsageError(f"{', '.join(searching)} set how to find duplicates; a stored run (--last / --run) is shown as it was found")
-    catalogue = _indexed_catalogue(ctx, model_path)
-    if stored:
+    if stored:  # read from the database alone: the model is not loaded
+        from indexer.service import Catalogue
+
+        _check_database_exists(_settings(ctx))
+        catalogue = Catalogue.from_settings(_settings(ctx))
         report = catalogue.dedup_run(run_id)
         if report is None:
             raise click.ClickException(f"no dedup run {run_id} in {catalogue.db!r}" if run_id is not None
                                        else f"no dedup run stored yet in {catalogue.db!r}: run `whymatch dedup` first")
     else:
+        catalogue = _indexed_catalogue(ctx, model_path)
         try:
             report = catalogue.dedup(k=k, threshold=threshold, precision=precision, labels=labels,
                                      min_index_similarity=min_index_similarity)

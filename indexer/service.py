@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 
@@ -22,7 +23,9 @@ from indexer import faiss_index as fx
 from indexer.db import Database, get_database
 from indexer.dedup import DedupOptions, DedupReport, find_duplicates, stored_report
 from indexer.indexing import IndexOptions, IndexReport, index_catalogue, load_current_index, model_fingerprint, run_lock
-from indexer.search import SearchResult, search
+
+if TYPE_CHECKING:  # search draws in torch and matplotlib; reading stored dedup runs needs neither
+    from indexer.search import SearchResult
 
 
 def _stderr(message: str) -> None:
@@ -127,6 +130,8 @@ class Catalogue:
     def search(self, query, *, k: int = 10, candidates: int | None = None, exclude_self: bool = True,
                explain: bool = False, explain_dir: str | os.PathLike | None = None, method: str = "gradcam",
                effects: bool = False, concepts: bool = False) -> SearchResult:
+        from indexer.search import search
+
         index, generation, stale = self.current_index()
         return search(query, model=self.model, db=self.db, index=index, k=k, candidates=candidates,
                       exclude_self=exclude_self, explain=explain, explain_dir=explain_dir, method=method,

@@ -195,3 +195,5 @@ def test_dedup_command_csv_and_json(tmp_path, tiny_model, tiny_checkpoint):  # n
     assert missing.exit_code == 1 and "no dedup run 99" in missing.output
     mixed = CliRunner().invoke(main, ["dedup", "--last", "-k", "4"], env=env)
     assert mixed.exit_code == 2 and "-k" in mixed.output
+    without_model = CliRunner().invoke(main, ["dedup", "--last", "--json"], env={**env, "WHYMATCH_MODEL_PATH": str(tmp_path / "gone")})
+    assert without_model.exit_code == 0 and json.loads(without_model.stdout) == stored  # read back, no model loaded
