@@ -149,6 +149,13 @@ class Variants:
     masked_is_a: list[bool]
 
 
+def _masked(variants: Variants, v: int) -> Tensor:
+    """Variant v's pixels (1×3×H×W). lerp with a 0/1 weight returns either end exactly, and is faster
+    than ``where`` broadcasting a bool mask over channels-last pixels."""
+    s = variants.source[v]
+    return torch.lerp(variants.filled[s : s + 1], variants.sources[s : s + 1], variants.keep[v].to(variants.sources.dtype))
+
+
 def score_variants(model: SimilarityModel, variants: Variants) -> np.ndarray:
     """Pair scores of all variants: ``model.batch_size`` masked images per backbone pass, then every
     pair scored by the head at once, each unmasked partner described once."""
@@ -157,10 +164,8 @@ def score_variants(model: SimilarityModel, variants: Variants) -> np.ndarray:
         return np.zeros(0, np.float32)
     masked = []
     for start in range(0, n, model.batch_size):
-        # lerp with a 0/1 weight returns either end exactly, and is faster than where's broadcast of a
-        # bool mask over channels-last pixels.
-        batch = torch.cat([torch.lerp(variants.filled[s : s + 1], variants.sources[s : s + 1], keep.to(variants.sources.dtype))
-                           for s, keep in zip(variants.source[start : start + model.batch_size], variants.keep[start : start + model.batch_size])])
+        rows = range(start, min(start + model.batch_size, n))
+        batch = torch.cat([_masked(variants, r) for r in rows])
         masked.append(signatures(model.net, model.fmaps_from_pixels(batch)))
     described = tuple(torch.cat(parts) for parts in zip(*masked, signatures(model.net, variants.fmaps)))
     pairs = [(v, n + p) if is_a else (n + p, v) for v, (p, is_a) in enumerate(zip(variants.partner, variants.masked_is_a))]
