@@ -164,6 +164,13 @@ class DedupRequest(BaseModel):
     k: int = Field(10, ge=1, le=100, description="Neighbours per item in the candidate graph.")
 
 
+class DedupRunPage(BaseModel):
+    offset: int
+    limit: int
+    total: int
+    runs: list[DedupRunInfo] = Field(description="Newest first.")
+
+
 class DedupRunOut(BaseModel):
     run: DedupRunInfo
     seconds: float

@@ -341,6 +341,12 @@ def get_dedup_run(session: Session, run_id: int) -> DedupRun | None:
     return session.get(DedupRun, run_id)
 
 
+def dedup_runs_page(session: Session, offset: int = 0, limit: int = 50) -> tuple[int, list[DedupRun]]:
+    """(total, page) of the dedup runs, newest first."""
+    total = int(session.scalar(select(func.count()).select_from(DedupRun)) or 0)
+    return total, list(session.scalars(select(DedupRun).order_by(DedupRun.id.desc()).offset(offset).limit(limit)))
+
+
 def list_reviews(session: Session, offset: int = 0, limit: int = 50,
                  item_id: int | None = None) -> tuple[int, list[MatchReview]]:
     """(total, page) of reviews, newest first; ``item_id`` keeps those of pairs containing that item."""

@@ -445,6 +445,7 @@ def test_no_dedup_run_yet_is_an_empty_queue(empty):
     assert body["run"] is None and body["pairs"] == [] and body["counts"]["all"] == 0
     assert test_client.get("/api/duplicates/groups").json()["groups"] == []
     assert test_client.get("/api/duplicates/listings").json()["listings"] == []
+    assert test_client.get("/api/duplicates/runs").json() == {"offset": 0, "limit": 50, "total": 0, "runs": []}
 
 
 def test_reviews_move_pairs_through_the_queue(client):
@@ -653,3 +654,8 @@ def test_a_dedup_run_started_from_the_api_becomes_the_review_queue(client):
     assert run["id"] > before["run"]["id"] and run["threshold_source"] == "given"
     after = client.get("/api/duplicates", params={"status": "all"}).json()
     assert after["run"]["id"] == run["id"] and after["counts"] == before["counts"]  # reviews carry over
+    runs = client.get("/api/duplicates/runs").json()
+    assert runs["total"] >= 2 and runs["runs"][0] == run and runs["runs"][1]["id"] == before["run"]["id"]  # newest first
+    assert [r["id"] for r in client.get("/api/duplicates/runs", params={"offset": 1, "limit": 1}).json()["runs"]] == [before["run"]["id"]]
+    older = client.get("/api/duplicates", params={"status": "all", "run": before["run"]["id"]}).json()
+    assert older["run"]["id"] == before["run"]["id"] and older["total"] == before["total"]  # any run stays reachable

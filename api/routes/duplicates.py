@@ -1,4 +1,4 @@
-"""``GET /api/duplicates``: the review queue of a dedup run (pairs strongest first), its groups and listing report.
+"""``GET /api/duplicates``: the review queue of a dedup run (pairs strongest first), its groups and listing report; the runs.
 
 Duplicates are found by ``whymatch dedup`` or ``POST /api/duplicates/run`` (stored in the database); the
 API shows the latest run unless ``run`` names another. A pair's status is its newest review (``POST /api/reviews``), whichever run it
@@ -17,6 +17,7 @@ from api.routes.reviews import review_out
 from api.schemas import (
     DedupRequest,
     DedupRunOut,
+    DedupRunPage,
     DuplicatePage,
     GroupPage,
     ListingPage,
@@ -94,6 +95,14 @@ async def run_dedup(state: State, request: DedupRequest) -> dict:
     if request.threshold is not None and request.precision is not None:
         raise HTTPException(422, "give either a threshold or a precision target, not both")
     return await state.run_model(_dedup, state, request)
+
+
+@router.get("/duplicates/runs", response_model=DedupRunPage, summary="The dedup runs, newest first")
+def list_runs(state: State, offset: Offset = 0, limit: Limit = 50) -> dict:
+    """Each run's id (for ``run=`` on the other duplicate routes), time, threshold and counts."""
+    with state.catalogue.db.session() as session:
+        total, runs = crud.dedup_runs_page(session, offset, limit)
+        return {"offset": offset, "limit": limit, "total": total, "runs": [_run_info(run) for run in runs]}
 
 
 @router.get("/duplicates/groups", response_model=GroupPage, summary="Duplicate groups, strongest first")
