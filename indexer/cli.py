@@ -158,8 +158,8 @@ def search_command(ctx: click.Context, query: Path, k: int, candidates: int | No
               help="CSV path,group of known duplicate groups (paths relative to the CSV), for --precision.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per item in the candidate graph.")
 @click.option("--min-index-similarity", type=float, default=None, help="Skip candidate pairs below this index similarity.")
-@click.option("--last", "show_last", is_flag=True, help="Show the newest stored run (with today's review decisions) instead of running again.")
-@click.option("--run", "run_id", type=click.IntRange(min=1), default=None, help="Show stored run RUN_ID instead of running again.")
+@click.option("--last", "show_last", is_flag=True, help="Show the newest stored run, with each pair's latest review, instead of running again.")
+@click.option("--run", "run_id", type=click.IntRange(min=1), default=None, help="Show the stored run with this id (see GET /api/duplicates/runs) instead of running again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (pairs, groups, listings) as JSON.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the kept pairs as CSV.")
 @_model_option
