@@ -322,6 +322,15 @@ def test_review_queue_decisions_persist(page, server, catalogue, screenshots):
                                                            timeout=60_000)
     expect(progress).to_have_text(re.compile(r"^2 of \d+ reviewed"))  # the decisions carry over to the new run
 
+    runs = page.locator("#review-run")  # an earlier run stays reviewable
+    expect(runs.locator("option")).to_have_count(httpx.get(f"{server}/api/duplicates/runs").json()["total"])
+    expect(runs.locator("option").first).to_contain_text(f"Run {run_id + 1} (latest)")
+    runs.select_option(str(run_id))
+    expect(page.locator("#review-status")).to_contain_text(f"dedup run {run_id} of")
+    expect(progress).to_have_text(f"2 of {total} reviewed")
+    runs.select_option(str(run_id + 1))
+    expect(page.locator("#review-status")).to_contain_text(f"dedup run {run_id + 1} of")
+
 
 def test_effects_concepts_and_correspondences_are_shown_when_present(page, catalogue, photos):
     """The engine's optional details, computed for real and handed to the page as /api/compare's answer."""

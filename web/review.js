@@ -1,6 +1,6 @@
-// The duplicate review queue: the latest dedup run's pairs, strongest first, each with its explained
-// comparison; accept / reject / skip with buttons or keys (A, R, S, ← →); decisions are stored
-// through POST /api/reviews, so a reload shows them as reviewed.
+// The duplicate review queue: the latest dedup run's pairs (or an earlier run's, picked from the list),
+// strongest first, each with its explained comparison; accept / reject / skip with buttons or keys
+// (A, R, S, ← →); decisions are stored through POST /api/reviews, so a reload shows them as reviewed.
 
 import { getJSON, imageURL, postForm, postJSON } from "./api.js";
 import { Comparison, formatScore } from "./comparison.js";
@@ -26,11 +26,14 @@ const buttons = {
   next: document.getElementById("review-next"),
 };
 const comparison = new Comparison(document.getElementById("review-comparison"));
+const runPicker = document.getElementById("review-run-picker");
+const runSelect = document.getElementById("review-run");
 
 let pairs = [];
 let current = -1;
 let busy = false;
 let loaded = false;
+let chosenRun = null; // a run id picked from the list; null follows the latest run
 const explanations = new Map(); // "a-b" → promise of the compare response
 
 const keyOf = (pair) => `${pair.item_a}-${pair.item_b}`;
@@ -62,7 +65,8 @@ async function fetchAllPairs() {
   let total = Infinity;
   let run = null;
   while (all.length < total) {
-    const body = await getJSON(`api/duplicates?status=all&offset=${all.length}&limit=${PAGE}`);
+    const runParam = chosenRun === null ? "" : `&run=${chosenRun}`;
+    const body = await getJSON(`api/duplicates?status=all&offset=${all.length}&limit=${PAGE}${runParam}`);
     all.push(...body.pairs.map(queuePair));
     total = body.total;
     run = body.run;
@@ -71,10 +75,26 @@ async function fetchAllPairs() {
   return { pairs: all, run };
 }
 
+function runTime(run) {
+  return new Date(run.created_at).toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+}
+
 // Which run the queue shows, so a reviewer knows how fresh it is and what threshold kept its pairs.
 function describeRun(run) {
-  const when = new Date(run.created_at).toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
-  return `dedup run ${run.id} of ${when}, threshold ${run.threshold.toFixed(3)} (${run.threshold_source})`;
+  return `dedup run ${run.id} of ${runTime(run)}, threshold ${run.threshold.toFixed(3)} (${run.threshold_source})`;
+}
+
+// The list of runs to pick from (the newest 50), the shown one selected; hidden before any run.
+async function loadRuns(shown) {
+  const { runs } = await getJSON("api/duplicates/runs?limit=50");
+  runPicker.hidden = runs.length === 0;
+  runSelect.replaceChildren(...runs.map((run, n) => {
+    const latest = n === 0 ? " (latest)" : "";
+    const option = new Option(`Run ${run.id}${latest} · ${run.n_pairs} pairs`, String(run.id));
+    option.title = describeRun(run); // the time and threshold; the status line shows them for the chosen run
+    return option;
+  }));
+  if (shown) runSelect.value = String(shown.id);
 }
 
 function reviewedCount() {
@@ -206,6 +226,7 @@ export async function loadQueue() {
   let run;
   try {
     ({ pairs, run } = await fetchAllPairs());
+    await loadRuns(run);
   } catch (error) {
     setStatus(status, "error", error.message);
     return;
@@ -240,6 +261,7 @@ async function findDuplicates() {
     setStatus(status, "error", error.message);
     return;
   }
+  chosenRun = null;
   await loadQueue();
 }
 
@@ -250,6 +272,11 @@ export function initReview(isActive) {
   buttons.previous.addEventListener("click", () => show(current - 1));
   buttons.next.addEventListener("click", () => show(current + 1));
   document.getElementById("review-reload").addEventListener("click", loadQueue);
+  runSelect.addEventListener("change", () => {
+    // Picking the newest run follows the latest from then on, as before any pick.
+    chosenRun = runSelect.selectedIndex === 0 ? null : Number(runSelect.value);
+    loadQueue();
+  });
   document.getElementById("review-find").addEventListener("click", findDuplicates);
   document.addEventListener("keydown", (event) => {
     if (!isActive() || !loaded || current < 0 || event.defaultPrevented) return; // e.g. arrows on the tabs
