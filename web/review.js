@@ -57,9 +57,9 @@ function queuePair(pair) {
   };
 }
 
-// Every pair of the latest dedup run, strongest first, whatever its status: the queue shows the
-// reviewed ones too, so progress and earlier decisions stay visible after a reload.
-// Returns them with the run they come from (null before any run).
+// Every pair of the chosen dedup run (the latest unless one was picked), strongest first, whatever
+// its status: the queue shows the reviewed ones too, so progress and earlier decisions stay visible
+// after a reload. Returns them with the run they come from (null before any run).
 async function fetchAllPairs() {
   const all = [];
   let total = Infinity;
