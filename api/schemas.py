@@ -7,18 +7,13 @@ newer ones) appear as they come, because the explanation models allow extra keys
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Map = list[list[float]]
 ReviewStatus = Literal["unreviewed", "accepted", "rejected", "all"]
-
-
-def as_utc(moment: datetime) -> datetime:
-    """Times are stored in UTC; SQLite hands them back without a zone."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 class Explanation(BaseModel):

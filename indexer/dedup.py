@@ -24,7 +24,6 @@ import os
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import faiss
@@ -38,7 +37,7 @@ from indexer import crud
 from indexer import faiss_index as fx
 from indexer.catalogue import Skipped
 from indexer.db import Database
-from indexer.models import DedupCalibration, DedupRun, DuplicateGroup, DuplicatePair, Item
+from indexer.models import DedupCalibration, DedupRun, DuplicateGroup, DuplicatePair, Item, as_utc
 
 MAX_EXACT_CLIQUE = 50  # larger sets of identical files are linked as a star, not every pair
 SUMMARY_GROUPS = 20  # duplicate groups the text summary lists (all are in --json / --csv)
@@ -418,13 +417,7 @@ def _store(db: Database, report: DedupReport, model_key: str, generation_id: int
                                       index_similarity=p.index_similarity, head_score=p.head_score, exact=p.exact)
                         for p in report.pairs)
         report.run_id = run.id
-        report.created_at = _iso(run.created_at)
-
-
-def _iso(moment: datetime) -> str:
-    """A stored time in UTC, ISO 8601: SQLite hands it back without its zone, PostgreSQL in the session's."""
-    utc = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
-    return utc.isoformat(timespec="seconds")
+        report.created_at = as_utc(run.created_at).isoformat(timespec="seconds")
 
 
 def stored_report(db: Database, run_id: int | None = None) -> DedupReport | None:
@@ -440,7 +433,7 @@ def stored_report(db: Database, run_id: int | None = None) -> DedupReport | None
         group_order = [group.id for group in crud.dedup_groups(session, run.id)]
         rows = _stored_pair_rows(session, run.id)
         report = DedupReport(run.threshold, run.threshold_source, run.precision_target, run.k, run.n_items, run.n_candidates,
-                             [], [], [], run_id=run.id, seconds=None, created_at=_iso(run.created_at))
+                             [], [], [], run_id=run.id, seconds=None, created_at=as_utc(run.created_at).isoformat(timespec="seconds"))
     present = {row.group_id for row in rows}
     position = {group_id: n for n, group_id in enumerate(g for g in group_order if g in present)}
     report.pairs = [PairResult(*fields, position[group_id], reviews.get((fields[0], fields[1]))) for group_id, *fields in rows]

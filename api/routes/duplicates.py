@@ -22,11 +22,10 @@ from api.schemas import (
     GroupPage,
     ListingPage,
     ReviewStatus,
-    as_utc,
 )
 from indexer import crud
 from indexer.dedup import stored_listing_report
-from indexer.models import DedupRun, Item
+from indexer.models import DedupRun, Item, as_utc
 
 router = APIRouter(tags=["duplicates"], dependencies=[ReadAccess])
 

@@ -9,8 +9,9 @@ from fastapi import APIRouter, HTTPException, Path, Request
 from fastapi.responses import FileResponse
 
 from api.deps import ReadAccess, State, api_base
-from api.schemas import ItemResponse, as_utc
+from api.schemas import ItemResponse
 from indexer import crud
+from indexer.models import as_utc
 
 router = APIRouter(tags=["items"], dependencies=[ReadAccess])
 

@@ -11,9 +11,9 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 
 from api.deps import ReadAccess, State, WriteAccess
-from api.schemas import Review, ReviewCreate, ReviewPage, as_utc
+from api.schemas import Review, ReviewCreate, ReviewPage
 from indexer import crud
-from indexer.models import MatchReview
+from indexer.models import MatchReview, as_utc
 
 router = APIRouter(tags=["reviews"])
 
