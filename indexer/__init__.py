@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from indexer.dedup import DedupOptions, DedupReport
     from indexer.indexing import IndexOptions, IndexReport
-    from indexer.search import Match, SearchResult
+    from indexer.search import Match, SearchOptions, SearchResult, UnknownItemError
     from indexer.service import Catalogue
 
 # Exports load on first use, so that the ``whymatch`` command starts without importing torch and FAISS.
@@ -22,11 +22,14 @@ _EXPORTS = {
     "IndexOptions": "indexer.indexing",
     "IndexReport": "indexer.indexing",
     "Match": "indexer.search",
+    "SearchOptions": "indexer.search",
     "SearchResult": "indexer.search",
+    "UnknownItemError": "indexer.search",
     "Catalogue": "indexer.service",
 }
 
-__all__ = ["Catalogue", "DedupOptions", "DedupReport", "IndexOptions", "IndexReport", "Match", "SearchResult"]
+__all__ = ["Catalogue", "DedupOptions", "DedupReport", "IndexOptions", "IndexReport", "Match", "SearchOptions", "SearchResult",
+           "UnknownItemError"]
 
 
 def __getattr__(name: str) -> Any:

@@ -107,7 +107,9 @@ def explanation_lines(explanation) -> list[str]:
 
 
 @click.command("search")
-@click.argument("query", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("query", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
+@click.option("--item", "item_id", type=int, default=None,
+              help="Search with catalogue item ID instead of a file (more like this): its stored embedding and description, nothing decoded.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--candidates", type=click.IntRange(min=1), default=None, help="FAISS candidates re-scored by the head (default max(4k, k+20)).")
 @click.option("--explain", "explain_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -119,25 +121,31 @@ def explanation_lines(explanation) -> list[str]:
 @click.option("--json", "as_json", is_flag=True)
 @_model_option
 @click.pass_context
-def search_command(ctx: click.Context, query: Path, k: int, candidates: int | None, explain_dir: Path | None, method: str,
-                   concepts: bool, effects: bool, include_self: bool, as_json: bool, model_path: Path | None) -> None:
-    """Find the catalogue images most similar to QUERY, re-scored by the Siamese head."""
+def search_command(ctx: click.Context, query: Path | None, item_id: int | None, k: int, candidates: int | None,
+                   explain_dir: Path | None, method: str, concepts: bool, effects: bool, include_self: bool, as_json: bool,
+                   model_path: Path | None) -> None:
+    """Find the catalogue images most similar to QUERY (or to catalogue item --item), re-scored by the Siamese head."""
     from engine.errors import ImageLoadError
+    from indexer.search import UnknownItemError
 
+    if (query is None) == (item_id is None):
+        raise click.UsageError("give a QUERY image or --item ID, not both" if query else "give a QUERY image or --item ID")
     if (concepts or effects) and explain_dir is None:
         raise click.UsageError("--concepts and --effects describe explanations: give --explain DIR too")
     catalogue = _indexed_catalogue(ctx, model_path)
+    options = dict(k=k, candidates=candidates, exclude_self=not include_self, explain_dir=explain_dir, method=method,
+                   effects=effects, concepts=concepts)
     try:
-        result = catalogue.search(query, k=k, candidates=candidates, exclude_self=not include_self,
-                                  explain_dir=explain_dir, method=method, effects=effects, concepts=concepts)
-    except ImageLoadError as exc:
+        result = catalogue.search(query, **options) if query is not None else catalogue.search_item(item_id, **options)
+    except (ImageLoadError, UnknownItemError) as exc:
         raise click.ClickException(str(exc)) from exc
     for bad in result.unreadable:
         click.echo(f"candidate left out: {bad.source}: {bad.reason}", err=True)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
-    click.echo(f"{len(result.matches)} matches for {result.query} (head threshold {result.threshold:.3f}, "
+    queried = result.query if result.query_item is None else f"item {result.query_item} ({result.query})"
+    click.echo(f"{len(result.matches)} matches for {queried} (head threshold {result.threshold:.3f}, "
                f"{result.n_candidates} candidates re-scored{', index is stale' if result.stale_index else ''})")
     click.echo(f"{'rank':>4} {'was':>4} {'head':>7} {'index':>7}  match  listing / source")
     for m in result.matches:

@@ -9,6 +9,9 @@ described on the fly), and the best ``k`` by head score are returned with both r
 stored descriptions in one batched ``model.explain_described`` call: no match is decoded and no backbone
 runs again. Concepts and measured effects need the matches' pixels: one backbone pass over the top ``k``
 and ``model.explain_feature_maps``. Overlay PNGs are written with ``engine.figures.overlay``.
+
+The query is an image (``search``) or a catalogue item (``search_item``, "more like this"), whose stored
+embedding and description stand in for the image: then not even the query is decoded.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
+import numpy as np
 
 from engine import PairExplanation
 from engine.errors import ImageLoadError
@@ -72,10 +76,11 @@ class SearchResult:
     unreadable: list[Skipped] = field(default_factory=list)  # candidates whose file can no longer be decoded
     generation: int | None = None
     stale_index: bool = False
+    query_item: int | None = None  # the catalogue item searched with ``search_item``
 
     def to_dict(self) -> dict:
         return {
-            "query": self.query, "k": self.k, "threshold": self.threshold, "n_candidates": self.n_candidates,
+            "query": self.query, "query_item": self.query_item, "k": self.k, "threshold": self.threshold, "n_candidates": self.n_candidates,
             "excluded": self.excluded, "generation": self.generation, "stale_index": self.stale_index,
             "unreadable": [{"source": s.source, "reason": s.reason} for s in self.unreadable],
             "matches": [m.to_dict() for m in self.matches],
@@ -91,53 +96,119 @@ def _query_identity(query: ImageSource) -> tuple[str, str | None, str | None]:
     return f"<{type(query).__name__}>", None, None
 
 
-def search(
-    query: ImageSource,
-    *,
-    model,
-    db: Database,
-    index: faiss.Index,
-    k: int = 10,
-    candidates: int | None = None,
-    exclude_self: bool = True,
-    explain: bool = False,
-    explain_dir: str | os.PathLike | None = None,
-    method: str = "gradcam",
-    generation: int | None = None,
-    stale_index: bool = False,
-    model_key: str | None = None,
-    effects: bool = False,
-    concepts: bool = False,
-) -> SearchResult:
-    """The ``k`` best catalogue matches of ``query``, re-scored by the head.
+class UnknownItemError(LookupError):
+    """The catalogue holds no item with that id."""
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How to search. ``explain_dir`` (implies ``explain``) receives four overlay PNGs per match:
+    ``<rank>_item<id>_{query,match}_{factual,counterfactual}.png``. Explanations carry region
+    correspondences; ``concepts`` (implies ``explain``) adds the ImageNet concepts the match rests on,
+    ``effects`` (implies ``explain``) the measured effect of masking each map's region (both decode the
+    matches: one backbone pass, plus four masked passes per match for the effects). ``exclude_self``
+    leaves out the catalogue items that are the query (see ``search`` and ``search_item``)."""
+
+    k: int = 10
+    candidates: int | None = None  # FAISS candidates re-scored by the head; default max(4k, k + 20)
+    explain: bool = False
+    explain_dir: str | os.PathLike | None = None
+    method: str = "gradcam"
+    effects: bool = False
+    concepts: bool = False
+    exclude_self: bool = True
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+
+    @property
+    def explains(self) -> bool:
+        return self.explain or self.explain_dir is not None or self.effects or self.concepts
+
+
+@dataclass
+class _Query:
+    """What search needs of its query: the embedding FAISS ranks by and the head description the
+    candidates are re-scored against. Its picture and feature map (for concepts, effects and overlays)
+    come from ``source`` on first use: a catalogue item's query decodes nothing otherwise."""
+
+    name: str
+    vector: np.ndarray
+    description: bytes
+    size: tuple[int, int]  # (width, height) of the original image: correspondence boxes are in its pixels
+    excluded: list[int]
+    source: ImageSource
+    item_id: int | None = None
+    picture: object | None = None
+    fmap: object | None = None
+
+    def pixels(self, model) -> tuple[object, object]:
+        if self.picture is None:
+            self.picture = model.load([self.source])[0]
+        if self.fmap is None:
+            self.fmap = model.feature_maps([self.picture])
+        return self.picture, self.fmap
+
+
+def search(query: ImageSource, options: SearchOptions, *, model, db: Database, index: faiss.Index,
+           model_key: str | None = None, generation: int | None = None, stale_index: bool = False) -> SearchResult:
+    """The best catalogue matches of ``query``, re-scored by the head.
 
     ``exclude_self`` drops catalogue items that *are* the query: the same path for a path query,
-    the same bytes (sha256) for a bytes query. ``explain_dir`` (implies ``explain``) receives four
-    overlay PNGs per match: ``<rank>_item<id>_{query,match}_{factual,counterfactual}.png``. Explanations
-    carry region correspondences; ``concepts`` (implies ``explain``) adds the ImageNet concepts the match
-    rests on, ``effects`` (implies ``explain``) the measured effect of masking each map's region (both
-    decode the matches: one backbone pass, plus four masked passes per match for the effects).
+    the same bytes (sha256) for a bytes query. Without ``model_key`` no stored description is used
+    (the candidates are decoded and described).
     """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    explain = explain or explain_dir is not None or effects or concepts
     name, source, sha = _query_identity(query)
     excluded: list[int] = []
-    if exclude_self and (source or sha):
+    if options.exclude_self and (source or sha):
         with db.session() as session:
             if source:
                 excluded = list(crud.item_ids_by_source(session, [source]).values())
             else:
                 excluded = crud.item_ids_by_sha(session, sha)
+    picture = model.load([query])[0]
+    fmap = model.feature_maps([picture])
+    resolved = _Query(name, model.embed_fmaps(fmap), model.describe_fmaps(fmap)[0], _original_size(query, picture),
+                      excluded, query, picture=picture, fmap=fmap)
+    return _search(resolved, options, model=model, db=db, index=index, model_key=model_key, generation=generation,
+                   stale_index=stale_index)
 
-    query_image = model.load([query])[0]
-    query_fmap = model.feature_maps([query_image])
-    query_vec = model.embed_fmaps(query_fmap)
 
-    wanted = candidates if candidates is not None else max(4 * k, k + 20)
+def search_item(item_id: int, options: SearchOptions, *, model, db: Database, index: faiss.Index, model_key: str,
+                generation: int | None = None, stale_index: bool = False) -> SearchResult:
+    """"More like this": the ``k`` best matches of a catalogue item, from its stored embedding and head
+    description, so no file is decoded and no backbone runs unless concepts, effects or overlays need
+    its pixels. An item not yet embedded by this model is searched by its file. ``exclude_self`` drops
+    the item itself (not its byte-identical copies: those are duplicates worth seeing).
+    Raises ``UnknownItemError`` for an id the catalogue does not hold."""
+    with db.session() as session:
+        item = crud.get_item(session, item_id)
+        if item is None:
+            raise UnknownItemError(f"no catalogue item {item_id}")
+        _, vectors = crud.all_embeddings(session, model_key, int(model.config.embed_dim), ids=[item_id])
+        description = crud.descriptors_by_ids(session, [item_id], model_key).get(item_id)
+        source, size = item.source, (item.width, item.height)
+    excluded = [item_id] if options.exclude_self else []
+    if len(vectors) and description is not None:
+        resolved = _Query(source, vectors, description, size, excluded, source, item_id=item_id)
+    else:
+        picture = model.load([source])[0]
+        fmap = model.feature_maps([picture])
+        resolved = _Query(source, model.embed_fmaps(fmap), model.describe_fmaps(fmap)[0], size, excluded, source,
+                          item_id=item_id, picture=picture, fmap=fmap)
+    return _search(resolved, options, model=model, db=db, index=index, model_key=model_key, generation=generation,
+                   stale_index=stale_index)
+
+
+def _search(query: _Query, options: SearchOptions, *, model, db: Database, index: faiss.Index, model_key: str | None,
+            generation: int | None, stale_index: bool) -> SearchResult:
+    """FAISS candidates of the query, re-scored and re-ranked by the head, optionally explained."""
+    k, concepts, effects, explain_dir = options.k, options.concepts, options.effects, options.explain_dir
+    wanted = options.candidates if options.candidates is not None else max(4 * k, k + 20)
     wanted = max(wanted, k)
-    sims, ids = fx.search(index, query_vec, min(index.ntotal, wanted + len(excluded)))
-    skip = set(excluded)
+    sims, ids = fx.search(index, query.vector, min(index.ntotal, wanted + len(query.excluded)))
+    skip = set(query.excluded)
     order = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0 and int(i) not in skip]
     with db.session() as session:
         items = crud.items_by_ids(session, [i for i, _ in order])
@@ -154,8 +225,7 @@ def search(
             pictures[item_id], stored[item_id] = picture, description
     described = [(i, s, stored[i]) for i, s in order if i in stored]
 
-    query_description = model.describe_fmaps(query_fmap)[0]
-    head = model.score_described([query_description] * len(described), [d for _, _, d in described])
+    head = model.score_described([query.description] * len(described), [d for _, _, d in described])
     before = {item_id: rank for rank, (item_id, _, _) in enumerate(described, start=1)}
     ranked = sorted(range(len(described)), key=lambda n: (-head[n], n))[:k]
     matches = []
@@ -166,30 +236,32 @@ def search(
         matches.append(Match(item_id, item.source, item.listing, item.sha256, sim, score, score >= model.threshold,
                              before[item_id], rank))
 
-    if explain and matches:
+    if options.explains and matches:
         explained = matches
         if concepts or effects or explain_dir is not None:  # these need the matches' pixels
             explained = _with_pictures(model, matches, pictures, unreadable)
         if explained:
             # Boxes are in the original images' pixels: the catalogue stores each item's (EXIF-rotated) size.
-            sizes = [_original_size(query, query_image), *((items[m.item_id].width, items[m.item_id].height) for m in explained)]
+            sizes = [query.size, *((items[m.item_id].width, items[m.item_id].height) for m in explained)]
             if concepts or effects:
+                query_picture, query_fmap = query.pixels(model)
                 match_pictures = [pictures[m.item_id] for m in explained]
                 fmaps = model.feature_maps(match_pictures)
-                explanations = model.explain_feature_maps(query_fmap, fmaps, method=method, correspondences=True,
+                explanations = model.explain_feature_maps(query_fmap, fmaps, method=options.method, correspondences=True,
                                                           concepts=concepts, sizes=sizes)
                 if effects:
-                    model.add_effects(query_image, match_pictures, explanations, fmap_a=query_fmap, fmaps_b=fmaps)
+                    model.add_effects(query_picture, match_pictures, explanations, fmap_a=query_fmap, fmaps_b=fmaps)
             else:
-                explanations = model.explain_described(query_description, [stored[m.item_id] for m in explained],
-                                                       method=method, correspondences=True, sizes=sizes)
+                explanations = model.explain_described(query.description, [stored[m.item_id] for m in explained],
+                                                       method=options.method, correspondences=True, sizes=sizes)
             for match, explanation in zip(explained, explanations):
                 match.explanation = explanation
                 if explain_dir is not None:
-                    match.overlays = _write_overlays(Path(explain_dir), match, query_image, pictures[match.item_id],
-                                                     explanation)
+                    match.overlays = _write_overlays(Path(explain_dir), match, query.pixels(model)[0],
+                                                     pictures[match.item_id], explanation)
 
-    return SearchResult(name, k, float(model.threshold), len(described), matches, excluded, unreadable, generation, stale_index)
+    return SearchResult(query.name, k, float(model.threshold), len(described), matches, query.excluded, unreadable,
+                        generation, stale_index, query_item=query.item_id)
 
 
 def _with_pictures(model, matches: list[Match], pictures: dict[int, object], unreadable: list[Skipped]) -> list[Match]:

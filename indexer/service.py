@@ -130,13 +130,25 @@ class Catalogue:
     def search(self, query, *, k: int = 10, candidates: int | None = None, exclude_self: bool = True,
                explain: bool = False, explain_dir: str | os.PathLike | None = None, method: str = "gradcam",
                effects: bool = False, concepts: bool = False) -> SearchResult:
-        from indexer.search import search
+        """The ``k`` best matches of an image (path, bytes, PIL image or array); see ``indexer.search``."""
+        from indexer.search import SearchOptions, search
 
+        options = SearchOptions(k, candidates, explain, explain_dir, method, effects, concepts, exclude_self)
         index, generation, stale = self.current_index()
-        return search(query, model=self.model, db=self.db, index=index, k=k, candidates=candidates,
-                      exclude_self=exclude_self, explain=explain, explain_dir=explain_dir, method=method,
-                      generation=generation, stale_index=stale, model_key=self.model_key, effects=effects,
-                      concepts=concepts)
+        return search(query, options, model=self.model, db=self.db, index=index, model_key=self.model_key,
+                      generation=generation, stale_index=stale)
+
+    def search_item(self, item_id: int, *, k: int = 10, candidates: int | None = None, exclude_self: bool = True,
+                    explain: bool = False, explain_dir: str | os.PathLike | None = None, method: str = "gradcam",
+                    effects: bool = False, concepts: bool = False) -> SearchResult:
+        """More like catalogue item ``item_id``, from what the catalogue stores of it (``UnknownItemError`` for an
+        unknown id); the options are those of ``search``."""
+        from indexer.search import SearchOptions, search_item
+
+        options = SearchOptions(k, candidates, explain, explain_dir, method, effects, concepts, exclude_self)
+        index, generation, stale = self.current_index()
+        return search_item(item_id, options, model=self.model, db=self.db, index=index, model_key=self.model_key,
+                           generation=generation, stale_index=stale)
 
     def dedup(self, *, k: int = 10, threshold: float | None = None, precision: float | None = None,
               labels: str | os.PathLike | None = None, min_index_similarity: float | None = None) -> DedupReport:

@@ -73,15 +73,15 @@ def test_candidates_are_re_ranked_by_the_head(indexed, tiny_model, tmp_path):
         def score_described(self, packed_a, packed_b):
             return 1.0 - self._model.score_described(packed_a, packed_b)
 
-    from indexer.search import search
+    from indexer.search import SearchOptions, search
 
     index, generation, stale = catalogue.current_index()
     query = tmp_path / "q.jpg"
     edited(tiles()[2]).save(query)
-    normal = search(query, model=tiny_model, db=catalogue.db, index=index, k=5, candidates=5, model_key=catalogue.model_key)
-    contrary = search(query, model=Contrary(tiny_model), db=catalogue.db, index=index, k=5, candidates=5,
-                      model_key=catalogue.model_key)
-    from_files = search(query, model=tiny_model, db=catalogue.db, index=index, k=5, candidates=5)  # no stored descriptions
+    options = SearchOptions(k=5, candidates=5)
+    normal = search(query, options, model=tiny_model, db=catalogue.db, index=index, model_key=catalogue.model_key)
+    contrary = search(query, options, model=Contrary(tiny_model), db=catalogue.db, index=index, model_key=catalogue.model_key)
+    from_files = search(query, options, model=tiny_model, db=catalogue.db, index=index)  # no stored descriptions
     assert [m.item_id for m in from_files.matches] == [m.item_id for m in normal.matches]
     assert [m.head_score for m in from_files.matches] == pytest.approx([m.head_score for m in normal.matches], abs=2e-3)
     assert normal.matches[0].source == contrary.matches[-1].source == str(paths[2])
@@ -139,7 +139,7 @@ def test_explanations_come_from_stored_descriptions(indexed, tiny_model, tmp_pat
     """Explaining matches decodes no catalogue file and runs no backbone on them, and gives the maps
     the feature maps give (up to the float16 storage of the descriptions)."""
     _, catalogue, _, _ = indexed
-    from indexer.search import search
+    from indexer.search import SearchOptions, search
 
     class Counting:
         def __init__(self, model):
@@ -156,7 +156,7 @@ def test_explanations_come_from_stored_descriptions(indexed, tiny_model, tmp_pat
     index, _, _ = catalogue.current_index()
     query = tmp_path / "q.jpg"
     edited(tiles()[2]).save(query)
-    result = search(query, model=counting, db=catalogue.db, index=index, k=3, candidates=5, explain=True,
+    result = search(query, SearchOptions(k=3, candidates=5, explain=True), model=counting, db=catalogue.db, index=index,
                     model_key=catalogue.model_key)
     assert counting.images == 1  # the query only
     fmaps = tiny_model.feature_maps([query, *(m.source for m in result.matches)])
@@ -166,6 +166,51 @@ def test_explanations_come_from_stored_descriptions(indexed, tiny_model, tmp_pat
         assert m.explanation.is_match == reference.is_match
         for name in ("factual_a", "factual_b", "counterfactual_a", "counterfactual_b"):
             np.testing.assert_allclose(getattr(m.explanation, name), getattr(reference, name), atol=0.02, err_msg=name)
+
+
+def test_more_like_a_catalogue_item_decodes_nothing(indexed, tiny_model):
+    """Searching with a catalogue item uses its stored embedding and description: the same matches,
+    scores and maps as searching with its file, without decoding it or running the backbone."""
+    _, catalogue, paths, copy = indexed
+    from indexer.search import SearchOptions, UnknownItemError, search_item
+
+    class NoBackbone:
+        def __init__(self, model):
+            self._model = model
+
+        def __getattr__(self, name):
+            return getattr(self._model, name)
+
+        def load(self, images):
+            raise AssertionError("decoded an image")
+
+        def feature_maps(self, images):
+            raise AssertionError("ran the backbone")
+
+    with catalogue.db.session() as session:
+        own_id = crud.item_ids_by_source(session, [str(paths[4])])[str(paths[4])]
+    by_file = catalogue.search(paths[4], k=3, candidates=6, explain=True)
+    index, generation, _ = catalogue.current_index()
+    by_item = search_item(own_id, SearchOptions(k=3, candidates=6, explain=True), model=NoBackbone(tiny_model),
+                          db=catalogue.db, index=index, model_key=catalogue.model_key, generation=generation)
+    assert by_item.query == str(paths[4]) and by_item.query_item == own_id and by_item.excluded == [own_id]
+    assert [m.item_id for m in by_item.matches] == [m.item_id for m in by_file.matches]
+    assert by_item.matches[0].source == str(copy)  # a byte-identical copy is a duplicate worth seeing, not the query
+    assert [m.head_score for m in by_item.matches] == pytest.approx([m.head_score for m in by_file.matches], abs=2e-3)
+    for mine, theirs in zip(by_item.matches, by_file.matches):
+        assert mine.explanation.correspondences
+        for name in ("factual_a", "factual_b", "counterfactual_a", "counterfactual_b"):
+            np.testing.assert_allclose(getattr(mine.explanation, name), getattr(theirs.explanation, name), atol=0.02)
+    assert by_item.to_dict()["query_item"] == own_id and by_file.to_dict()["query_item"] is None
+    unembedded = search_item(own_id, SearchOptions(k=3, candidates=6), model=tiny_model, db=catalogue.db, index=index,
+                             model_key="another model's key")  # nothing stored for it: the files are decoded
+    assert [m.item_id for m in unembedded.matches] == [m.item_id for m in by_file.matches]
+    kept = catalogue.search_item(own_id, k=1, exclude_self=False)
+    assert kept.matches[0].item_id in (own_id, by_item.matches[0].item_id) and kept.excluded == []
+    measured = catalogue.search_item(own_id, k=1, effects=True)  # effects need the pixels: the item's file is decoded
+    assert measured.matches[0].explanation.effects is not None
+    with pytest.raises(UnknownItemError, match="no catalogue item 999"):
+        catalogue.search_item(999)
 
 
 def test_stale_or_missing_index_still_searches(indexed, tiny_model, tmp_path):
@@ -207,6 +252,18 @@ def test_search_command(tmp_path, tiny_checkpoint):  # noqa: F811
     assert len(list((tmp_path / "why").glob("*.png"))) == 8
     text = CliRunner().invoke(main, ["search", str(paths[0]), "-k", "3"], env=env)
     assert text.exit_code == 0 and "3 matches" in text.stdout and str(paths[0]) not in text.stdout.split("source", 1)[1]
+    item = json.loads(CliRunner().invoke(main, ["search", "--item", str(payload["matches"][0]["item_id"]), "-k", "2", "--json"],
+                                         env=env).stdout)
+    assert item["query"] == str(paths[3]) and item["query_item"] == payload["matches"][0]["item_id"]
+    assert payload["matches"][0]["item_id"] not in [m["item_id"] for m in item["matches"]]
+    as_text = CliRunner().invoke(main, ["search", "--item", str(item["query_item"])], env=env)
+    assert as_text.exit_code == 0 and f"for item {item['query_item']} ({paths[3]})" in as_text.stdout
+    for args, error in ((["search"], "give a QUERY image or --item ID"),
+                        (["search", str(paths[0]), "--item", "1"], "not both")):
+        wrong = CliRunner().invoke(main, args, env=env)
+        assert wrong.exit_code == 2 and error in wrong.output
+    unknown = CliRunner().invoke(main, ["search", "--item", "999"], env=env)
+    assert unknown.exit_code == 1 and "no catalogue item 999" in unknown.output
     without_explain = CliRunner().invoke(main, ["search", str(paths[0]), "--effects"], env=env)
     assert without_explain.exit_code == 2 and "--explain" in without_explain.output
     bad = tmp_path / "bad.jpg"
