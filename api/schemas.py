@@ -57,12 +57,14 @@ class SearchMatch(BaseModel):
 
 
 class SearchResponse(BaseModel):
-    query: str
+    query: str = Field(description="The upload's file name, or the catalogue item's source.")
+    query_item: int | None = Field(description="The catalogue item searched with (item=), else null.")
     query_sha256: str
+    query_image_url: str | None = Field(description="The query item's image; null for an upload.")
     k: int
     threshold: float
     n_candidates: int
-    excluded: list[int] = Field(description="Catalogue items that are the query itself (same bytes), left out.")
+    excluded: list[int] = Field(description="Catalogue items that are the query itself (an upload's bytes, or the item), left out.")
     generation: int | None
     stale_index: bool
     unreadable: list[Unreadable]

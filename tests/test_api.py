@@ -28,6 +28,7 @@ from PIL import Image
 
 from api import create_app
 from engine.config import Settings
+from indexer import crud
 from indexer import db as dbmod
 
 N = 10
@@ -215,6 +216,34 @@ def test_search_names_concepts_and_measures_effects_only_when_asked(client):
     assert isinstance(plain["correspondences"], list) and plain.get("concepts") is None and plain.get("effects") is None
     named = search(client, query_bytes(2), k=1, concepts="true").json()["matches"][0]["explanation"]
     assert isinstance(named["concepts"], list) and named.get("effects") is None
+
+
+def test_search_with_a_catalogue_item(client, catalogue):
+    """More like this: the item's stored embedding and description are the query; it is left out, its
+    explanations are cached like an upload's and render the item's own image."""
+    photo = next(Path(catalogue.data_dir).parent.glob("photos/*/photo_002.jpg"))
+    by_upload = search(client, photo.read_bytes(), k=2).json()
+    with catalogue.db.session() as session:
+        item_id = crud.item_ids_by_source(session, [str(photo)])[str(photo)]
+    response = client.post("/api/search", data={"item": item_id, "k": 2, "explain": "true"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["query_item"] == item_id and body["excluded"] == [item_id] and body["query"] == str(photo)
+    assert body["query_image_url"] == f"/api/items/{item_id}/image" and len(body["query_sha256"]) == 64
+    assert [m["item_id"] for m in body["matches"]] == [m["item_id"] for m in by_upload["matches"]]
+    match = body["matches"][0]
+    assert match["explanation"]["similarity"] == pytest.approx(match["head_score"], abs=1e-4)
+    rendered = client.get(f"/api/explanations/{match['explanation_key']}/image_a.png")
+    assert rendered.status_code == 200 and Image.open(io.BytesIO(rendered.content)).size == Image.open(photo).size
+    assert by_upload["query_item"] is None and by_upload["query_image_url"] is None
+
+
+def test_search_takes_an_upload_or_an_item(client):
+    both = client.post("/api/search", files={"image": ("q.jpg", query_bytes(), "image/jpeg")}, data={"item": 1})
+    assert both.status_code == 422 and "exactly one of image" in both.json()["detail"]
+    unknown = client.post("/api/search", data={"item": 999})
+    assert unknown.status_code == 404 and unknown.json()["detail"] == "item: no catalogue item 999"
+    assert client.post("/api/search", data={"item": 0}).status_code == 422
 
 
 def test_unknown_explanations_are_404_and_bad_names_422(client):

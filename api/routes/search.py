@@ -26,6 +26,8 @@ from api.uploads import (
     status_for,
 )
 from engine.errors import ImageLoadError
+from indexer import crud
+from indexer.search import SearchResult
 
 router = APIRouter(tags=["search"], dependencies=[ReadAccess])
 
@@ -42,15 +44,34 @@ def _search(state: ApiState, data: bytes, label: str, name: str, k: int, explain
         raise HTTPException(status_for(exc), f"{label}: {one_line(str(exc))}") from exc
     if explain and result.matches:
         state.explanations.remember_upload(upload.sha256, display_copy(upload.image))
+    response = _response(state, result, upload_identity(upload.sha256), Picture(upload_sha256=upload.sha256), base)
+    return {**response, "query": name, "query_sha256": upload.sha256, "query_image_url": None}
+
+
+def _search_item(state: ApiState, item_id: int, k: int, explain: bool, base: str, effects: bool, concepts: bool) -> dict:
+    """More like a catalogue item, from its stored embedding and description; runs in the model pool."""
+    catalogue = state.catalogue
+    with catalogue.db.session() as session:
+        item = crud.get_item(session, item_id)
+        sha256 = item.sha256 if item is not None else None
+    if sha256 is None:
+        raise HTTPException(404, f"item: no catalogue item {item_id}")
+    try:
+        result = catalogue.search_item(item_id, k=k, explain=explain, effects=effects, concepts=concepts)
+    except ImageLoadError as exc:  # concepts and effects read the item's file
+        raise HTTPException(422, f"item: the image of item {item_id} cannot be read: {one_line(str(exc))}") from exc
+    response = _response(state, result, item_identity(item_id, sha256), Picture(item_id=item_id), base)
+    return {**response, "query_sha256": sha256, "query_image_url": f"{base}/items/{item_id}/image"}
+
+
+def _response(state: ApiState, result: SearchResult, query_identity: str, query_picture: Picture, base: str) -> dict:
+    """The result as JSON, each match with its image URL and, when explained, its cached explanation's key and overlays."""
     response = result.to_dict()
-    response["query"] = name
-    response["query_sha256"] = upload.sha256
     for match, out in zip(result.matches, response["matches"]):
         out["image_url"] = f"{base}/items/{match.item_id}/image"
         if match.explanation is not None:
-            key = pair_key(catalogue.model_key, upload_identity(upload.sha256), item_identity(match.item_id, match.sha256))
-            state.explanations.put(key, StoredExplanation(match.explanation, Picture(upload_sha256=upload.sha256),
-                                                          Picture(item_id=match.item_id)))
+            key = pair_key(state.catalogue.model_key, query_identity, item_identity(match.item_id, match.sha256))
+            state.explanations.put(key, StoredExplanation(match.explanation, query_picture, Picture(item_id=match.item_id)))
             out["explanation_key"] = key
             out["overlays"] = overlay_urls(base, key)
         else:
@@ -62,7 +83,9 @@ def _search(state: ApiState, data: bytes, label: str, name: str, k: int, explain
 async def search(
     request: Request,
     state: State,
-    image: Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, ...).")],
+    image: Annotated[UploadFile | None, File(description="The query image (JPEG, PNG, WebP, ...), or give item.")] = None,
+    item: Annotated[int | None, Form(ge=1, description="A catalogue item id to search with instead of an upload "
+                                                      "(more like this: its stored embedding and description).")] = None,
     k: Annotated[int, Form(ge=1, le=100, description="How many matches.")] = 10,
     explain: Annotated[bool, Form(description="Also explain each match (factual/counterfactual maps and region "
                                               "correspondences, from the stored descriptions: no backbone pass).")] = False,
@@ -71,10 +94,16 @@ async def search(
     effects: Annotated[bool, Form(description="Also measure how the score moves when each map's region is masked "
                                               "(implies explain; four more backbone passes per match).")] = False,
 ) -> dict:
-    """The ``k`` best matches: FAISS candidates re-scored by the Siamese head, with both ranks. Catalogue items
-    with the query's exact bytes are left out (``excluded``). With ``explain`` each match carries its maps and
-    the URLs of overlay PNGs (``a`` = the query, ``b`` = the match) and region correspondences; ``concepts`` and
-    ``effects`` add those."""
+    """The ``k`` best matches of an upload (``image``) or of a catalogue item (``item``): FAISS candidates
+    re-scored by the Siamese head, with both ranks. Catalogue items with the upload's exact bytes, or the item
+    itself, are left out (``excluded``). With ``explain`` each match carries its maps and the URLs of overlay
+    PNGs (``a`` = the query, ``b`` = the match) and region correspondences; ``concepts`` and ``effects`` add
+    those."""
+    if (image is None) == (item is None):
+        raise HTTPException(422, "give exactly one of image (an upload) and item (a catalogue item id)")
+    explain = explain or effects or concepts
+    if item is not None:
+        return await state.run_model(_search_item, state, item, k, explain, api_base(request), effects, concepts)
     data = await read_upload(image, field="image", max_bytes=state.settings.max_upload_bytes)
     return await state.run_model(_search, state, data, label_of(image, "image"), filename_of(image) or "<upload>", k,
-                                 explain or effects or concepts, api_base(request), effects, concepts)
+                                 explain, api_base(request), effects, concepts)
