@@ -252,6 +252,33 @@ def test_open_an_explanation_and_use_its_controls(page, photos, screenshots):
     expect(dialog).to_be_hidden()
 
 
+def test_more_like_a_match_searches_with_that_catalogue_item(page, photos):
+    """From an explained match, "More like this" searches again with that catalogue item as the query:
+    no upload, the item itself left out, and its matches explained against it."""
+    _search(page, photos["queries"][GROUPS[0]])
+    first = page.locator("#results .result-button").first
+    item_id = int(re.search(r"item (\d+)", first.get_attribute("aria-label")).group(1))
+    first.click()
+    dialog = page.locator("#compare-dialog")
+    expect(dialog.locator(".verdict")).to_have_text(re.compile(r"^Match — "))
+    with page.expect_request("**/api/search") as sent:
+        dialog.get_by_role("button", name="More like this").click()
+    assert f'name="item"\r\n\r\n{item_id}\r\n' in sent.value.post_data and 'name="image"' not in sent.value.post_data
+    expect(dialog).to_be_hidden()
+    status = page.locator("#search-status")
+    expect(status).to_contain_text("1 catalogue photo is the query itself, left out.")
+    expect(page.locator("#query-preview")).to_have_attribute("alt", f"Catalogue item {item_id}")
+    expect(page.locator("#query-preview")).to_have_attribute("src", re.compile("^blob:"))
+    results = page.locator("#results .result-button")
+    expect(results.first).to_have_attribute("aria-label", re.compile(r"^Rank 1: item \d+"))
+    labels = [results.nth(n).get_attribute("aria-label") for n in range(results.count())]
+    assert all(f"item {item_id}," not in label for label in labels)
+    assert page.locator("#results .listing").first.inner_text() == GROUPS[0]
+    results.first.click()
+    expect(dialog.locator('.side[data-side="a"]')).to_contain_text(f"item {item_id}")
+    expect(dialog.locator(".verdict")).to_have_text(re.compile(r"^Match — similarity"))
+
+
 def test_review_queue_decisions_persist(page, server, catalogue, screenshots):
     from indexer import crud
 

@@ -1,5 +1,6 @@
 // Query by image: drop, paste or choose a photo; the catalogue's best matches re-ranked by the
-// Siamese head; a match opens the explained comparison in a dialog.
+// Siamese head; a match opens the explained comparison in a dialog, from which "More like this"
+// searches again with that catalogue item as the query (its stored embedding: nothing uploaded).
 
 import { imageURL, postForm } from "./api.js";
 import { Comparison, formatScore } from "./comparison.js";
@@ -17,9 +18,19 @@ const dialog = document.getElementById("compare-dialog");
 const dialogTitle = document.getElementById("compare-title");
 const comparison = new Comparison(dialog.querySelector(".comparison-slot"));
 
-let query = null; // {blob, url, name}
+let query = null; // an upload {blob, url, name} or a catalogue item {item, url, name}
+let shownMatch = null; // the match the dialog explains
 let latestRun = 0; // responses of superseded searches are dropped
 let latestOpened = 0; // likewise explanations of a match the dialog no longer shows
+
+function useQuery(next) {
+  if (query?.blob) URL.revokeObjectURL(query.url); // item images stay in api.js's cache
+  query = next;
+  preview.src = query.url;
+  preview.alt = query.item ? `Catalogue ${query.name}` : `Your photo: ${query.name}`;
+  dropzone.classList.add("has-image");
+  runSearch();
+}
 
 function setQuery(file) {
   if (!file) return;
@@ -27,12 +38,16 @@ function setQuery(file) {
     setStatus(status, "error", `“${file.name}” is not an image: choose a JPEG, PNG or WebP photo.`);
     return;
   }
-  if (query) URL.revokeObjectURL(query.url);
-  query = { blob: file, url: URL.createObjectURL(file), name: file.name || "pasted image" };
-  preview.src = query.url;
-  preview.alt = `Your photo: ${query.name}`;
-  dropzone.classList.add("has-image");
-  runSearch();
+  useQuery({ blob: file, url: URL.createObjectURL(file), name: file.name || "pasted image" });
+}
+
+async function searchLike(match) {
+  dialog.close();
+  try {
+    useQuery({ item: match.item_id, url: await imageURL(match.image_url), name: `item ${match.item_id}` });
+  } catch (error) {
+    setStatus(status, "error", error.message);
+  }
 }
 
 function reranking(match) {
@@ -113,7 +128,8 @@ async function runSearch() {
     ? "Searching and explaining on CPU, this takes a few seconds…"
     : "Searching…");
   try {
-    const body = await postForm("api/search", { image: query.blob, k: kSelect.value, explain });
+    const queried = query.item ? { item: query.item } : { image: query.blob };
+    const body = await postForm("api/search", { ...queried, k: kSelect.value, explain });
     if (run !== latestRun) return;
     render(body);
   } catch (error) {
@@ -127,10 +143,12 @@ async function runSearch() {
 
 async function openMatch(match) {
   const opened = ++latestOpened;
+  shownMatch = match;
   dialogTitle.textContent = `Why rank ${match.rank_after}: item ${match.item_id}`;
   if (!dialog.open) dialog.showModal();
+  const named = query.item ? { title: query.name, detail: "the query" } : { title: "your photo", detail: query.name };
   await comparison.setImages({
-    a: { url: query.url, title: "your photo", detail: query.name },
+    a: { url: query.url, ...named },
     b: { url: imageURL(match.image_url), title: `item ${match.item_id}`, detail: match.listing || "" },
   });
   if (opened !== latestOpened) return;
@@ -140,7 +158,8 @@ async function openMatch(match) {
   }
   comparison.showLoading("Explaining on CPU, this takes a few seconds…");
   try {
-    match.explanation = await postForm("api/compare", { image_a: query.blob, item_b: match.item_id });
+    const side = query.item ? { item_a: query.item } : { image_a: query.blob };
+    match.explanation = await postForm("api/compare", { ...side, item_b: match.item_id });
     if (opened === latestOpened) comparison.setExplanation(match.explanation);
   } catch (error) {
     if (opened === latestOpened) comparison.showError(error.message);
@@ -176,6 +195,7 @@ export function initSearch(isActive) {
     setQuery(file);
   });
   dialog.querySelector(".dialog-close").addEventListener("click", () => dialog.close());
+  dialog.querySelector(".dialog-more").addEventListener("click", () => shownMatch && searchLike(shownMatch));
   dialog.addEventListener("click", (event) => {
     if (event.target === dialog) dialog.close(); // a click on the backdrop
   });
