@@ -143,6 +143,15 @@ class _Query:
     picture: object | None = None
     fmap: object | None = None
 
+    @classmethod
+    def decoded(cls, model, source: ImageSource, name: str, excluded: list[int], size: tuple[int, int] | None = None,
+                item_id: int | None = None) -> _Query:
+        """A query from its image, decoded and run through the backbone once."""
+        picture = model.load([source])[0]
+        fmap = model.feature_maps([picture])
+        return cls(name, model.embed_fmaps(fmap), model.describe_fmaps(fmap)[0], size or _original_size(source, picture),
+                   excluded, source, item_id, picture, fmap)
+
     def pixels(self, model) -> tuple[object, object]:
         if self.picture is None:
             self.picture = model.load([self.source])[0]
@@ -167,12 +176,8 @@ def search(query: ImageSource, options: SearchOptions, *, model, db: Database, i
                 excluded = list(crud.item_ids_by_source(session, [source]).values())
             else:
                 excluded = crud.item_ids_by_sha(session, sha)
-    picture = model.load([query])[0]
-    fmap = model.feature_maps([picture])
-    resolved = _Query(name, model.embed_fmaps(fmap), model.describe_fmaps(fmap)[0], _original_size(query, picture),
-                      excluded, query, picture=picture, fmap=fmap)
-    return _search(resolved, options, model=model, db=db, index=index, model_key=model_key, generation=generation,
-                   stale_index=stale_index)
+    return _search(_Query.decoded(model, query, name, excluded), options, model=model, db=db, index=index,
+                   model_key=model_key, generation=generation, stale_index=stale_index)
 
 
 def search_item(item_id: int, options: SearchOptions, *, model, db: Database, index: faiss.Index, model_key: str,
@@ -193,10 +198,7 @@ def search_item(item_id: int, options: SearchOptions, *, model, db: Database, in
     if len(vectors) and description is not None:
         resolved = _Query(source, vectors, description, size, excluded, source, item_id=item_id)
     else:
-        picture = model.load([source])[0]
-        fmap = model.feature_maps([picture])
-        resolved = _Query(source, model.embed_fmaps(fmap), model.describe_fmaps(fmap)[0], size, excluded, source,
-                          item_id=item_id, picture=picture, fmap=fmap)
+        resolved = _Query.decoded(model, source, source, excluded, size, item_id)
     return _search(resolved, options, model=model, db=db, index=index, model_key=model_key, generation=generation,
                    stale_index=stale_index)
 
