@@ -75,13 +75,15 @@ def _load(ctx: click.Context, model_path: Path | None):
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-4, show_default=True)
 @click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Multiply the learning rate by this after two epochs without a better validation score (1: constant).")
 @click.option("--crop-min", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Train on random windows of the cached feature maps covering at least this fraction of their area (1: whole maps).")
+@click.option("--augment-views", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also cache N augmented copies of each training image (random crop, mirror, colour jitter) through the frozen blocks; each step draws one of them, the original or its mirror.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/resume.pt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the inner-validation metrics as JSON.")
 @click.pass_context
 def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_csv: Path | None, out_dir: Path, preset: str,
                   backbone: str | None, backbone_weights: str | None, input_size: int | None, embed_dim: int | None,
                   tuned_blocks: int | None, holdout: float, seed: int, epochs: int, patience: int, lr: float, lr_decay: float,
-                  crop_min: float, resume: bool, as_json: bool) -> None:
+                  crop_min: float, augment_views: int, resume: bool, as_json: bool) -> None:
     """Train a Siamese model (frozen backbone but for its last --tuned-blocks, cached features) and save it to OUT."""
     from engine.train import TrainOptions, train
 
@@ -96,7 +98,7 @@ def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_c
     command = "whymatch " + " ".join(sys.argv[1:])
     try:
         options = TrainOptions(epochs=epochs, patience=patience, learning_rate=lr, lr_decay=lr_decay, crop_min=crop_min,
-                               seed=seed, resume=resume, cache_dir=settings.data_dir / "cache" / "features",
+                               augment_views=augment_views, seed=seed, resume=resume, cache_dir=settings.data_dir / "cache" / "features",
                                extra={"command": command, "holdout": holdout, "seed": seed})
         _, metrics = train(config, data, out_dir, options)
     except (WeightsNotInstalledError, ValueError) as exc:

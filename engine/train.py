@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,47 +59,79 @@ class TrainOptions:
     # After two epochs without a better validation score (by more than ReduceLROnPlateau's relative 1e-4)
     # the learning rate is multiplied by this (1: constant).
     lr_decay: float = 1.0
+    # Augmented copies of each image (random crop, mirror, colour jitter), computed once through the
+    # frozen blocks and cached; each step draws one of them, the original or its mirror image.
+    augment_views: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.crop_min <= 1:
             raise ValueError(f"crop_min must be in (0, 1], got {self.crop_min}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.augment_views < 0:
+            raise ValueError(f"augment_views must be at least 0, got {self.augment_views}")
 
 
 @dataclass
 class CachedFeatures:
-    """The frozen blocks' output for a set of images and for their mirror images (float16 to halve the memory)."""
+    """The frozen blocks' output for a set of images, for their mirror images and for ``augmented``
+    copies (views × images × …), float16 to halve the memory."""
 
     features: Tensor
     flipped: Tensor | None
+    augmented: Tensor | None = None
 
 
-def cached_features(model: SimilarityModel, paths: list[Path], cache_dir: Path, *, with_flips: bool, progress: bool) -> CachedFeatures:
+def augmenter(size: int) -> Callable[[Tensor], Tensor]:
+    """The random copy of an image (3×H×W uint8) that ``augment_views`` caches: a crop of 35–100% of
+    its area, mirrored half of the time, brightness, contrast and saturation within ±30% and the hue
+    within ±0.05, at the model's input size."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                       v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05)])
+
+
+def cached_features(model: SimilarityModel, paths: list[Path], cache_dir: Path, *, with_flips: bool, progress: bool,
+                    augment_views: int = 0, seed: int = 0) -> CachedFeatures:
     """The frozen backbone blocks' output for ``paths``, from disk when the same images went through the
-    same frozen blocks."""
+    same frozen blocks (and the same ``augment_views`` random copies of each, drawn with ``seed``)."""
     cfg = model.config
+    augment = augmenter(cfg.input_size) if augment_views else None
     key = hashlib.sha256(
         json.dumps([cfg.backbone, cfg.backbone_weights, cfg.input_size, cfg.bf16, cfg.tuned_blocks, with_flips,
+                    *([augment_views, seed, repr(augment)] if augment_views else []),
                     [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]]).encode()
     ).hexdigest()[:20]
     cache_file = Path(cache_dir) / f"{cfg.backbone}-{cfg.input_size}-{cfg.tuned_blocks}-{key}.pt"
     if cache_file.is_file():
         stored = torch.load(cache_file, map_location="cpu", weights_only=True)
-        return CachedFeatures(stored["features"], stored.get("flipped"))
-    features, flipped = [], []
+        return CachedFeatures(stored["features"], stored.get("flipped"), stored.get("augmented"))
+    features, flipped, augmented = [], [], []
+    generator = torch.Generator().manual_seed(seed)
     bar = tqdm(total=len(paths), desc="backbone features", unit="img", disable=not progress)
     for start in range(0, len(paths), model.batch_size):
-        pixels = model.pixels(paths[start : start + model.batch_size])
+        images = model.load(paths[start : start + model.batch_size])
+        pixels = model.pixels(images)
         features.append(model.frozen_features(pixels).half())
         if with_flips:
             flipped.append(model.frozen_features(pixels.flip(3)).half())
+        if augment is not None:
+            copies = []
+            for _ in range(augment_views):
+                with torch.random.fork_rng():  # the transforms draw from torch's global generator
+                    torch.manual_seed(int(torch.randint(1 << 62, (), generator=generator)))
+                    views = [augment(torch.from_numpy(image).permute(2, 0, 1)).permute(1, 2, 0).numpy() for image in images]
+                copies.append(model.frozen_features(model.pixels(views)).half())
+            augmented.append(torch.stack(copies))
         bar.update(len(pixels))
     bar.close()
-    result = CachedFeatures(torch.cat(features), torch.cat(flipped) if with_flips else None)
+    result = CachedFeatures(torch.cat(features), torch.cat(flipped) if with_flips else None,
+                            torch.cat(augmented, dim=1) if augmented else None)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
-    torch.save({"features": result.features, **({"flipped": result.flipped} if with_flips else {})}, tmp)
+    stored = {"features": result.features, "flipped": result.flipped, "augmented": result.augmented}
+    torch.save({name: tensor for name, tensor in stored.items() if tensor is not None}, tmp)
     tmp.replace(cache_file)
     return result
 
@@ -193,7 +226,8 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
     fit_idx, val_idx = split(data, options.inner_val_fraction, options.seed)
     fit, val = data.subset(fit_idx), data.subset(val_idx)
     started = time.time()
-    fit_cache = cached_features(model, fit.paths, options.cache_dir, with_flips=True, progress=options.progress)
+    fit_cache = cached_features(model, fit.paths, options.cache_dir, with_flips=True, progress=options.progress,
+                                augment_views=options.augment_views, seed=options.seed)
     val_frozen = cached_features(model, val.paths, options.cache_dir, with_flips=False, progress=options.progress).features
     feature_seconds = time.time() - started
     if isinstance(net, MatchNet):
@@ -250,6 +284,7 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
     config.provenance.update({
         "data": str(data.root), "form": data.form, "images": len(data), "fit_images": len(fit), "inner_val_images": len(val),
         "best_epoch": best_epoch, "epochs_run": len(history), "crop_min": options.crop_min, "lr_decay": options.lr_decay,
+        **({"augment_views": options.augment_views} if options.augment_views else {}),
         "feature_seconds": round(feature_seconds, 1),
         "train_seconds": round(time.time() - started, 1), "inner_val_metrics": {k: round(float(v), 4) for k, v in final.items()},
         **options.extra,
@@ -300,6 +335,17 @@ def random_windows(maps: Tensor, area_min: float, rng: np.random.Generator) -> T
     return torch.stack([m[:, y : y + h, x : x + w] for m, y, x in zip(maps, tops, lefts)])
 
 
+def draw_views(cache: CachedFeatures, idx: np.ndarray, crop_min: float, rng: np.random.Generator) -> Tensor:
+    """Images ``idx`` each as itself, mirrored or as one of its augmented copies, uniformly at random,
+    then a random window (``random_windows``). The mirror images come first among the choices, so that
+    without copies a draw below 0.5 mirrors, as before copies existed: a seed trains the same model."""
+    sources = [t for t in (cache.flipped,) if t is not None] + [cache.features]
+    sources += list(cache.augmented) if cache.augmented is not None else []
+    which = (rng.random(len(idx)) * len(sources)).astype(np.int64)
+    chosen = torch.stack([sources[w][i] for w, i in zip(which, idx)])
+    return random_windows(chosen, crop_min, rng).float()
+
+
 def _reload(out_dir: Path, model: SimilarityModel) -> SimilarityModel:
     """Put the best epoch's weights (saved during training) back into the model."""
     model.net.load_trained_state_dict(load_file(str(out_dir / WEIGHTS_FILE)))
@@ -308,13 +354,10 @@ def _reload(out_dir: Path, model: SimilarityModel) -> SimilarityModel:
 
 
 def _epoch_batches(net: SiameseNet, fit: LabelledImages, cache: CachedFeatures, options: TrainOptions, rng: np.random.Generator):
-    """(frozen-block features, loss function of the feature maps) per step; each image is seen as
-    itself or mirrored at random."""
+    """(frozen-block features, loss function of the feature maps) per step (see ``draw_views``)."""
 
     def views(idx: np.ndarray) -> Tensor:
-        flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
-        chosen = torch.where(flip.view(-1, 1, 1, 1), cache.flipped[idx], cache.features[idx]) if cache.flipped is not None else cache.features[idx]
-        return random_windows(chosen, options.crop_min, rng).float()
+        return draw_views(cache, idx, options.crop_min, rng)
 
     if isinstance(net, MatchNet):
         for batch in _hard_batches(net, maps_from_frozen(net, cache.features), fit.groups, options, rng):

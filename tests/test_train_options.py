@@ -1,4 +1,5 @@
-"""Training options beyond the defaults: random windows of the cached maps and a learning rate that decays on plateaus."""
+"""Training options beyond the defaults: random windows of the cached maps, a learning rate that decays on
+plateaus, and cached augmented copies of the images."""
 
 from __future__ import annotations
 
@@ -46,3 +47,40 @@ def test_train_cli_refuses_an_out_of_range_fraction(tmp_path, groups_folder, fla
                                 env={"WHYMATCH_DATA_DIR": str(tmp_path / "data")})
     assert result.exit_code == 2
     assert f"Invalid value for '{flag}'" in result.output and "0<x<=1" in result.output
+
+
+def test_augmented_copies_are_cached_per_seed_and_drawn_in_training(tmp_path, groups_folder):
+    from engine.inference import build_model
+
+    data = load_labelled_images(groups_folder, form="groups")
+    model = build_model(ModelConfig.for_preset("whymatch", input_size=64, bf16=False))
+    cache = tmp_path / "cache"
+    first = training.cached_features(model, data.paths, cache, with_flips=True, progress=False, augment_views=2, seed=1)
+    n, maps = len(data.paths), first.features.shape[1:]
+    assert first.augmented.shape == (2, n, *maps) and first.flipped.shape == first.features.shape
+    assert not torch.equal(first.augmented[0], first.features) and not torch.equal(first.augmented[0], first.augmented[1])
+    again = training.cached_features(model, data.paths, tmp_path / "recomputed", with_flips=True, progress=False,
+                                     augment_views=2, seed=1)
+    assert torch.equal(again.augmented, first.augmented)  # the same seed draws the same copies
+    other = training.cached_features(model, data.paths, cache, with_flips=True, progress=False, augment_views=2, seed=2)
+    assert not torch.equal(other.augmented, first.augmented) and torch.equal(other.features, first.features)
+    plain = training.cached_features(model, data.paths, cache, with_flips=True, progress=False)
+    assert plain.augmented is None and torch.equal(plain.features, first.features)
+
+    # Each image is drawn as itself, mirrored or as a copy; without copies, mirrored iff the draw is below 0.5.
+    idx = np.arange(200) % n
+    marked = training.CachedFeatures(torch.zeros(n, 1, 2, 2), torch.ones(n, 1, 2, 2), torch.full((2, n, 1, 2, 2), 2.0))
+    drawn = training.draw_views(marked, idx, 1.0, np.random.default_rng(5))[:, 0, 0, 0]
+    assert set(drawn.tolist()) == {0.0, 1.0, 2.0}
+    flips_only = training.CachedFeatures(torch.zeros(n, 1, 2, 2), torch.ones(n, 1, 2, 2))
+    mirrored = training.draw_views(flips_only, idx, 1.0, np.random.default_rng(5))[:, 0, 0, 0]
+    assert mirrored.tolist() == (np.random.default_rng(5).random(200) < 0.5).astype(float).tolist()
+
+
+def test_train_records_its_augmented_copies(tmp_path, groups_folder):
+    data = load_labelled_images(groups_folder, form="groups")
+    options = training.TrainOptions(epochs=1, progress=False, cache_dir=tmp_path / "cache", augment_views=1)
+    model, _ = training.train(ModelConfig.for_preset("whymatch", input_size=64, bf16=False), data, tmp_path / "model", options)
+    assert model.config.provenance["augment_views"] == 1
+    with pytest.raises(ValueError, match="augment_views"):
+        training.TrainOptions(augment_views=-1)
