@@ -3,7 +3,8 @@
 Only the layers after the backbone learn (and, with ``tuned_blocks``, the backbone's last blocks), on
 cached features of each image and of its mirror image (a cheap augmentation): the output of the
 frozen blocks, which is the Grad-CAM layer's map when none is tuned; ``crop_min`` < 1 adds random
-windows of those maps (crops of the image as the frozen blocks saw it). ``whymatch`` trains the
+windows of those maps (crops of the image as the frozen blocks saw it), and ``augment_views`` cached
+copies of each image augmented in pixels (crops that are resized, colour jitter). ``whymatch`` trains the
 embedding with a multi-positive InfoNCE loss and the head with binary cross-entropy on every pair of
 a batch; batches are built around hard negatives — the groups nearest to each other under the
 current embeddings (for the AirBnB photos: the same kind of room in other listings). ``paper``
@@ -356,13 +357,10 @@ def _reload(out_dir: Path, model: SimilarityModel) -> SimilarityModel:
 def _epoch_batches(net: SiameseNet, fit: LabelledImages, cache: CachedFeatures, options: TrainOptions, rng: np.random.Generator):
     """(frozen-block features, loss function of the feature maps) per step (see ``draw_views``)."""
 
-    def views(idx: np.ndarray) -> Tensor:
-        return draw_views(cache, idx, options.crop_min, rng)
-
     if isinstance(net, MatchNet):
         for batch in _hard_batches(net, maps_from_frozen(net, cache.features), fit.groups, options, rng):
             groups = [fit.groups[i] for i in batch]
-            yield views(batch), (lambda f, g=groups: _matchnet_loss(net, f, g))
+            yield draw_views(cache, batch, options.crop_min, rng), (lambda f, g=groups: _matchnet_loss(net, f, g))
         return
     i, j, labels = paper_pairs(fit.groups, int(rng.integers(1 << 31)))
     order = rng.permutation(len(i))
@@ -370,5 +368,5 @@ def _epoch_batches(net: SiameseNet, fit: LabelledImages, cache: CachedFeatures, 
     for start in range(0, len(order), size):
         sel = order[start : start + size]
         lab = torch.from_numpy(labels[sel]).float()
-        both = views(np.concatenate([i[sel], j[sel]]))
+        both = draw_views(cache, np.concatenate([i[sel], j[sel]]), options.crop_min, rng)
         yield both, (lambda f, lab=lab, n=len(sel): _paper_loss(net, f[:n], f[n:], lab))
