@@ -108,7 +108,7 @@ def explanation_lines(explanation) -> list[str]:
 
 @click.command("search")
 @click.argument("query", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
-@click.option("--item", "item_id", type=int, default=None,
+@click.option("--item", "item_id", type=int, default=None, metavar="ID",
               help="Search with catalogue item ID instead of a file (more like this): its stored embedding and description, nothing decoded.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--candidates", type=click.IntRange(min=1), default=None, help="FAISS candidates re-scored by the head (default max(4k, k+20)).")
