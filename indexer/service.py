@@ -133,7 +133,8 @@ class Catalogue:
         """The ``k`` best matches of an image (path, bytes, PIL image or array); see ``indexer.search``."""
         from indexer.search import SearchOptions, search
 
-        options = SearchOptions(k, candidates, explain, explain_dir, method, effects, concepts, exclude_self)
+        options = SearchOptions(k=k, candidates=candidates, explain=explain, explain_dir=explain_dir, method=method,
+                                effects=effects, concepts=concepts, exclude_self=exclude_self)
         index, generation, stale = self.current_index()
         return search(query, options, model=self.model, db=self.db, index=index, model_key=self.model_key,
                       generation=generation, stale_index=stale)
@@ -145,7 +146,8 @@ class Catalogue:
         unknown id); the options are those of ``search``."""
         from indexer.search import SearchOptions, search_item
 
-        options = SearchOptions(k, candidates, explain, explain_dir, method, effects, concepts, exclude_self)
+        options = SearchOptions(k=k, candidates=candidates, explain=explain, explain_dir=explain_dir, method=method,
+                                effects=effects, concepts=concepts, exclude_self=exclude_self)
         index, generation, stale = self.current_index()
         return search_item(item_id, options, model=self.model, db=self.db, index=index, model_key=self.model_key,
                            generation=generation, stale_index=stale)

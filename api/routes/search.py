@@ -27,7 +27,7 @@ from api.uploads import (
 )
 from engine.errors import ImageLoadError
 from indexer import crud
-from indexer.search import SearchResult
+from indexer.search import SearchResult, UnknownItemError
 
 router = APIRouter(tags=["search"], dependencies=[ReadAccess])
 
@@ -58,6 +58,8 @@ def _search_item(state: ApiState, item_id: int, k: int, explain: bool, base: str
         raise HTTPException(404, f"item: no catalogue item {item_id}")
     try:
         result = catalogue.search_item(item_id, k=k, explain=explain, effects=effects, concepts=concepts)
+    except UnknownItemError as exc:  # deleted since it was looked up
+        raise HTTPException(404, f"item: {exc}") from exc
     except ImageLoadError as exc:  # concepts and effects read the item's file
         raise HTTPException(422, f"item: the image of item {item_id} cannot be read: {one_line(str(exc))}") from exc
     response = _response(state, result, item_identity(item_id, sha256), Picture(item_id=item_id), base)
