@@ -41,6 +41,11 @@ function setQuery(file) {
   useQuery({ blob: file, url: URL.createObjectURL(file), name: file.name || "pasted image" });
 }
 
+// The query as form fields: the catalogue item's id, or the uploaded photo.
+function queryFields(itemField, imageField) {
+  return query.item ? { [itemField]: query.item } : { [imageField]: query.blob };
+}
+
 async function searchLike(match) {
   dialog.close();
   try {
@@ -128,8 +133,7 @@ async function runSearch() {
     ? "Searching and explaining on CPU, this takes a few seconds…"
     : "Searching…");
   try {
-    const queried = query.item ? { item: query.item } : { image: query.blob };
-    const body = await postForm("api/search", { ...queried, k: kSelect.value, explain });
+    const body = await postForm("api/search", { ...queryFields("item", "image"), k: kSelect.value, explain });
     if (run !== latestRun) return;
     render(body);
   } catch (error) {
@@ -158,8 +162,7 @@ async function openMatch(match) {
   }
   comparison.showLoading("Explaining on CPU, this takes a few seconds…");
   try {
-    const side = query.item ? { item_a: query.item } : { image_a: query.blob };
-    match.explanation = await postForm("api/compare", { ...side, item_b: match.item_id });
+    match.explanation = await postForm("api/compare", { ...queryFields("item_a", "image_a"), item_b: match.item_id });
     if (opened === latestOpened) comparison.setExplanation(match.explanation);
   } catch (error) {
     if (opened === latestOpened) comparison.showError(error.message);
