@@ -64,6 +64,7 @@ class SearchResponse(BaseModel):
     k: int
     threshold: float
     n_candidates: int
+    index_size: int = Field(description="Vectors in the index searched; 0 when nothing is indexed with the server's model.")
     excluded: list[int] = Field(description="Catalogue items that are the query itself (an upload's bytes, or the item), left out.")
     generation: int | None
     stale_index: bool

@@ -77,10 +77,12 @@ class SearchResult:
     generation: int | None = None
     stale_index: bool = False
     query_item: int | None = None  # the catalogue item searched with ``search_item``
+    index_size: int = 0  # vectors in the FAISS index searched: 0 = nothing indexed with this model
 
     def to_dict(self) -> dict:
         return {
-            "query": self.query, "query_item": self.query_item, "k": self.k, "threshold": self.threshold, "n_candidates": self.n_candidates,
+            "query": self.query, "query_item": self.query_item, "k": self.k, "threshold": self.threshold,
+            "n_candidates": self.n_candidates, "index_size": self.index_size,
             "excluded": self.excluded, "generation": self.generation, "stale_index": self.stale_index,
             "unreadable": [{"source": s.source, "reason": s.reason} for s in self.unreadable],
             "matches": [m.to_dict() for m in self.matches],
@@ -263,7 +265,7 @@ def _search(query: _Query, options: SearchOptions, *, model, db: Database, index
                                                      pictures[match.item_id], explanation)
 
     return SearchResult(query.name, k, float(model.threshold), len(described), matches, query.excluded, unreadable,
-                        generation, stale_index, query_item=query.item_id)
+                        generation, stale_index, query_item=query.item_id, index_size=int(index.ntotal))
 
 
 def _with_pictures(model, matches: list[Match], pictures: dict[int, object], unreadable: list[Skipped]) -> list[Match]:

@@ -263,7 +263,7 @@ def test_search_parameters_are_validated(client):
 def test_search_on_an_empty_catalogue_finds_nothing(empty):
     test_client, _ = empty
     response = search(test_client, query_bytes(), k=3, explain="true")
-    assert response.status_code == 200 and response.json()["matches"] == []
+    assert response.status_code == 200 and response.json()["matches"] == [] and response.json()["index_size"] == 0
 
 
 def test_concurrent_requests_do_not_corrupt_each_other(client):

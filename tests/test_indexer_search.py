@@ -36,6 +36,7 @@ def test_an_edited_copy_ranks_first(indexed, tmp_path):
     result = catalogue.search(query, k=3, candidates=6)
     assert result.matches[0].source == str(paths[6])
     assert result.n_candidates == 6 and result.excluded == [] and not result.stale_index
+    assert result.index_size == N + 1  # the 10 photos and the copy of photo 4
     assert [m.rank_after for m in result.matches] == [1, 2, 3]
     assert sorted(m.rank_before for m in result.matches) == sorted(set(m.rank_before for m in result.matches))
     heads = [m.head_score for m in result.matches]

@@ -154,6 +154,11 @@ def _search(page, query: Path) -> None:
     expect(page.locator("#search-status")).to_contain_text("matches among", timeout=TIMEOUT_MS)
 
 
+def _answer_with(body: dict):
+    """A route handler answering with ``body`` (one parameter: Playwright passes the request to a second one)."""
+    return lambda route: route.fulfill(json=body)
+
+
 def test_search_with_a_real_photo(page, server, photos, screenshots, tmp_path):
     group = GROUPS[0]
     status = page.locator("#search-status")
@@ -203,13 +208,16 @@ def test_search_with_a_real_photo(page, server, photos, screenshots, tmp_path):
     expect(status).to_have_text(detail)
     expect(results).to_have_count(0)
 
-    # No matches at all (an empty catalogue): said in words.
-    page.route("**/api/search", lambda route: route.fulfill(json={
-        "query": "q", "query_sha256": "0" * 64, "k": 10, "threshold": 0.25, "n_candidates": 0, "excluded": [],
-        "generation": None, "stale_index": False, "unreadable": [], "matches": []}))
-    page.get_by_role("button", name="Search", exact=True).click()
-    expect(status).to_have_attribute("data-kind", "empty")
-    expect(status).to_contain_text("No matches")
+    # No matches at all: said in words, telling an unindexed catalogue from one holding only the query.
+    for index_size, words in ((0, "nothing in the catalogue is indexed with the server's model yet"),
+                              (1, "the catalogue holds no other photos yet")):
+        page.unroute("**/api/search")
+        body = {"query": "q", "query_sha256": "0" * 64, "k": 10, "threshold": 0.25, "n_candidates": 0, "index_size": index_size,
+                "excluded": [], "generation": None, "stale_index": False, "unreadable": [], "matches": []}
+        page.route("**/api/search", _answer_with(body))
+        page.get_by_role("button", name="Search", exact=True).click()
+        expect(status).to_have_attribute("data-kind", "empty")
+        expect(status).to_contain_text(f"No matches: {words}")
 
 
 def test_open_an_explanation_and_use_its_controls(page, photos, screenshots):

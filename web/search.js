@@ -112,7 +112,9 @@ function render(body) {
   const { matches } = body;
   results.replaceChildren(...matches.map((match) => resultCard(match, body.threshold)));
   if (matches.length === 0) {
-    setStatus(status, "empty", "No matches: the catalogue holds no other photos yet. Add some with “whymatch index PHOTOS/”.");
+    setStatus(status, "empty", body.index_size > 0
+      ? "No matches: the catalogue holds no other photos yet. Add some with “whymatch index PHOTOS/”."
+      : "No matches: nothing in the catalogue is indexed with the server's model yet. Run “whymatch index PHOTOS/” with it.");
     return;
   }
   const identical = body.excluded.length;
