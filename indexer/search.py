@@ -77,11 +77,13 @@ class SearchResult:
     generation: int | None = None
     stale_index: bool = False
     query_item: int | None = None  # the catalogue item searched with ``search_item``
+    query_sha256: str | None = None  # of the query's bytes, or of the item's file; None for a path query
     index_size: int = 0  # vectors in the FAISS index searched: 0 = nothing indexed with this model
 
     def to_dict(self) -> dict:
         return {
-            "query": self.query, "query_item": self.query_item, "k": self.k, "threshold": self.threshold,
+            "query": self.query, "query_item": self.query_item, "query_sha256": self.query_sha256, "k": self.k,
+            "threshold": self.threshold,
             "n_candidates": self.n_candidates, "index_size": self.index_size,
             "excluded": self.excluded, "generation": self.generation, "stale_index": self.stale_index,
             "unreadable": [{"source": s.source, "reason": s.reason} for s in self.unreadable],
@@ -141,18 +143,19 @@ class _Query:
     size: tuple[int, int]  # (width, height) of the original image: correspondence boxes are in its pixels
     excluded: list[int]
     source: ImageSource
+    sha256: str | None = None
     item_id: int | None = None
     picture: object | None = None
     fmap: object | None = None
 
     @classmethod
-    def decoded(cls, model, source: ImageSource, name: str, excluded: list[int], size: tuple[int, int] | None = None,
-                item_id: int | None = None) -> _Query:
+    def decoded(cls, model, source: ImageSource, name: str, excluded: list[int], sha256: str | None,
+                size: tuple[int, int] | None = None, item_id: int | None = None) -> _Query:
         """A query from its image, decoded and run through the backbone once."""
         picture = model.load([source])[0]
         fmap = model.feature_maps([picture])
         return cls(name, model.embed_fmaps(fmap), model.describe_fmaps(fmap)[0], size or _original_size(source, picture),
-                   excluded, source, item_id, picture, fmap)
+                   excluded, source, sha256, item_id, picture, fmap)
 
     def pixels(self, model) -> tuple[object, object]:
         if self.picture is None:
@@ -178,7 +181,7 @@ def search(query: ImageSource, options: SearchOptions, *, model, db: Database, i
                 excluded = list(crud.item_ids_by_source(session, [source]).values())
             else:
                 excluded = crud.item_ids_by_sha(session, sha)
-    return _search(_Query.decoded(model, query, name, excluded), options, model=model, db=db, index=index,
+    return _search(_Query.decoded(model, query, name, excluded, sha), options, model=model, db=db, index=index,
                    model_key=model_key, generation=generation, stale_index=stale_index)
 
 
@@ -195,12 +198,12 @@ def search_item(item_id: int, options: SearchOptions, *, model, db: Database, in
             raise UnknownItemError(f"no catalogue item {item_id}")
         _, vectors = crud.all_embeddings(session, model_key, int(model.config.embed_dim), ids=[item_id])
         description = crud.descriptors_by_ids(session, [item_id], model_key).get(item_id)
-        source, size = item.source, (item.width, item.height)
+        source, size, sha256 = item.source, (item.width, item.height), item.sha256
     excluded = [item_id] if options.exclude_self else []
     if len(vectors) and description is not None:
-        resolved = _Query(source, vectors, description, size, excluded, source, item_id=item_id)
+        resolved = _Query(source, vectors, description, size, excluded, source, sha256, item_id)
     else:
-        resolved = _Query.decoded(model, source, source, excluded, size, item_id)
+        resolved = _Query.decoded(model, source, source, excluded, sha256, size, item_id)
     return _search(resolved, options, model=model, db=db, index=index, model_key=model_key, generation=generation,
                    stale_index=stale_index)
 
@@ -265,7 +268,8 @@ def _search(query: _Query, options: SearchOptions, *, model, db: Database, index
                                                      pictures[match.item_id], explanation)
 
     return SearchResult(query.name, k, float(model.threshold), len(described), matches, query.excluded, unreadable,
-                        generation, stale_index, query_item=query.item_id, index_size=int(index.ntotal))
+                        generation, stale_index, query_item=query.item_id, query_sha256=query.sha256,
+                        index_size=int(index.ntotal))
 
 
 def _with_pictures(model, matches: list[Match], pictures: dict[int, object], unreadable: list[Skipped]) -> list[Match]:

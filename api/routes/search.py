@@ -26,7 +26,6 @@ from api.uploads import (
     status_for,
 )
 from engine.errors import ImageLoadError
-from indexer import crud
 from indexer.search import SearchResult, UnknownItemError
 
 router = APIRouter(tags=["search"], dependencies=[ReadAccess])
@@ -50,20 +49,14 @@ def _search(state: ApiState, data: bytes, label: str, name: str, k: int, explain
 
 def _search_item(state: ApiState, item_id: int, k: int, explain: bool, base: str, effects: bool, concepts: bool) -> dict:
     """More like a catalogue item, from its stored embedding and description; runs in the model pool."""
-    catalogue = state.catalogue
-    with catalogue.db.session() as session:
-        item = crud.get_item(session, item_id)
-        sha256 = item.sha256 if item is not None else None
-    if sha256 is None:
-        raise HTTPException(404, f"item: no catalogue item {item_id}")
     try:
-        result = catalogue.search_item(item_id, k=k, explain=explain, effects=effects, concepts=concepts)
-    except UnknownItemError as exc:  # deleted since it was looked up
+        result = state.catalogue.search_item(item_id, k=k, explain=explain, effects=effects, concepts=concepts)
+    except UnknownItemError as exc:
         raise HTTPException(404, f"item: {exc}") from exc
     except ImageLoadError as exc:  # concepts and effects read the item's file
         raise HTTPException(422, f"item: the image of item {item_id} cannot be read: {one_line(str(exc))}") from exc
-    response = _response(state, result, item_identity(item_id, sha256), Picture(item_id=item_id), base)
-    return {**response, "query_sha256": sha256, "query_image_url": f"{base}/items/{item_id}/image"}
+    response = _response(state, result, item_identity(item_id, result.query_sha256), Picture(item_id=item_id), base)
+    return {**response, "query_image_url": f"{base}/items/{item_id}/image"}
 
 
 def _response(state: ApiState, result: SearchResult, query_identity: str, query_picture: Picture, base: str) -> dict:
