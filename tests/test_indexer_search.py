@@ -17,6 +17,16 @@ from whymatch.cli import main
 N = 10
 
 
+class ModelStandIn:
+    """The model with some methods replaced by a subclass; everything else is the real model's."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory, tiny_model):
     """10 distinct photos in 4 listings plus a byte-identical copy of photo 4, indexed."""
@@ -64,13 +74,7 @@ def test_candidates_are_re_ranked_by_the_head(indexed, tiny_model, tmp_path):
     """A head that disagrees with the index reorders the candidates; both ranks are reported."""
     _, catalogue, paths, _ = indexed
 
-    class Contrary:
-        def __init__(self, model):
-            self._model = model
-
-        def __getattr__(self, name):
-            return getattr(self._model, name)
-
+    class Contrary(ModelStandIn):
         def score_described(self, packed_a, packed_b):
             return 1.0 - self._model.score_described(packed_a, packed_b)
 
@@ -142,12 +146,8 @@ def test_explanations_come_from_stored_descriptions(indexed, tiny_model, tmp_pat
     _, catalogue, _, _ = indexed
     from indexer.search import SearchOptions, search
 
-    class Counting:
-        def __init__(self, model):
-            self._model, self.images = model, 0
-
-        def __getattr__(self, name):
-            return getattr(self._model, name)
+    class Counting(ModelStandIn):
+        images = 0
 
         def feature_maps(self, images):
             self.images += len(images)
@@ -175,13 +175,7 @@ def test_more_like_a_catalogue_item_decodes_nothing(indexed, tiny_model):
     _, catalogue, paths, copy = indexed
     from indexer.search import SearchOptions, UnknownItemError, search_item
 
-    class NoBackbone:
-        def __init__(self, model):
-            self._model = model
-
-        def __getattr__(self, name):
-            return getattr(self._model, name)
-
+    class NoBackbone(ModelStandIn):
         def load(self, images):
             raise AssertionError("decoded an image")
 
