@@ -73,7 +73,7 @@ def _load(ctx: click.Context, model_path: Path | None):
 @click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--patience", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-4, show_default=True)
-@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Multiply the learning rate by this after two epochs without a better validation score (1: constant).")
+@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Multiply the learning rate by this after two epochs without a better validation score (1: constant); training stops once it is below 1/1000 of --lr.")
 @click.option("--crop-min", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Train on random windows of the cached feature maps covering at least this fraction of their area (1: whole maps).")
 @click.option("--augment-views", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               help="Also cache N augmented copies of each training image (random crop, mirror, colour jitter) through the frozen blocks; each step draws one of them, the original or its mirror.")

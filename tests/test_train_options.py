@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import engine.train as training
 from engine.config import ModelConfig
 from engine.data import load_labelled_images
+from engine.inference import build_model
 from whymatch.cli import main
 
 
@@ -39,6 +40,29 @@ def test_learning_rate_decays_after_two_epochs_without_progress(tmp_path, groups
     rates = [epoch["lr"] for epoch in json.loads((tmp_path / "model" / "history.json").read_text())]
     # Epoch 0 sets the best score; epochs 1 and 2 do not beat it, so epoch 3 runs at a tenth of the rate.
     assert rates == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4, 1e-4])
+
+
+def test_training_stops_once_the_learning_rate_has_decayed_away(tmp_path, groups_folder, monkeypatch):
+    data = load_labelled_images(groups_folder, form="groups")
+    monkeypatch.setattr(training, "evaluate_fmaps", lambda *args, **kwargs: {"recall@1": 0.5, "pair_auc": 0.5})
+    options = training.TrainOptions(epochs=20, patience=30, progress=False, cache_dir=tmp_path / "cache",
+                                    learning_rate=1e-3, lr_decay=0.05)
+    training.train(ModelConfig.for_preset("whymatch", input_size=96, bf16=False), data, tmp_path / "model", options)
+    rates = [epoch["lr"] for epoch in json.loads((tmp_path / "model" / "history.json").read_text())]
+    # The rate falls after epochs 2, 4 and 6; after 6 it is 1.25e-7, under 1/1000 of the start: no epoch 7.
+    assert rates == pytest.approx([1e-3, 1e-3, 1e-3, 5e-5, 5e-5, 2.5e-6, 2.5e-6])
+
+
+def test_the_threshold_is_placed_on_many_balanced_draws_of_pairs():
+    net = build_model(ModelConfig.for_preset("whymatch", input_size=96, bf16=False)).net
+    fmaps = torch.randn(12, net.backbone.channels, 3, 3, generator=torch.Generator().manual_seed(0)).relu()
+    groups = [f"g{k // 3}" for k in range(12)]
+    one_scores, one_labels = training._threshold_pairs(net, fmaps, groups, seed=4, draws=1)
+    scores, labels = training._threshold_pairs(net, fmaps, groups, seed=4)
+    assert len(labels) == training.THRESHOLD_DRAWS * len(one_labels) and labels.mean() == pytest.approx(0.5)
+    # The first draw is the single draw of the same seed; the others pair the images differently.
+    np.testing.assert_array_equal(scores[: len(one_scores)], one_scores)
+    assert len({tuple(np.round(part, 6)) for part in np.split(scores, training.THRESHOLD_DRAWS)}) > 1
 
 
 @pytest.mark.parametrize("flag", ["--crop-min", "--lr-decay"])
