@@ -153,7 +153,7 @@ class DedupRunInfo(BaseModel):
 
 class DedupRequest(BaseModel):
     """How to run dedup: a threshold, or a precision target calibrated on the reviewers' decisions so far;
-    neither = the stored calibration of this model, else the model's own threshold."""
+    neither = the stored calibration of this model, else the model's duplicate threshold."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -279,7 +279,8 @@ class ModelInfo(BaseModel):
     backbone: str
     input_size: int
     embed_dim: int
-    threshold: float
+    threshold: float = Field(description="Decision threshold of one pair (match / no match).")
+    duplicate_threshold: float = Field(description="Where dedup draws the line without a stored calibration.")
     key: str = Field(description="Fingerprint of the model's config and weights.")
 
 

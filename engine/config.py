@@ -31,7 +31,11 @@ class ModelConfig:
     # The backbone's last blocks fine-tuned with the head (0: the whole backbone is frozen). Their
     # weights are saved in the checkpoint; the ImageNet concepts then read a fine-tuned map.
     tuned_blocks: int = 0
+    # Decision threshold: best accuracy on balanced pairs (a match / no match for one pair).
     threshold: float = 0.5
+    # Duplicate detection across a catalogue, where duplicates are rare: best F1 over every pair of
+    # the inner validation split (duplicate groups only; None: use ``threshold``).
+    duplicate_threshold: float | None = None
     bf16: bool = True
     provenance: dict[str, Any] = field(default_factory=dict)
 

@@ -52,6 +52,11 @@ class SimilarityModel:
         return self.config.threshold
 
     @property
+    def duplicate_threshold(self) -> float:
+        """Where duplicate detection over a whole catalogue draws the line (``ModelConfig``)."""
+        return self.config.duplicate_threshold if self.config.duplicate_threshold is not None else self.config.threshold
+
+    @property
     def metric(self) -> str:
         return self.config.metric
 

@@ -4,7 +4,7 @@ Two views of quality are measured:
 
 * retrieval (`retrieval_metrics`): for each query image, does the ranked gallery put
   images of the same group first?  This is what a user of the search sees.
-* pairs (`pair_metrics`, `best_threshold`, `threshold_for_precision`): is a single
+* pairs (`pair_metrics`, `best_threshold`, `best_f1_threshold`, `threshold_for_precision`): is a single
   similarity score, compared with a threshold, a good "same / not same" decision?
   This is what duplicate detection and a model's decision threshold rely on.
 
@@ -30,6 +30,7 @@ __all__ = [
     "retrieval_metrics",
     "pair_metrics",
     "best_threshold",
+    "best_f1_threshold",
     "threshold_for_precision",
     "all_pairs",
 ]
@@ -215,6 +216,27 @@ def best_threshold(similarities: np.ndarray, labels: np.ndarray) -> float:
     k = int(np.argmax(correct))  # first max = highest threshold among equals
     if k == 0:
         return float(np.nextafter(values[0], np.inf))
+    return _threshold_keeping(values, k)
+
+
+def best_f1_threshold(similarities: np.ndarray, labels: np.ndarray) -> float:
+    """Threshold maximising F1 of ``similarity >= threshold`` on these pairs, placed midway as
+    ``best_threshold`` places it.
+
+    For duplicate detection over every pair of a set: similar pairs are rare there, and a threshold
+    placed on balanced pairs lets in many false duplicates.  Raises ValueError without a similar pair.
+    """
+    s, y = _as_pairs(similarities, labels)
+    if not y.any():
+        raise ValueError("no similar pair among these pairs: F1 is undefined")
+    values, tp, fp = _sorted_cumulative(s, y)
+    f1 = 2 * tp / (tp + fp + y.sum())
+    return _threshold_keeping(values, int(np.argmax(f1)) + 1)  # first max = highest threshold among equals
+
+
+def _threshold_keeping(values: np.ndarray, k: int) -> float:
+    """A threshold that predicts a match for exactly the ``k`` highest of the distinct descending
+    ``values`` (k ≥ 1): midway to the next one, so that it generalises to new pairs."""
     if k == values.size:
         return float(values[-1])
     hi, lo = values[k - 1], values[k]

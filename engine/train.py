@@ -12,7 +12,8 @@ trains the seed method: contrastive loss with margin 2 on the paper's pairs (one
 dissimilar partner per image, re-drawn each epoch).
 
 An inner validation split (by group) picks the best epoch, stops early and calibrates the decision
-threshold (on 20 balanced draws of its pairs); the held-out split of a benchmark is never seen. Each epoch writes a resumable checkpoint.
+threshold (on 20 balanced draws of its pairs) and, for duplicate groups, the duplicate detection
+threshold (on all its pairs); the held-out split of a benchmark is never seen. Each epoch writes a resumable checkpoint.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from engine.config import ModelConfig
 from engine.data import LabelledImages, paper_pairs, split
 from engine.inference import WEIGHTS_FILE, SimilarityModel, build_model, save_checkpoint
 from engine.evaluate import evaluate_fmaps, pair_scores
-from engine.metrics import best_threshold
+from engine.metrics import all_pairs, best_f1_threshold, best_threshold
 from engine.model import MatchNet, PaperNet, SiameseNet
 
 RESUME_FILE = "resume.pt"
@@ -289,6 +290,10 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
     if isinstance(best_model.net, MatchNet):
         _calibrate(best_model.net, val_fmaps, val.groups, options.seed)
     config.threshold = best_threshold(*_threshold_pairs(best_model.net, val_fmaps, val.groups, options.seed))
+    if data.form == "groups":
+        i, j, labels = all_pairs(val.groups)
+        if labels.any():
+            config.duplicate_threshold = best_f1_threshold(pair_scores(best_model.net, val_fmaps, val_fmaps, i, j), labels)
     final = evaluate_fmaps(best_model.net, val_fmaps, val.groups, data.form, config.threshold, seed=options.seed)
     config.provenance.update({
         "data": str(data.root), "form": data.form, "images": len(data), "fit_images": len(fit), "inner_val_images": len(val),

@@ -11,7 +11,8 @@
    (a ``path,group`` CSV such as ``groups.csv``, and reviewers' accept/reject decisions, which take
    precedence) with ``engine.metrics.threshold_for_precision`` on the candidate pairs themselves —
    so the precision is that of what dedup outputs. A calibration is stored per model and used by
-   later runs that give neither; without any, the model's own threshold is used.
+   later runs that give neither; without any, the model's duplicate threshold (best F1 over every pair
+   of its inner validation split; ``ModelConfig.duplicate_threshold``), else its decision threshold.
 4. **Groups** are the connected components of the kept pairs; the **listing report** says which
    listings share photos, how many, strongest evidence first. Everything is stored in the database
    (``dedup_runs``, ``duplicate_groups``, ``duplicate_pairs``) for review.
@@ -94,7 +95,7 @@ class ListingShare:
 @dataclass
 class DedupReport:
     threshold: float
-    threshold_source: str  # "given", "calibrated", "stored calibration" or "model"
+    threshold_source: str  # "given", "calibrated", "stored calibration", "model duplicates" or "model"
     precision_target: float | None
     k: int
     n_items: int
@@ -324,7 +325,7 @@ def find_duplicates(*, model, db: Database, index: faiss.Index, model_key: str, 
         if stored is not None:
             threshold, how = stored.threshold, "stored calibration"
         else:
-            threshold, how = float(model.threshold), "model"
+            threshold, how = model.duplicate_threshold, "model duplicates" if model.config.duplicate_threshold is not None else "model"
 
     kept = sorted((p for p, score in scores.items() if score >= threshold), key=lambda p: (-scores[p], p))
     groups = _components(kept)

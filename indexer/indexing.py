@@ -91,9 +91,10 @@ class IndexReport:
 
 def model_fingerprint(model) -> str:
     """sha256 of the model's config, weights and description layout: embeddings and stored
-    descriptions by another model are never mixed in."""
+    descriptions by another model are never mixed in. Provenance and decision thresholds change
+    neither, so re-placing a threshold does not re-embed a catalogue."""
     digest = hashlib.sha256(model.description_format.encode())
-    config = {k: v for k, v in asdict(model.config).items() if k != "provenance"}
+    config = {k: v for k, v in asdict(model.config).items() if k not in ("provenance", "threshold", "duplicate_threshold")}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.net.state_dict().items()):
         digest.update(name.encode())

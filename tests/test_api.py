@@ -121,6 +121,7 @@ def test_health_reports_model_index_and_database(client, catalogue):
     assert body["status"] == "ok" and body["db"]["ok"] and body["db"]["dialect"] == "sqlite"
     assert body["index"]["size"] == N + 1 and body["items"] == N + 1 and body["index"]["generation"] >= 1
     assert body["model"]["key"] == catalogue.model_key and body["model"]["input_size"] == 128
+    assert body["model"]["duplicate_threshold"] == catalogue.model.duplicate_threshold
     assert body["auth"] == {"reads": "open", "writes": "token"}
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from indexer import crud
 from indexer.dedup import DedupOptions, exact_pairs, knn_candidates
+from indexer.indexing import model_fingerprint
 from indexer.models import DedupCalibration, DedupRun, DuplicateGroup, DuplicatePair
 from whymatch.cli import main
 
@@ -105,6 +106,23 @@ def test_threshold_calibrated_for_precision_and_stored(tmp_path, tiny_model):
     assert later.threshold_source == "stored calibration" and later.threshold == report.threshold
     with pytest.raises(ValueError, match="no labelled duplicate"):
         catalogue.dedup(k=4, precision=0.9)  # nothing labelled: no calibration possible
+
+
+def test_without_a_calibration_dedup_uses_the_models_duplicate_threshold(tmp_path, tiny_model, monkeypatch):
+    root = tmp_path / "photos"
+    _, group_2, group_5 = _plant(root)
+    catalogue = catalogue_for(tmp_path, tiny_model)
+    catalogue.index(root)
+    assert tiny_model.config.duplicate_threshold is None
+    plain = catalogue.dedup(k=4)
+    assert plain.threshold_source == "model" and plain.threshold == tiny_model.threshold
+    key = model_fingerprint(tiny_model)
+    monkeypatch.setattr(tiny_model.config, "duplicate_threshold", _separating_threshold(tiny_model, group_2, group_5, root))
+    # A threshold is not part of the model's fingerprint: the catalogue is not re-embedded for it.
+    assert model_fingerprint(tiny_model) == key
+    report = catalogue.dedup(k=4)
+    assert report.threshold_source == "model duplicates" and report.threshold == tiny_model.config.duplicate_threshold
+    assert sorted(len(g.items) for g in report.groups) == [2, 3]
 
 
 def test_reviews_label_pairs_for_calibration(tmp_path, tiny_model):

@@ -10,6 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from engine.metrics import (
     all_pairs,
+    best_f1_threshold,
     best_threshold,
     pair_metrics,
     retrieval_metrics,
@@ -184,6 +185,17 @@ def test_best_threshold_all_negative_is_best():
     t = best_threshold(np.array([0.9, 0.5, 0.4]), np.array([0, 0, 1]))
     # Predicting nothing gets 2/3; any threshold admitting 0.9 does worse or equal.
     assert t > 0.9
+
+
+def test_best_f1_threshold_keeps_the_rare_duplicates_that_accuracy_gives_up():
+    sims = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4])
+    labels = np.array([1, 0, 1, 0, 0, 0, 0, 0])
+    # Accuracy 7/8 both above .95 alone and above .85 (one false match): the higher one.
+    assert best_threshold(sims, labels) == pytest.approx(0.925)
+    # F1: .95 alone 2/3, down to .85 4/5: the second duplicate is worth the false match.
+    assert best_f1_threshold(sims, labels) == pytest.approx(0.825)
+    with pytest.raises(ValueError, match="no similar pair"):
+        best_f1_threshold(sims, np.zeros(8, int))
 
 
 def test_pair_metrics_with_given_threshold():

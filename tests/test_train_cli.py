@@ -29,6 +29,8 @@ def test_train_saves_a_loadable_checkpoint(trained):
     config = json.loads((out / "config.json").read_text())
     assert config["input_size"] == 96 and "command" in config["provenance"]
     assert 0.0 < model.threshold < 1.0
+    # Duplicate groups also place the catalogue-wide duplicate threshold, on every inner-validation pair.
+    assert 0.0 < model.config.duplicate_threshold <= 1.0
     emb = model.embed(sorted(folder.rglob("*.jpg"))[:3])
     assert emb.shape == (3, 256)
 

@@ -251,7 +251,7 @@ export async function loadQueue() {
   show(first === -1 ? 0 : first);
 }
 
-// A new dedup run (the stored calibration, else the model's threshold); it becomes the queue.
+// A new dedup run (the stored calibration, else the model's duplicate threshold); it becomes the queue.
 async function findDuplicates() {
   setStatus(status, "loading", "Finding duplicates across the catalogue on CPU, this can take a while…");
   try {
