@@ -86,8 +86,9 @@ def link_folder(data: LabelledImages, folder: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------ methods
 
 
-def whymatch_scores(model, data: LabelledImages, workdir: Path, threshold: float) -> tuple[dict[Pair, float], float]:
-    """Index ``data`` into a fresh catalogue and run dedup at ``threshold``: (pair scores kept, seconds)."""
+def whymatch_scores(model, data: LabelledImages, workdir: Path, threshold: float | None) -> tuple[dict[Pair, float], float]:
+    """Index ``data`` into a fresh catalogue and run dedup at ``threshold`` (None: dedup's own default, the
+    model's duplicate threshold): (pair scores kept, seconds)."""
     from indexer import Catalogue
 
     listing = workdir / "catalogue.csv"
@@ -183,8 +184,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         methods = [
-            ("whymatch (k-NN graph + head)", lambda d, w, t: whymatch_scores(model, d, w, t), 0.0, float(model.threshold),
-             "model threshold"),
+            ("whymatch (k-NN graph + head)", lambda d, w, t: whymatch_scores(model, d, w, t), 0.0, None,
+             f"model's duplicate threshold {model.duplicate_threshold:.3f}"),
             ("imagededup PHash", phash_scores, 64, PHASH_DEFAULT, f"max distance {PHASH_DEFAULT}"),
             ("imagededup CNN (MobileNetV2, same weights)", lambda d, w, t: cnn_scores(cnn, d, w, t, w.name), -1.0,
              CNN_DEFAULT, f"min similarity {CNN_DEFAULT}"),
