@@ -324,8 +324,10 @@ def find_duplicates(*, model, db: Database, index: faiss.Index, model_key: str, 
             stored = crud.latest_calibration(session, model_key)
         if stored is not None:
             threshold, how = stored.threshold, "stored calibration"
+        elif model.config.duplicate_threshold is not None:
+            threshold, how = model.config.duplicate_threshold, "model duplicates"
         else:
-            threshold, how = model.duplicate_threshold, "model duplicates" if model.config.duplicate_threshold is not None else "model"
+            threshold, how = float(model.threshold), "model"
 
     kept = sorted((p for p, score in scores.items() if score >= threshold), key=lambda p: (-scores[p], p))
     groups = _components(kept)
