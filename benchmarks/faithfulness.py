@@ -89,6 +89,14 @@ def named_ratios(references: list[str], ratios: list[float | None]) -> str:
     return ", ".join(f"{ref} ordering ×{r:.2f}" for ref, r in zip(references, ratios) if r is not None)
 
 
+def insertion_ceiling(random_area: float | None) -> str:
+    """Where the insertion target is out of reach of every ordering: the decision score is at most 1,
+    so no insertion area exceeds 1 and no ratio exceeds 1 / the random ordering's area."""
+    if not random_area or 1 / random_area >= INSERTION_TARGET:
+        return ""
+    return f"; out of reach of any ordering: the score is at most 1, so no ratio can exceed 1 ÷ random's area = ×{1 / random_area:.2f}"
+
+
 def faithfulness_rows(name: str, metrics: dict, references: list[str]) -> tuple[dict[str, list[list[object]]], list[str]]:
     """Rows of the deletion, insertion and effects tables, and the verdicts per decision."""
     rows: dict[str, list[list[object]]] = {"deletion": [], "insertion": [], "effects": []}
@@ -97,16 +105,17 @@ def faithfulness_rows(name: str, metrics: dict, references: list[str]) -> tuple[
     for label, suffix in (("match", "_match"), ("no match", "_no_match"), ("all", "")):
         n = metrics[f"n_pairs{suffix}"]
         rows["effects"].append([name, label, n, metrics.get(f"effect_factual{suffix}"), metrics.get(f"effect_counterfactual{suffix}")])
-        ratios = {}
+        ratios, random_area = {}, {}
         for kind in ("deletion", "insertion"):
             areas = [metrics.get(f"{kind}_auc{ordering}{suffix}") for ordering in orderings]
-            ratios[kind] = [ratio(area, areas[1]) for area in [areas[0], *areas[3:]]]
+            ratios[kind], random_area[kind] = [ratio(area, areas[1]) for area in [areas[0], *areas[3:]]], areas[1]
             rows[kind].append([name, label, n, *areas, *ratios[kind]])
         if suffix and n:
             deletion, insertion = ratios["deletion"][0], ratios["insertion"][0]
             verdicts.append(f"{name}, {label} ({n} pairs): deletion ×{deletion:.2f} of random — {status(deletion <= DELETION_TARGET)} "
                             f"({named_ratios(references, ratios['deletion'][1:])}); insertion ×{insertion:.2f} of random — "
-                            f"{status(insertion >= INSERTION_TARGET)} ({named_ratios(references, ratios['insertion'][1:])}).")
+                            f"{status(insertion >= INSERTION_TARGET)} ({named_ratios(references, ratios['insertion'][1:])}"
+                            f"{insertion_ceiling(random_area['insertion'])}).")
     return rows, verdicts
 
 
