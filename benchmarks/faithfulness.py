@@ -105,17 +105,17 @@ def faithfulness_rows(name: str, metrics: dict, references: list[str]) -> tuple[
     for label, suffix in (("match", "_match"), ("no match", "_no_match"), ("all", "")):
         n = metrics[f"n_pairs{suffix}"]
         rows["effects"].append([name, label, n, metrics.get(f"effect_factual{suffix}"), metrics.get(f"effect_counterfactual{suffix}")])
-        ratios, random_area = {}, {}
+        ratios = {}
         for kind in ("deletion", "insertion"):
             areas = [metrics.get(f"{kind}_auc{ordering}{suffix}") for ordering in orderings]
-            ratios[kind], random_area[kind] = [ratio(area, areas[1]) for area in [areas[0], *areas[3:]]], areas[1]
+            ratios[kind] = [ratio(area, areas[1]) for area in [areas[0], *areas[3:]]]
             rows[kind].append([name, label, n, *areas, *ratios[kind]])
         if suffix and n:
             deletion, insertion = ratios["deletion"][0], ratios["insertion"][0]
             verdicts.append(f"{name}, {label} ({n} pairs): deletion ×{deletion:.2f} of random — {status(deletion <= DELETION_TARGET)} "
                             f"({named_ratios(references, ratios['deletion'][1:])}); insertion ×{insertion:.2f} of random — "
                             f"{status(insertion >= INSERTION_TARGET)} ({named_ratios(references, ratios['insertion'][1:])}"
-                            f"{insertion_ceiling(random_area['insertion'])}).")
+                            f"{insertion_ceiling(metrics.get(f'insertion_auc_random{suffix}'))}).")
     return rows, verdicts
 
 
