@@ -324,10 +324,9 @@ def find_duplicates(*, model, db: Database, index: faiss.Index, model_key: str, 
             stored = crud.latest_calibration(session, model_key)
         if stored is not None:
             threshold, how = stored.threshold, "stored calibration"
-        elif model.config.duplicate_threshold is not None:
-            threshold, how = model.config.duplicate_threshold, "model duplicates"
-        else:
-            threshold, how = float(model.threshold), "model"
+        else:  # the model's duplicate threshold, which falls back to its decision threshold
+            threshold = float(model.duplicate_threshold)
+            how = "model duplicates" if model.config.duplicate_threshold is not None else "model"
 
     kept = sorted((p for p, score in scores.items() if score >= threshold), key=lambda p: (-scores[p], p))
     groups = _components(kept)
