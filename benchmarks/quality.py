@@ -53,7 +53,7 @@ CLASS_BACKBONES = {"paper": "mobilenet_v2", "whymatch": "efficientnet_lite0"}
 # the same seed, the recipe spreads: 0.948 / 0.986 in the recorded run, 0.941 / 0.983 in a later one.
 # Neither of two cheap additions got past that spread on the later run's model or features: scoring
 # each pair also mirrored and averaging, 0.943 / 0.984; validating and keeping an exponential moving
-# average of the weights (decay 0.99 per step), 0.945 / 0.984. Neither is adopted. Two more runs of the
+# average of the weights (decay 0.99 per step), 0.945 / 0.984. Neither is adopted. Three more runs of the
 # recipe with one setting changed, none past the spread either: a 10% inner validation split instead of
 # 20% (12% more photos to fit on), 0.946 / 0.985 (0.952 at the oracle threshold: the smaller split places
 # the threshold less well); 8 augmented copies per image instead of 4, 0.940 / 0.982; the InfoNCE
