@@ -1,7 +1,7 @@
 """Explained pairs kept in memory so their overlay PNGs can be rendered when the browser asks for them.
 
 Search and compare responses carry the four maps as data (h×w floats in [0, 1], for pages that draw
-them) *and* URLs of overlay PNGs rendered on demand by ``engine.figures.overlay``:
+them) *and* URLs of overlay PNGs rendered on demand by ``engine.explain.figures.overlay``:
 ``/api/explanations/{key}/{which}.png``. Rendering needs both photos, so each explanation is stored
 with where its photos come from: a catalogue item (re-read from the catalogue when rendering) or an
 upload (a small JPEG copy kept here). Both stores are bounded LRUs: memory stays flat under load, and
@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 
 from engine import PairExplanation
-from engine.explain import MAP_NAMES
-from engine.figures import overlay
+from engine.explain.pairs import MAP_NAMES
+from engine.explain.figures import overlay
 
 PICTURE_NAMES = ("image_a", "image_b")
 KEY_PATTERN = r"^[0-9a-f]{32}$"

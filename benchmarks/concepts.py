@@ -1,7 +1,7 @@
 """Concept benchmark: does masking the regions of a named concept lower the pair score more than
 masking random regions of the same area and shape?
 
-Runs ``engine.concepts.concept_masking_check`` on every pair of duplicates in the held-apart AirBnB split
+Runs ``engine.eval.concepts.concept_masking_check`` on every pair of duplicates in the held-apart AirBnB split
 (``split(data, 0.3, seed=0)[1]``; the shipped model was trained on the kept 70 %), on 1 thread.
 
     .venv/bin/python benchmarks/concepts.py              # full run, records docs/benchmarks.md
@@ -27,7 +27,7 @@ from common import (
     shared_data,
 )
 
-from engine.concepts import concept_masking_check
+from engine.eval.concepts import concept_masking_check
 from engine.data import load_labelled_images, split
 
 HOLDOUT, SEED = 0.3, 0
@@ -99,7 +99,7 @@ def main() -> None:
         "the wall time also counts other processes on a shared machine)."
     )
     notes = (
-        "Concepts: the backbone's ImageNet classes scored on the factual-map weighted features (`engine/concepts.py`). "
+        "Concepts: the backbone's ImageNet classes scored on the factual-map weighted features (`engine/explain/concepts.py`). "
         "A concept's regions are the top cells of its factual-map weighted class activation map; they are masked "
         "(filled with the normalisation mean colour) in one image at a time, in each image the concept is named in, "
         f"and compared with {args.random_draws} random cyclic shifts of the same mask. The evidence is the head's "

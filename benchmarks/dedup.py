@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from common import add_model_option, command_line, load_bench_model, markdown_table, median_time, record, shared_data
 from engine.data import LabelledImages, load_labelled_images, split
-from engine.metrics import all_pairs
+from engine.eval.metrics import all_pairs
 
 THREADS = 2
 FLOOR_REPEATS = 5
@@ -119,7 +119,7 @@ def mobilenet_v2_features() -> torch.nn.Module:
     """torchvision's MobileNetV2 with the packaged ImageNet weights, pooled last conv features (1280-d)."""
     import torchvision
 
-    from engine.backbones import mobilenet_v2_weights_path
+    from engine.nn.backbones import mobilenet_v2_weights_path
 
     net = torchvision.models.mobilenet_v2()
     net.load_state_dict(torch.load(mobilenet_v2_weights_path(), map_location="cpu", weights_only=True))

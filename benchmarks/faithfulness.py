@@ -2,7 +2,7 @@
 
 On the held-apart pairs (``split(data, 0.3, seed=0)[1]``) of AirBnB and flowers: deletion and
 insertion areas of the factual maps against a random and a centre-first ordering and the occlusion and
-greedy reference orderings, for pairs decided match and no match separately (engine.faithfulness), the
+greedy reference orderings, for pairs decided match and no match separately (engine.eval.faithfulness), the
 mean effects of masking each map's top 20%, the randomised-head sanity check, and the time the effects
 add to one explanation. The greedy search dominates the run: about an hour on 2 cores, against about
 12 minutes with ``--references occlusion``.
@@ -33,13 +33,8 @@ from common import (
 
 from engine.config import BACKBONE_BATCH
 from engine.data import LabelledImages, load_labelled_images, split
-from engine.faithfulness import (
-    DEFAULT_AREA,
-    DEFAULT_STEPS,
-    FILLS,
-    REFERENCES,
-    evaluate_explanations,
-)
+from engine.eval.faithfulness import DEFAULT_STEPS, REFERENCES, evaluate_explanations
+from engine.explain.masking import DEFAULT_AREA, FILLS
 from engine.inference import SimilarityModel, load_model
 
 HOLDOUT, SEED = 0.3, 0
@@ -184,7 +179,7 @@ def main() -> None:
     if "airbnb" in names:
         sections.append(effect_timing(default, held_sets["airbnb"], args.repeats))
     notes = f"""\
-Curves (engine/faithfulness.py): for each sampled pair and each of its two images, the pixels of that
+Curves (engine/eval/faithfulness.py): for each sampled pair and each of its two images, the pixels of that
 image (the model's normalised input, {args.fill} fill) are removed (deletion) or restored into the filled
 image (insertion) in {args.steps} equal steps, most important first by the map upsampled bilinearly, the
 other image untouched; the curve is the score of the decision made — the similarity for a pair decided

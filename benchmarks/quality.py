@@ -25,10 +25,10 @@ from sklearn.linear_model import LogisticRegression
 from common import BENCH_DIR, add_model_option, command_line, load_bench_model, markdown_table, record, shared_data
 from engine.config import ModelConfig, Preset
 from engine.data import LabelledImages, load_labelled_images, paper_pairs, split
-from engine.evaluate import RERANK_K, evaluate_fmaps, pair_scores
+from engine.eval.evaluate import RERANK_K, evaluate_fmaps, pair_scores
 from engine.inference import SimilarityModel, build_model, load_model
-from engine.metrics import all_pairs, pair_metrics, retrieval_metrics
-from engine.train import TrainOptions, cached_features, maps_from_frozen, train
+from engine.eval.metrics import all_pairs, pair_metrics, retrieval_metrics
+from engine.train.trainer import TrainOptions, cached_features, maps_from_frozen, train
 
 HOLDOUT, SEED = 0.3, 0
 TARGET_R1, TARGET_AUC, TARGET_FLOWERS_ACCURACY = 0.90, 0.99, 0.95

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from common import add_model_option, command_line, load_bench_model, markdown_table, median_time, median_times, record, shared_data
 from engine.config import BACKBONE_BATCH
 from engine.data import load_labelled_images
-from engine.explain import MAP_NAMES
+from engine.explain.pairs import MAP_NAMES
 from engine.inference import SimilarityModel
-from engine.metrics import retrieval_metrics
+from engine.eval.metrics import retrieval_metrics
 
 THREADS = 2
 TARGET_THROUGHPUT_RATIO, TARGET_EXPLAIN_RATIO = 0.85, 3.0

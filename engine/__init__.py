@@ -6,13 +6,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engine.explain import PairExplanation
+    from engine.explain.pairs import PairExplanation
     from engine.inference import SimilarityModel, load_model
 
 # Exports load on first use, so that the ``whymatch`` command starts (and answers --help or a usage
 # error) without importing torch and FastAPI.
 _EXPORTS = {
-    "PairExplanation": "engine.explain",
+    "PairExplanation": "engine.explain.pairs",
     "SimilarityModel": "engine.inference",
     "load_model": "engine.inference",
 }

@@ -85,7 +85,7 @@ def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_c
                   tuned_blocks: int | None, holdout: float, seed: int, epochs: int, patience: int, lr: float, lr_decay: float,
                   crop_min: float, augment_views: int, resume: bool, as_json: bool) -> None:
     """Train a Siamese model (frozen backbone but for its last --tuned-blocks, cached features) and save it to OUT."""
-    from engine.train import TrainOptions, train
+    from engine.train.trainer import TrainOptions, train
 
     settings = _settings(ctx)
     if settings.threads:
@@ -123,9 +123,9 @@ def compare_command(ctx: click.Context, image_a: Path, image_b: Path, out: Path 
                     effects: bool) -> None:
     """Score two images and explain the decision with factual and counterfactual Grad-CAM maps,
     the corresponding regions of both images and the concepts the decision rests on."""
-    from engine.concepts import describe_concepts
-    from engine.faithfulness import effect_sentences
-    from engine.figures import pair_figure
+    from engine.explain.concepts import describe_concepts
+    from engine.explain.masking import effect_sentences
+    from engine.explain.figures import pair_figure
     from engine.images import image_size
 
     model = _load(ctx, model_path)
@@ -174,8 +174,8 @@ def eval_command(ctx: click.Context, data_dir: Path, galleries: tuple[Path, ...]
     """Retrieval R@1/R@5/mAP and pair AUC (duplicate groups) or pair AUC/accuracy (class folders);
     with --explanations, mean deletion/insertion areas of the explanations instead."""
     from engine.data import list_images
-    from engine.evaluate import evaluate_fmaps
-    from engine.faithfulness import evaluate_explanations
+    from engine.eval.evaluate import evaluate_fmaps
+    from engine.eval.faithfulness import evaluate_explanations
 
     model = _load(ctx, model_path)
     data = _labelled_images(data_dir, form, groups_csv, model.config.input_size, holdout, seed, held_apart=True)

@@ -16,14 +16,14 @@ import torch
 from safetensors.torch import load, load_file, save, save_file
 from torch import Tensor
 
-from engine.backbones import backbone_spec, create_backbone
-from engine.concepts import attach_concepts
+from engine.nn.backbones import backbone_spec, create_backbone
+from engine.explain.concepts import attach_concepts
 from engine.config import BACKBONE_BATCH, ModelConfig
-from engine.correspondences import attach_correspondences
-from engine.explain import PairExplanation, explain_projections
-from engine.faithfulness import DEFAULT_AREA, DEFAULT_FILL, effects_from_tensors
+from engine.explain.correspondences import attach_correspondences
+from engine.explain.pairs import PairExplanation, explain_projections
+from engine.explain.masking import DEFAULT_AREA, DEFAULT_FILL, effects_from_tensors
 from engine.images import ImageSource, image_size, load_pixels, to_tensor
-from engine.model import SiameseNet, build_net
+from engine.nn.siamese import SiameseNet, build_net
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 WEIGHTS_FILE = "model.safetensors"
@@ -189,10 +189,10 @@ class SimilarityModel:
         """Explain from feature maps already computed (e.g. for re-scoring): only the head runs,
         one forward and one backward pass for all pairs.
 
-        ``correspondences=True`` also fills ``explanation.correspondences`` (``engine.correspondences``):
+        ``correspondences=True`` also fills ``explanation.correspondences`` (``engine.explain.correspondences``):
         boxes in the pixels of the original images, whose (width, height) ``sizes`` lists, image a
         first (``engine.images.image_size``). ``concepts=True`` fills ``explanation.concepts``
-        (``engine.concepts``). Both work from the feature maps alone (milliseconds per pair).
+        (``engine.explain.concepts``). Both work from the feature maps alone (milliseconds per pair).
         """
         with torch.no_grad():
             proj_a, projs_b = self.net.project(fmap_a), self.net.project(fmaps_b)

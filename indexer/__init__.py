@@ -1,7 +1,7 @@
 """whymatch's indexer: catalogue → FAISS + SQL metadata, query-by-image search, duplicate detection.
 
 Uses only the engine's public API (``engine.load_model``, ``SimilarityModel`` methods,
-``engine.images``, ``engine.metrics``, ``engine.figures``). Entry point: ``Catalogue``.
+``engine.images``, ``engine.eval.metrics``, ``engine.explain.figures``). Entry point: ``Catalogue``.
 """
 
 from __future__ import annotations

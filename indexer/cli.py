@@ -97,8 +97,8 @@ def index_command(ctx: click.Context, source: Path, rebuild: bool, index_factory
 
 def explanation_lines(explanation) -> list[str]:
     """What a match's explanation says in words: its concepts, then the measured masking effects."""
-    from engine.concepts import describe_concepts
-    from engine.faithfulness import effect_sentences
+    from engine.explain.concepts import describe_concepts
+    from engine.explain.masking import effect_sentences
 
     lines = []
     if explanation.concepts is not None:

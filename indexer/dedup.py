@@ -9,7 +9,7 @@
    of bounded size (``max_cache_bytes``); pairs are visited in item order so most are reused.
 3. **Threshold**: given (``threshold``), or calibrated for a target ``precision`` on labelled pairs
    (a ``path,group`` CSV such as ``groups.csv``, and reviewers' accept/reject decisions, which take
-   precedence) with ``engine.metrics.threshold_for_precision`` on the candidate pairs themselves —
+   precedence) with ``engine.eval.metrics.threshold_for_precision`` on the candidate pairs themselves —
    so the precision is that of what dedup outputs. A calibration is stored per model and used by
    later runs that give neither; without any, the model's duplicate threshold (best F1 over every pair
    of its inner validation split; ``ModelConfig.duplicate_threshold``), else its decision threshold.
@@ -33,7 +33,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
 from engine.errors import ImageLoadError
-from engine.metrics import threshold_for_precision
+from engine.eval.metrics import threshold_for_precision
 from indexer import crud
 from indexer import faiss_index as fx
 from indexer.catalogue import Skipped

@@ -8,7 +8,7 @@ described on the fly), and the best ``k`` by head score are returned with both r
 (factual and counterfactual Grad-CAM maps of both images, region correspondences) come from the same
 stored descriptions in one batched ``model.explain_described`` call: no match is decoded and no backbone
 runs again. Concepts and measured effects need the matches' pixels: one backbone pass over the top ``k``
-and ``model.explain_feature_maps``. Overlay PNGs are written with ``engine.figures.overlay``.
+and ``model.explain_feature_maps``. Overlay PNGs are written with ``engine.explain.figures.overlay``.
 
 The query is an image (``search``) or a catalogue item (``search_item``, "more like this"), whose stored
 embedding and description stand in for the image: then not even the query is decoded.
@@ -26,7 +26,7 @@ import numpy as np
 
 from engine import PairExplanation
 from engine.errors import ImageLoadError
-from engine.figures import overlay
+from engine.explain.figures import overlay
 from engine.images import ImageSource, image_size
 from indexer import crud
 from indexer import faiss_index as fx

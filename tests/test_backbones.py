@@ -7,7 +7,7 @@ import builtins
 import pytest
 import torch
 
-from engine.backbones import BACKBONES, backbone_spec, create_backbone, file_sha256
+from engine.nn.backbones import BACKBONES, backbone_spec, create_backbone, file_sha256
 from engine.errors import WeightsNotInstalledError
 from engine.images import to_tensor
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.concepts import (
-    concept_masking_check,
+from engine.explain.concepts import (
     concept_names,
     concept_probabilities,
     describe_concepts,
     explain_concepts,
 )
+from engine.eval.concepts import concept_masking_check
 from tests.conftest import make_model
 
 CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}

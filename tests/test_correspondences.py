@@ -9,15 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.correspondences import (
+from engine.explain.correspondences import (
     cell_box,
     find_correspondences,
-    local_match_contributions,
     pair_contributions,
     window_sums,
 )
 from engine.errors import ImageLoadError
-from engine.figures import pair_figure
+from engine.explain.figures import pair_figure
 from engine.images import image_size
 from tests.conftest import make_model
 
@@ -37,10 +36,10 @@ def test_decomposition_is_exact(model, photos):
     net = model.net
     fmaps = model.feature_maps([photos["cat"], photos["cat_crop"], photos["coffee"]])
     local_a, local_b = net.local_descriptors(fmaps[:1].expand(2, -1, -1, -1)), net.local_descriptors(fmaps[1:])
-    terms = local_match_contributions(net, local_a, local_b)
+    projs = net.project(fmaps)
+    terms = net.cell_contributions(projs[:1].expand(2, -1, -1, -1), projs[1:])
     local = net.local_match(local_a, local_b)
     torch.testing.assert_close(terms.sum(dim=(1, 2)), local, atol=1e-6, rtol=1e-5)
-    projs = net.project(fmaps)
     torch.testing.assert_close(pair_contributions(net, projs[:1], projs[1:]).sum(dim=(1, 2)), local.detach(), atol=1e-6, rtol=1e-5)
 
 

@@ -13,7 +13,7 @@ import torch
 from skimage import data
 from torchvision.transforms import functional as TF
 
-from engine.efficientnet_lite import (
+from engine.nn.efficientnet_lite import (
     LITE0_MEAN,
     LITE0_STD,
     EfficientNetLite0,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.explain import explain_fmaps, normalise_map
-from engine.model import PAIR_CHUNK
+from engine.explain.pairs import explain_fmaps, normalise_map
+from engine.nn.siamese import PAIR_CHUNK
 from tests.conftest import make_model
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine import faithfulness as fa
-from engine.explain import MAP_NAMES
+from engine.eval import faithfulness as fa
+from engine.explain import masking
+from engine.explain.pairs import MAP_NAMES
 from tests.conftest import make_model
 from whymatch.cli import main
 
@@ -42,7 +43,7 @@ def test_curves_start_and_end_at_the_original_and_the_filled_score(model, photos
     original = float(model.score([photos["cat"]], [photos["cat_crop"]])[0])
     assert result.similarity == pytest.approx(original, abs=1e-5)
     pixels = model.pixels([photos["cat"], photos["cat_crop"]])
-    filled = fa.fill_pixels(pixels, "blur")
+    filled = masking.fill_pixels(pixels, "blur")
     fmaps, filled_fmaps = model.fmaps_from_pixels(pixels), model.fmaps_from_pixels(filled)
     filled_scores = {"a": model.score_fmaps(filled_fmaps[:1], fmaps[1:])[0], "b": model.score_fmaps(fmaps[:1], filled_fmaps[1:])[0]}
     assert set(result.curves) == {"a", "b"}
@@ -65,7 +66,7 @@ def test_occlusion_ordering_measures_each_cell_by_masking_it_alone(model, photos
     pixels = model.pixels([photos["cat"], photos["coffee"]])
     fmaps = model.fmaps_from_pixels(pixels)
     explanation = model.explain_feature_maps(fmaps[:1], fmaps[1:])[0]
-    filled = fa.fill_pixels(pixels, "blur")
+    filled = masking.fill_pixels(pixels, "blur")
     maps = fa.occlusion_maps(model, pixels, filled, fmaps, explanation)
     h, w = fmaps.shape[-2:]
     assert maps["a"].shape == maps["b"].shape == (h, w)
@@ -89,7 +90,7 @@ def test_greedy_ordering_starts_with_the_cells_whose_loss_alone_costs_most(model
     pixels = model.pixels([photos["cat"], photos["cat_crop"]])
     fmaps = model.fmaps_from_pixels(pixels)
     explanation = model.explain_feature_maps(fmaps[:1], fmaps[1:])[0]
-    filled = fa.fill_pixels(pixels, "blur")
+    filled = masking.fill_pixels(pixels, "blur")
     steps = 4
     greedy = fa.greedy_deletion_maps(model, pixels, filled, fmaps, explanation, steps)
     occlusion = fa.occlusion_maps(model, pixels, filled, fmaps, explanation)
@@ -110,9 +111,9 @@ def test_unmasked_variant_scores_the_original_pair(model, photos):
     pixels = model.pixels([photos["cat"], photos["coffee"]])
     fmaps = model.fmaps_from_pixels(pixels)
     keep = torch.ones(pixels.shape[-2:], dtype=torch.bool)
-    variants = fa.Variants(pixels, fa.fill_pixels(pixels), fmaps, [0, 1], [keep, keep], [1, 0], [True, False])
+    variants = masking.Variants(pixels, masking.fill_pixels(pixels), fmaps, [0, 1], [keep, keep], [1, 0], [True, False])
     expected = model.score_fmaps(fmaps[:1], fmaps[1:])[0]
-    np.testing.assert_allclose(fa.score_variants(model, variants), [expected, expected], atol=1e-6)
+    np.testing.assert_allclose(masking.score_variants(model, variants), [expected, expected], atol=1e-6)
 
 
 def test_non_match_curves_use_one_minus_similarity(photos):
@@ -143,47 +144,47 @@ def test_auc_of_simple_curves():
 
 def test_region_has_the_requested_area_and_the_largest_values():
     rng = np.random.default_rng(0)
-    key = fa.importance_key(rng.random((4, 4)), (64, 48), fa.random_map((4, 4), rng))
+    key = masking.importance_key(rng.random((4, 4)), (64, 48), masking.random_map((4, 4), rng))
     for area in (0.05, 0.2, 0.5, 1.0):
-        region = fa.top_region(key, area)
+        region = masking.top_region(key, area)
         assert int(region.sum()) == round(area * 64 * 48)
         if area < 1.0:
             assert key[region].min() >= key[~region].max()
     ranks = fa.pixel_ranks(key)
     assert torch.equal(ranks.flatten().sort().values, torch.arange(64 * 48))
     first = ranks < round(0.2 * 64 * 48)
-    assert int(first.sum()) == int(fa.top_region(key, 0.2).sum()) and key[first].min() >= key[~first].max()
+    assert int(first.sum()) == int(masking.top_region(key, 0.2).sum()) and key[first].min() >= key[~first].max()
     with pytest.raises(ValueError):
-        fa.top_region(key, 0.0)
+        masking.top_region(key, 0.0)
 
 
 def test_a_stack_of_maps_gives_each_map_its_own_key_and_region():
     rng = np.random.default_rng(1)
-    maps, tie_break = rng.random((3, 4, 4)), fa.random_map((4, 4), rng)
-    keys = fa.importance_key(maps, (64, 48), tie_break)
-    regions = fa.top_region(keys, 0.2)
+    maps, tie_break = rng.random((3, 4, 4)), masking.random_map((4, 4), rng)
+    keys = masking.importance_key(maps, (64, 48), tie_break)
+    regions = masking.top_region(keys, 0.2)
     assert keys.shape == regions.shape == (3, 64, 48)
     for importance, key, region in zip(maps, keys, regions):
-        assert torch.equal(key, fa.importance_key(importance, (64, 48), tie_break))
-        assert torch.equal(region, fa.top_region(key, 0.2))
+        assert torch.equal(key, masking.importance_key(importance, (64, 48), tie_break))
+        assert torch.equal(region, masking.top_region(key, 0.2))
 
 
 def test_ties_are_not_broken_in_raster_order():
     zeros = np.zeros((4, 4), np.float32)
-    region = fa.top_region(fa.importance_key(zeros, (32, 32), fa.random_map((4, 4), np.random.default_rng(0))), 0.25)
+    region = masking.top_region(masking.importance_key(zeros, (32, 32), masking.random_map((4, 4), np.random.default_rng(0))), 0.25)
     assert not region[:8].all()
 
 
 def test_fills():
     pixels = torch.randn(2, 3, 64, 64)
-    mean = fa.fill_pixels(pixels, "mean")
+    mean = masking.fill_pixels(pixels, "mean")
     torch.testing.assert_close(mean[:, :, 5, 7], pixels.mean(dim=(2, 3)))
-    blur = fa.fill_pixels(pixels, "blur")
+    blur = masking.fill_pixels(pixels, "blur")
     assert blur.shape == pixels.shape
     assert blur.std() < 0.5 * pixels.std()
     torch.testing.assert_close(blur.mean(dim=(2, 3)), pixels.mean(dim=(2, 3)), atol=0.05, rtol=0)
     with pytest.raises(ValueError):
-        fa.fill_pixels(pixels, "noise")
+        masking.fill_pixels(pixels, "noise")
 
 
 def test_effects_keys_values_and_one_backbone_pass(model, photos, monkeypatch):
@@ -196,7 +197,7 @@ def test_effects_keys_values_and_one_backbone_pass(model, photos, monkeypatch):
     model.add_effects(photos["cat"], [photos["coffee"]], [explanation], fmap_a=fmaps[:1], fmaps_b=fmaps[1:])
     assert calls == [4 - len(explanation.empty_maps)]
     effects = explanation.effects
-    assert effects["fill"] == "blur" and effects["area"] == fa.DEFAULT_AREA
+    assert effects["fill"] == "blur" and effects["area"] == masking.DEFAULT_AREA
     for name in MAP_NAMES:
         entry = effects[name]
         assert set(entry) == {"masked_similarity", "change", "flips"}
@@ -210,9 +211,9 @@ def test_effects_equal_masking_by_hand(model, photos):
     explanation = model.explain(photos["cat"], [photos["cat_crop"]], effects=True)[0]
     pixels = model.pixels([photos["cat"], photos["cat_crop"]])
     fmaps = model.fmaps_from_pixels(pixels)
-    tie_break = fa.random_map(fmaps.shape[-2:], np.random.default_rng(0))
-    region = fa.top_region(fa.importance_key(explanation.factual_b, pixels.shape[-2:], tie_break), fa.DEFAULT_AREA)
-    masked = torch.where(region, fa.fill_pixels(pixels[1:], "blur"), pixels[1:])
+    tie_break = masking.random_map(fmaps.shape[-2:], np.random.default_rng(0))
+    region = masking.top_region(masking.importance_key(explanation.factual_b, pixels.shape[-2:], tie_break), masking.DEFAULT_AREA)
+    masked = torch.where(region, masking.fill_pixels(pixels[1:], "blur"), pixels[1:])
     by_hand = model.score_fmaps(fmaps[:1], model.fmaps_from_pixels(masked))[0]
     assert explanation.effects["factual_b"]["masked_similarity"] == pytest.approx(float(by_hand), abs=1e-5)
 
@@ -247,18 +248,18 @@ def test_mean_fill_and_area_options(model, photos):
 
 def test_effect_sentences(model, photos):
     explanation = model.explain(photos["cat"], [photos["coffee"]], effects=True)[0]
-    sentences = fa.effect_sentences(explanation)
+    sentences = masking.effect_sentences(explanation)
     assert len(sentences) == 4
     assert sentences[0].startswith("masking the factual region of image a (20% of its area, blurred)")
     assert f"{explanation.similarity:.2f}" in sentences[1]
     explanation.effects["counterfactual_b"] = None
     explanation.effects["factual_a"] = {"masked_similarity": 0.0, "change": -explanation.similarity, "flips": explanation.is_match}
-    sentences = fa.effect_sentences(explanation)
+    sentences = masking.effect_sentences(explanation)
     assert "lowers the similarity" in sentences[0]
     assert "empty" in sentences[3]
-    named = fa.effect_sentences(explanation, names=("the query", "the match"))
+    named = masking.effect_sentences(explanation, names=("the query", "the match"))
     assert named[0].startswith("masking the factual region of the query") and named[3] == "the counterfactual map of the match is empty: nothing to mask"
-    assert fa.effect_sentences(model.explain(photos["cat"], [photos["coffee"]])[0]) == []
+    assert masking.effect_sentences(model.explain(photos["cat"], [photos["coffee"]])[0]) == []
 
 
 def test_evaluate_explanations_reports_every_key(groups_folder):

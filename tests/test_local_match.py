@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.model import MAX_INVERSE_TEMPERATURE
+from engine.nn.siamese import MAX_INVERSE_TEMPERATURE
 from tests.conftest import make_model
 
 

@@ -1,4 +1,4 @@
-"""Tests for engine.metrics on small hand-computed cases."""
+"""Tests for engine.eval.metrics on small hand-computed cases."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from engine.metrics import (
+from engine.eval.metrics import (
     all_pairs,
     best_f1_threshold,
     best_threshold,

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from engine import load_model
 from engine.data import load_labelled_images, split
-from engine.evaluate import evaluate_fmaps
+from engine.eval.evaluate import evaluate_fmaps
 from tests.conftest import shared_or_skip
 from whymatch.cli import main
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import load_model
-from engine.sanity import (
+from engine.eval.sanity import (
     TARGET_MAPS,
     map_rank_correlations,
     randomised_copy,

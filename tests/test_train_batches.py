@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.train import TrainOptions, _hard_batches
+from engine.train.trainer import TrainOptions, _hard_batches
 from tests.conftest import make_model
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import engine.train as training
+import engine.train.trainer as training
 from engine.config import ModelConfig
 from engine.data import load_labelled_images
 from engine.inference import build_model

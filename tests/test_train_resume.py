@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import engine.train as training
+import engine.train.trainer as training
 from engine.config import ModelConfig
 from engine.data import load_labelled_images
 

@@ -7,8 +7,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import engine.train as training
-from engine.backbones import create_backbone
+import engine.train.trainer as training
+from engine.nn.backbones import create_backbone
 from engine.config import ModelConfig
 from engine.data import load_labelled_images
 from engine.inference import WEIGHTS_FILE, build_model, load_model

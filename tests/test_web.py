@@ -369,7 +369,7 @@ def test_review_queue_decisions_persist(page, server, catalogue, screenshots):
 
 def test_effects_concepts_and_correspondences_are_shown_when_present(page, catalogue, photos):
     """The engine's optional details, computed for real and handed to the page as /api/compare's answer."""
-    from engine.faithfulness import effect_sentences
+    from engine.explain.masking import effect_sentences
 
     query = photos["queries"][GROUPS[2]]
     top = catalogue.search(query, k=1).matches[0]

@@ -90,9 +90,9 @@ def demo_command(ctx: click.Context, catalogue: Path | None, out_dir: Path, pair
     and run an explained search."""
     import torch
 
-    from engine.evaluate import embedding_similarities
-    from engine.explain import explain_fmaps
-    from engine.figures import pair_figure
+    from engine.eval.evaluate import embedding_similarities
+    from engine.explain.pairs import explain_fmaps
+    from engine.explain.figures import pair_figure
     from engine.inference import load_model
 
     settings = ctx.obj

@@ -17,81 +17,44 @@ re-scores the pair with the full head, the other image left untouched:
   *greedy* (cells removed step by step, each step taking those whose removal, on top of the earlier
   ones, lowers the score most). The greedy one shows how low a deletion area some ordering of cells
   does reach on this model; occlusion, blind to how cells act together, does not.
-* **Effects**: each of the four maps of an explanation, its top ``area`` fraction of the image's
-  pixels (20% by default) filled, re-scored: "masking the factual region of image b lowers the
-  similarity from 0.91 to 0.37". All masked variants of k explanations share batched backbone passes.
-
-Fills: ``blur`` (Gaussian, σ = 1/32 of the side, i.e. half a feature cell of MobileNetV2; computed at
-a quarter of the resolution and upsampled, which is indistinguishable once blurred and much cheaper)
-or ``mean`` (the image's own mean colour). Ties between cells (e.g. the zeros of a ReLU map) are
-broken by a seeded random map, so results are reproducible and no raster order sneaks in.
+The masked variants, fills and tie-breaks are those of the effects (``engine.explain.masking``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from engine.evaluate import signatures
-from engine.explain import MAP_NAMES, PairExplanation
+from engine.data import LabelledImages
+from engine.eval.metrics import all_pairs
+from engine.eval.sanity import map_rank_correlations, randomised_copy
+from engine.explain.masking import (
+    DEFAULT_FILL,
+    Variants,
+    effects_from_tensors,
+    fill_pixels,
+    importance_key,
+    random_map,
+    score_variants,
+)
+from engine.explain.pairs import PairExplanation
+from engine.images import ImageSource
+from engine.inference import SimilarityModel
 
-if TYPE_CHECKING:
-    from engine.data import LabelledImages
-    from engine.images import ImageSource
-    from engine.inference import SimilarityModel
-
-FILLS = ("blur", "mean")
 ORDERINGS = ("factual", "random", "centre")
 OCCLUSION, GREEDY = "occlusion", "greedy"
 REFERENCES = (OCCLUSION, GREEDY)
-DEFAULT_FILL = "blur"
-DEFAULT_AREA = 0.2
 DEFAULT_STEPS = 16
-BLUR_SIGMA = 1 / 32
-BLUR_REDUCTION = 4
-TIE_BREAK = 1e-4
 
 
 # --------------------------------------------------------------------------------------------
-# Pixels, fills and orderings
+# Orderings
 # --------------------------------------------------------------------------------------------
-
-
-def fill_pixels(pixels: Tensor, fill: str = DEFAULT_FILL) -> Tensor:
-    """What a removed pixel becomes, for a batch n×3×H×W of preprocessed (normalised) pixels."""
-    if fill == "mean":
-        return pixels.mean(dim=(2, 3), keepdim=True).expand_as(pixels).contiguous()
-    if fill == "blur":
-        return _blur(pixels)
-    raise ValueError(f"unknown fill {fill!r}; choose from {', '.join(FILLS)}")
-
-
-def _blur(pixels: Tensor) -> Tensor:
-    channels, height, width = pixels.shape[1:]
-    small_size = (max(1, height // BLUR_REDUCTION), max(1, width // BLUR_REDUCTION))
-    # Plain (NCHW) layout: bilinear upsampling of a channels-last tensor is three times slower.
-    small = F.interpolate(pixels.float(), size=small_size, mode="area").contiguous()
-    sigma = BLUR_SIGMA * min(height, width) * small_size[0] / height
-    radius = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).repeat(channels, 1, 1, 1)
-    small = F.conv2d(F.pad(small, (radius, radius, 0, 0), mode="replicate"), kernel.view(channels, 1, 1, -1), groups=channels)
-    small = F.conv2d(F.pad(small, (0, 0, radius, radius), mode="replicate"), kernel.view(channels, 1, -1, 1), groups=channels)
-    return F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
-
-
-def random_map(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """The random baseline's importance (and the tie-break of every other map)."""
-    return rng.random(shape).astype(np.float32)
 
 
 def centre_map(shape: tuple[int, int]) -> np.ndarray:
@@ -102,76 +65,12 @@ def centre_map(shape: tuple[int, int]) -> np.ndarray:
     return (1 - distance / distance.max()).astype(np.float32)
 
 
-def importance_key(importance: np.ndarray, size: tuple[int, int], tie_break: np.ndarray) -> Tensor:
-    """Per-pixel sort key: the h×w map (plus a tiny tie-break) upsampled bilinearly to H×W; a stack
-    of m maps (m×h×w) gives m×H×W keys in one call."""
-    cells = torch.from_numpy(np.asarray(importance, np.float32) + TIE_BREAK * tie_break)
-    stacked = cells.reshape(-1, 1, *cells.shape[-2:])
-    return F.interpolate(stacked, size=size, mode="bilinear", align_corners=False).view(*cells.shape[:-2], *size)
-
-
 def pixel_ranks(key: Tensor) -> Tensor:
     """H×W rank of each pixel: 0 for the most important, N − 1 for the least."""
     order = torch.argsort(key.flatten(), descending=True, stable=True)
     ranks = torch.empty(order.numel(), dtype=torch.long)
     ranks[order] = torch.arange(order.numel())
     return ranks.view_as(key)
-
-
-def top_region(key: Tensor, area: float) -> Tensor:
-    """Boolean mask of the ``area`` fraction of pixels with the largest key (exact count), for an
-    H×W key or, map by map, for a stack of them."""
-    if not 0.0 < area <= 1.0:
-        raise ValueError(f"area must be in (0, 1], got {area}")
-    flat = key.reshape(-1, key.shape[-2] * key.shape[-1])
-    mask = torch.zeros(flat.shape, dtype=torch.bool)
-    mask.scatter_(1, torch.topk(flat, round(area * flat.shape[1]), dim=1, sorted=False).indices, True)
-    return mask.view_as(key)
-
-
-# --------------------------------------------------------------------------------------------
-# Scoring masked variants in batches
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Variants:
-    """Masked images to score: variant v is ``where(keep[v], sources[source[v]], filled[source[v]])``,
-    scored against the unmasked image ``partner[v]``, whose feature map is ``fmaps[partner[v]]``;
-    ``masked_is_a[v]`` keeps the head's (a, b) argument order."""
-
-    sources: Tensor
-    filled: Tensor
-    fmaps: Tensor
-    source: list[int]
-    keep: list[Tensor]
-    partner: list[int]
-    masked_is_a: list[bool]
-
-
-def _masked(variants: Variants, v: int) -> Tensor:
-    """Variant v's pixels (1×3×H×W). lerp with a 0/1 weight returns either end exactly, and is faster
-    than ``where`` broadcasting a bool mask over channels-last pixels."""
-    s = variants.source[v]
-    return torch.lerp(variants.filled[s : s + 1], variants.sources[s : s + 1], variants.keep[v].to(variants.sources.dtype))
-
-
-def score_variants(model: SimilarityModel, variants: Variants) -> np.ndarray:
-    """Pair scores of all variants: ``model.batch_size`` masked images per backbone pass, then every
-    pair scored by the head at once, each unmasked partner described once."""
-    n = len(variants.source)
-    if not n:
-        return np.zeros(0, np.float32)
-    masked = []
-    for start in range(0, n, model.batch_size):
-        rows = range(start, min(start + model.batch_size, n))
-        batch = torch.cat([_masked(variants, r) for r in rows])
-        masked.append(signatures(model.net, model.fmaps_from_pixels(batch)))
-    described = tuple(torch.cat(parts) for parts in zip(*masked, signatures(model.net, variants.fmaps)))
-    pairs = [(v, n + p) if is_a else (n + p, v) for v, (p, is_a) in enumerate(zip(variants.partner, variants.masked_is_a))]
-    rows_a, rows_b = (list(rows) for rows in zip(*pairs))
-    with torch.inference_mode():
-        return model.net.score_pairs(described, rows_a, described, rows_b).numpy().astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,95 +274,12 @@ def pair_curves(
 
 
 # --------------------------------------------------------------------------------------------
-# Effects: the quantified counterfactual of each map
-# --------------------------------------------------------------------------------------------
-
-
-def effects_from_tensors(
-    model: SimilarityModel,
-    pixels_a: Tensor,
-    fmap_a: Tensor,
-    pixels_b: Tensor,
-    fmaps_b: Tensor,
-    explanations: Sequence[PairExplanation],
-    *,
-    fill: str = DEFAULT_FILL,
-    area: float = DEFAULT_AREA,
-    seed: int = 0,
-) -> list[dict]:
-    """Mask each map's top ``area`` of its image, re-score against the other image's original
-    feature map, and store the result in ``explanation.effects`` (also returned).
-
-    Image a (1×3×H×W) is shared by the k explanations, images b are k×3×H×W; the 4k masked variants
-    go through the backbone ``model.batch_size`` at a time. An empty map
-    has no region to mask: its entry is None.
-    """
-    if fill not in FILLS:
-        raise ValueError(f"unknown fill {fill!r}; choose from {', '.join(FILLS)}")
-    sources = torch.cat([pixels_a, pixels_b])
-    size, cells = tuple(sources.shape[-2:]), tuple(fmap_a.shape[-2:])
-    tie_break = random_map(cells, np.random.default_rng(seed))
-    variants = Variants(sources, fill_pixels(sources, fill), torch.cat([fmap_a, fmaps_b]), [], [], [], [])
-    entries = [(i, name) for i, explanation in enumerate(explanations) for name in MAP_NAMES if name not in explanation.empty_maps]
-    if entries:
-        regions = top_region(importance_key(np.stack([getattr(explanations[i], name) for i, name in entries]), size, tie_break), area)
-        variants.keep += list(~regions)
-    for i, name in entries:
-        is_a = name.endswith("_a")
-        variants.source.append(0 if is_a else 1 + i)
-        variants.partner.append(1 + i if is_a else 0)
-        variants.masked_is_a.append(is_a)
-    scores = score_variants(model, variants)
-    results = [{"fill": fill, "area": area, **dict.fromkeys(MAP_NAMES)} for _ in explanations]
-    for (i, name), masked in zip(entries, scores):
-        explanation = explanations[i]
-        results[i][name] = {
-            "masked_similarity": float(masked),
-            "change": float(masked) - explanation.similarity,
-            "flips": bool(masked >= explanation.threshold) != explanation.is_match,
-        }
-    for explanation, result in zip(explanations, results):
-        explanation.effects = result
-    return results
-
-
-def effect_sentences(explanation: PairExplanation, names: tuple[str, str] = ("image a", "image b")) -> list[str]:
-    """The effects in words, e.g. "masking the factual region of image b (20% of its area, blurred)
-    lowers the similarity from 0.91 to 0.37"; ``names`` call images a and b otherwise (search: the
-    query and the match)."""
-    effects = explanation.effects
-    if not effects:
-        return []
-    filled = {"blur": "blurred", "mean": "filled with its mean colour"}[effects["fill"]]
-    sentences = []
-    for name in MAP_NAMES:
-        entry = effects.get(name)
-        role, side = name.rsplit("_", 1)
-        image = names["ab".index(side)]
-        if entry is None:
-            sentences.append(f"the {role} map of {image} is empty: nothing to mask")
-            continue
-        before, after = explanation.similarity, entry["masked_similarity"]
-        if abs(after - before) < 0.005:
-            verb = f"leaves the similarity at {before:.2f}"
-        else:
-            verb = f"{'raises' if after > before else 'lowers'} the similarity from {before:.2f} to {after:.2f}"
-        sentence = f"masking the {role} region of {image} ({effects['area']:.0%} of its area, {filled}) {verb}"
-        if entry["flips"]:
-            sentence += f", which flips the decision to {'no match' if explanation.is_match else 'match'}"
-        sentences.append(sentence)
-    return sentences
-
-
-# --------------------------------------------------------------------------------------------
 # Aggregate: mean areas over a data set's pairs
 # --------------------------------------------------------------------------------------------
 
 
 def sample_pairs(groups: Sequence[str | None], max_pairs: int, seed: int = 0) -> list[tuple[int, int, int]]:
     """Up to ``max_pairs`` pairs (i, j, label): half similar, half dissimilar where there are enough."""
-    from engine.metrics import all_pairs
-
     i, j, labels = all_pairs(groups)
     rng = np.random.default_rng(seed)
     positive, negative = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
@@ -489,11 +305,9 @@ def evaluate_explanations(
     """Mean deletion/insertion areas of the factual maps and of the baselines over sampled pairs of
     ``data``, overall and per decision (keys suffixed ``_match`` / ``_no_match``), the mean effects
     (``decision_changes``) and the mean rank correlation between the trained and the randomised
-    head's maps (``randomised_head_spearman``, see ``engine.sanity``). ``references`` adds the areas of
+    head's maps (``randomised_head_spearman``, see ``engine.eval.sanity``). ``references`` adds the areas of
     those reference orderings (``deletion_auc_occlusion``, ``deletion_auc_greedy``, ...; see
     ``curves_from_tensors`` for their cost)."""
-    from engine.sanity import map_rank_correlations, randomised_copy
-
     pairs = sample_pairs(data.groups, max_pairs, seed)
     rng = np.random.default_rng(seed)
     randomised = randomised_copy(model, seed=seed)

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from engine.cam import CAM_METHODS, dissimilarity, similarity
-from engine.model import SiameseNet
-
-if TYPE_CHECKING:
-    from engine.images import ImageSource
-    from engine.inference import SimilarityModel
+from engine.explain.cam import CAM_METHODS, dissimilarity, similarity
+from engine.images import ImageSource
+from engine.inference import SimilarityModel
+from engine.nn.siamese import SiameseNet
 
 TARGET_MAPS = ("similarity_a", "similarity_b", "dissimilarity_a", "dissimilarity_b")
 
@@ -34,8 +31,6 @@ def randomised_copy(model: SimilarityModel, *, backbone: bool = False, seed: int
     """A copy of ``model`` with its trained layers (tuned backbone blocks included) and, with
     ``backbone``, the backbone's last convolution and what follows it re-initialised; ``model``
     itself is untouched."""
-    from engine.inference import SimilarityModel
-
     net = copy.deepcopy(model.net)
     modules = [m for name, m in net.named_modules() if not name.startswith("backbone")] + list(net.backbone_parts[1].modules())
     if backbone:

@@ -13,8 +13,8 @@ import numpy as np
 from matplotlib.patches import ConnectionPatch, Rectangle
 from PIL import Image
 
-from engine.concepts import describe_concepts
-from engine.explain import PairExplanation
+from engine.explain.concepts import describe_concepts
+from engine.explain.pairs import PairExplanation
 
 
 def overlay(image: Image.Image | np.ndarray, heatmap: np.ndarray, alpha: float = 0.5) -> Image.Image:

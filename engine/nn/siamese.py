@@ -21,13 +21,14 @@ Only the layers after the backbone, and the tuned blocks, are trained and saved.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.backbones import Backbone
+from engine.nn.backbones import Backbone
 from engine.config import ModelConfig
 
 # Pairs scored per step by ``score_pairs``. A pair's intermediates are N_a×N_b per matrix (196×196
@@ -100,6 +101,17 @@ class SiameseNet(nn.Module):
                  for s in range(0, len(rows_a), PAIR_CHUNK)]
         return torch.cat(parts) if parts else torch.zeros(0)
 
+    # Whether ``cell_contributions`` decomposes the score exactly (correspondences then need no map weighting).
+    exact_cell_contributions = False
+
+    def cell_contributions(self, projs_a: Tensor, projs_b: Tensor) -> Tensor:
+        """k×N_a×N_b: how much each pair of cells (i of a, j of b) adds to each pair's similarity, from
+        the images' projections (k each). Here the cosine of the two cells' projections: a similarity
+        of regions, not a decomposition."""
+        cells_a = F.normalize(projs_a.flatten(2).transpose(1, 2), dim=2)
+        cells_b = F.normalize(projs_b.flatten(2).transpose(1, 2), dim=2)
+        return cells_a @ cells_b.transpose(1, 2)
+
     def describe(self, fmap: Tensor) -> tuple[Tensor]:
         """What is stored per image: its projections, from which it is scored and explained."""
         return (self.project(fmap),)
@@ -141,6 +153,20 @@ class SiameseNet(nn.Module):
         return {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
 
 
+Net = TypeVar("Net", bound=type[SiameseNet])
+# Preset name → network class (``ModelConfig.preset``): a new head registers here, as backbones do.
+PRESETS: dict[str, type[SiameseNet]] = {}
+
+
+def register_preset(name: str) -> Callable[[Net], Net]:
+    def register(cls: Net) -> Net:
+        PRESETS[name] = cls
+        return cls
+
+    return register
+
+
+@register_preset("whymatch")
 class MatchNet(SiameseNet):
     """whymatch's model: a global embedding for retrieval plus a local-matching head for re-scoring.
 
@@ -200,6 +226,19 @@ class MatchNet(SiameseNet):
         b_to_a = (weighted.sum(dim=1) / weights.sum(dim=1)).mean(dim=1)
         return (a_to_b + b_to_a) / 2
 
+    exact_cell_contributions = True
+
+    def cell_contributions(self, projs_a: Tensor, projs_b: Tensor) -> Tensor:
+        """The exact terms of the local-match term (``engine.explain.correspondences``): they sum to
+        ``local_match`` of the pair."""
+        local_a = self.signature_from_projections(projs_a)[1]
+        local_b = self.signature_from_projections(projs_b)[1]
+        corr = local_a @ local_b.transpose(1, 2)
+        weights = self.match_weights(corr)
+        rows = weights / (weights.sum(dim=2, keepdim=True) * corr.shape[1])
+        cols = weights / (weights.sum(dim=1, keepdim=True) * corr.shape[2])
+        return corr * (rows + cols) / 2
+
     def head_logit(self, sig_a: tuple[Tensor, Tensor], sig_b: tuple[Tensor, Tensor]) -> Tensor:
         """The trained logit, before calibration."""
         cosine = (sig_a[0] * sig_b[0]).sum(dim=1)
@@ -214,6 +253,7 @@ class MatchNet(SiameseNet):
         return torch.sigmoid(evidence)
 
 
+@register_preset("paper")
 class PaperNet(SiameseNet):
     """The seed method (Livieris et al. 2023): GAP → Linear 256 → ReLU → Linear 2, Euclidean distance.
 
@@ -252,8 +292,15 @@ class PaperNet(SiameseNet):
         return torch.exp(evidence)
 
 
+def signatures(net: SiameseNet, fmaps: Tensor, chunk: int = 256) -> tuple[Tensor, ...]:
+    """Per-image signatures of many feature maps, in chunks to bound memory."""
+    with torch.inference_mode():
+        parts = [net.signature(fmaps[s : s + chunk].float()) for s in range(0, len(fmaps), chunk)]
+    return tuple(torch.cat(column) for column in zip(*parts))
+
+
 def build_net(config: ModelConfig, backbone: Backbone) -> SiameseNet:
-    """The network of a preset around an already-built backbone."""
-    if config.preset == "paper":
-        return PaperNet(backbone, config)
-    return MatchNet(backbone, config)
+    """The network of a preset (``PRESETS``) around an already-built backbone."""
+    if config.preset not in PRESETS:
+        raise ValueError(f"unknown preset {config.preset!r}; choose from {', '.join(sorted(PRESETS))}")
+    return PRESETS[config.preset](backbone, config)

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from engine.data import paper_pairs
-from engine.metrics import all_pairs, pair_metrics, retrieval_metrics
-from engine.model import SiameseNet
+from engine.eval.metrics import all_pairs, pair_metrics, retrieval_metrics
+from engine.nn.siamese import SiameseNet, signatures
 
 RERANK_K = 20
 
@@ -26,13 +26,6 @@ def embedding_similarities(net: SiameseNet, emb_q: Tensor, emb_g: Tensor) -> Ten
     if net.config.metric == "l2":
         return -torch.cdist(emb_q, emb_g)
     return emb_q @ emb_g.T
-
-
-def signatures(net: SiameseNet, fmaps: Tensor, chunk: int = 256) -> tuple[Tensor, ...]:
-    """Per-image signatures of many feature maps, in chunks to bound memory."""
-    with torch.inference_mode():
-        parts = [net.signature(fmaps[s : s + chunk].float()) for s in range(0, len(fmaps), chunk)]
-    return tuple(torch.cat(column) for column in zip(*parts))
 
 
 def pair_scores(net: SiameseNet, fmaps_a: Tensor, fmaps_b: Tensor, i: np.ndarray, j: np.ndarray) -> np.ndarray:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.cam import CAM_METHODS, dissimilarity, similarity
-from engine.model import SiameseNet
+from engine.explain.cam import CAM_METHODS, dissimilarity, similarity
+from engine.nn.siamese import SiameseNet
 
 
 @dataclass
@@ -31,7 +31,7 @@ class PairExplanation:
     counterfactual_a: np.ndarray
     counterfactual_b: np.ndarray
     empty_maps: list[str] = field(default_factory=list)
-    # Optional details, filled only on request (engine.correspondences, engine.concepts, engine.faithfulness).
+    # Optional details, filled only on request (engine.explain.correspondences, engine.explain.concepts, engine.explain.masking).
     correspondences: list[dict] | None = None
     concepts: list[dict] | None = None
     effects: dict | None = None
@@ -73,7 +73,7 @@ def explain_projections(
     net: SiameseNet, proj_a: Tensor, projs_b: Tensor, threshold: float, method: str = "gradcam"
 ) -> list[PairExplanation]:
     """Explain from the images' projections (``SiameseNet.project``, what the index stores): the maps
-    are those of the Grad-CAM layer exactly (see ``engine.model``), at a fraction of the cost, since
+    are those of the Grad-CAM layer exactly (see ``engine.nn.siamese``), at a fraction of the cost, since
     image a is projected once and no gradient flows back through the projection."""
     k = projs_b.shape[0]
     cam = CAM_METHODS[method](net.evidence_projections, net.score_from_evidence)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,15 +29,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 from tqdm import tqdm
 
 from engine.config import ModelConfig
 from engine.data import LabelledImages, paper_pairs, split
 from engine.inference import WEIGHTS_FILE, SimilarityModel, build_model, save_checkpoint
-from engine.evaluate import evaluate_fmaps, pair_scores
-from engine.metrics import all_pairs, best_f1_threshold, best_threshold
-from engine.model import MatchNet, PaperNet, SiameseNet
+from engine.eval.evaluate import evaluate_fmaps, pair_scores
+from engine.eval.metrics import all_pairs, best_f1_threshold, best_threshold
+from engine.nn.siamese import MatchNet, PaperNet, SiameseNet
 
 RESUME_FILE = "resume.pt"
 # Balanced pair draws of the inner validation split that place the decision threshold. On one draw
@@ -240,8 +241,8 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
                                 augment_views=options.augment_views, seed=options.seed)
     val_frozen = cached_features(model, val.paths, options.cache_dir, with_flips=False, progress=options.progress).features
     feature_seconds = time.time() - started
-    if isinstance(net, MatchNet):
-        _pca_init(net, maps_from_frozen(net, fit_cache.features))
+    recipe = RECIPES[config.preset]
+    recipe.prepare(net, maps_from_frozen(net, fit_cache.features))
     # One rate for all: on flowers (Lite0, last 6 blocks) the tuned blocks at the head's rate reached the
     # inner-validation accuracy of a tenth of it (0.92) in 8 epochs instead of 12–20.
     params = [p for p in net.parameters() if p.requires_grad]
@@ -264,7 +265,7 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
     for epoch in bar:
         net.train()
         losses = []
-        for batch_features, batch_loss in _epoch_batches(net, fit, fit_cache, options, rng):
+        for batch_features, batch_loss in recipe.batches(net, fit, fit_cache, options, rng):
             optimizer.zero_grad()
             loss = batch_loss(net.features_from_frozen(batch_features))
             loss.backward()
@@ -287,8 +288,7 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
             break
     best_model = _reload(out_dir, model)
     val_fmaps = maps_from_frozen(best_model.net, val_frozen)
-    if isinstance(best_model.net, MatchNet):
-        _calibrate(best_model.net, val_fmaps, val.groups, options.seed)
+    recipe.calibrate(best_model.net, val_fmaps, val.groups, options.seed)
     config.threshold = best_threshold(*_threshold_pairs(best_model.net, val_fmaps, val.groups, options.seed))
     if data.form == "groups":
         i, j, labels = all_pairs(val.groups)
@@ -312,8 +312,6 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
 
 def _calibrate(net: MatchNet, fmaps: Tensor, groups: list[str | None], seed: int) -> None:
     """Platt scaling of the head on balanced held-aside pairs, so that similarity ≈ P(match)."""
-    from sklearn.linear_model import LogisticRegression
-
     i, j, labels = paper_pairs(groups, seed)
     with torch.inference_mode():
         emb, local = net.signature(fmaps.float())
@@ -369,19 +367,44 @@ def _reload(out_dir: Path, model: SimilarityModel) -> SimilarityModel:
     return model
 
 
-def _epoch_batches(net: SiameseNet, fit: LabelledImages, cache: CachedFeatures, options: TrainOptions, rng: np.random.Generator):
-    """(frozen-block features, loss function of the feature maps) per step (see ``draw_views``)."""
+class MatchRecipe:
+    """whymatch's preset: PCA-initialised embedding, batches of same-group units with hard negatives
+    (InfoNCE on the embedding + the head's pair loss), Platt-calibrated head."""
 
-    if isinstance(net, MatchNet):
+    def prepare(self, net: MatchNet, fit_maps: Tensor) -> None:
+        _pca_init(net, fit_maps)
+
+    def batches(self, net: MatchNet, fit: LabelledImages, cache: CachedFeatures, options: TrainOptions,
+                rng: np.random.Generator) -> Iterator[tuple[Tensor, Callable[[Tensor], Tensor]]]:
+        """(frozen-block features, loss function of the feature maps) per step (see ``draw_views``)."""
         for batch in _hard_batches(net, maps_from_frozen(net, cache.features), fit.groups, options, rng):
             groups = [fit.groups[i] for i in batch]
             yield draw_views(cache, batch, options.crop_min, rng), (lambda f, g=groups: _matchnet_loss(net, f, g))
-        return
-    i, j, labels = paper_pairs(fit.groups, int(rng.integers(1 << 31)))
-    order = rng.permutation(len(i))
-    size = options.groups_per_batch * options.images_per_group
-    for start in range(0, len(order), size):
-        sel = order[start : start + size]
-        lab = torch.from_numpy(labels[sel]).float()
-        both = draw_views(cache, np.concatenate([i[sel], j[sel]]), options.crop_min, rng)
-        yield both, (lambda f, lab=lab, n=len(sel): _paper_loss(net, f[:n], f[n:], lab))
+
+    def calibrate(self, net: MatchNet, fmaps: Tensor, groups: list[str | None], seed: int) -> None:
+        _calibrate(net, fmaps, groups, seed)
+
+
+class PaperRecipe:
+    """The paper's method: balanced pairs under the contrastive loss; the score is not calibrated."""
+
+    def prepare(self, net: PaperNet, fit_maps: Tensor) -> None:
+        pass
+
+    def batches(self, net: PaperNet, fit: LabelledImages, cache: CachedFeatures, options: TrainOptions,
+                rng: np.random.Generator) -> Iterator[tuple[Tensor, Callable[[Tensor], Tensor]]]:
+        i, j, labels = paper_pairs(fit.groups, int(rng.integers(1 << 31)))
+        order = rng.permutation(len(i))
+        size = options.groups_per_batch * options.images_per_group
+        for start in range(0, len(order), size):
+            sel = order[start : start + size]
+            lab = torch.from_numpy(labels[sel]).float()
+            both = draw_views(cache, np.concatenate([i[sel], j[sel]]), options.crop_min, rng)
+            yield both, (lambda f, lab=lab, n=len(sel): _paper_loss(net, f[:n], f[n:], lab))
+
+    def calibrate(self, net: PaperNet, fmaps: Tensor, groups: list[str | None], seed: int) -> None:
+        pass
+
+
+# How each preset (``engine.nn.siamese.PRESETS``) is trained.
+RECIPES = {"whymatch": MatchRecipe(), "paper": PaperRecipe()}

@@ -18,7 +18,7 @@ import torchvision
 from torch import Tensor, fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from engine.efficientnet_lite import LITE0_MEAN, LITE0_STD, EfficientNetLite0, efficientnet_lite0_weights_path
+from engine.nn.efficientnet_lite import LITE0_MEAN, LITE0_STD, EfficientNetLite0, efficientnet_lite0_weights_path
 from engine.errors import WeightsNotInstalledError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -35,38 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.explain import PairExplanation
-from engine.model import MatchNet, SiameseNet
+from engine.explain.pairs import PairExplanation
+from engine.nn.siamese import SiameseNet
 
 Size = tuple[int, int]
-
-
-def local_match_contributions(net: MatchNet, local_a: Tensor, local_b: Tensor) -> Tensor:
-    """k×N_a×N_b terms that sum exactly to ``net.local_match(local_a, local_b)``."""
-    corr = local_a @ local_b.transpose(1, 2)
-    weights = net.match_weights(corr)
-    rows = weights / (weights.sum(dim=2, keepdim=True) * corr.shape[1])
-    cols = weights / (weights.sum(dim=1, keepdim=True) * corr.shape[2])
-    return corr * (rows + cols) / 2
 
 
 @torch.no_grad()
 def pair_contributions(net: SiameseNet, projs_a: Tensor, projs_b: Tensor) -> Tensor:
     """Contribution of every pair of cells to each pair's similarity, k×N_a×N_b (projs_a: 1 or k images'
-    ``net.project`` output, projs_b: k).
-
-    MatchNet: the exact terms of its local-match term. PaperNet: the cosine of the two cells'
-    projections (a similarity of regions, not a decomposition).
-    """
-    projs_a = projs_a.float().expand(projs_b.shape[0], -1, -1, -1)
-    projs_b = projs_b.float()
-    if isinstance(net, MatchNet):
-        local_a = net.signature_from_projections(projs_a)[1]
-        local_b = net.signature_from_projections(projs_b)[1]
-        return local_match_contributions(net, local_a, local_b)
-    cells_a = F.normalize(projs_a.flatten(2).transpose(1, 2), dim=2)
-    cells_b = F.normalize(projs_b.flatten(2).transpose(1, 2), dim=2)
-    return cells_a @ cells_b.transpose(1, 2)
+    ``net.project`` output, projs_b: k): ``SiameseNet.cell_contributions``."""
+    return net.cell_contributions(projs_a.float().expand(projs_b.shape[0], -1, -1, -1), projs_b.float())
 
 
 def window_sums(contributions: Tensor, grid_a: Size, grid_b: Size, radius: int) -> Tensor:
@@ -179,7 +158,7 @@ def attach_correspondences(
     """Fill ``explanation.correspondences`` of image a (size ``size_a``) against each image b; only
     nets without an exact decomposition (PaperNet) weight the cells by the similarity maps."""
     maps_a = maps_b = None
-    if not isinstance(net, MatchNet):
+    if not net.exact_cell_contributions:
         maps_a, maps_b = zip(*(similarity_maps(e) for e in explanations))
     found = find_correspondences(net, proj_a, projs_b, [size_a] * len(explanations), sizes_b, maps_a, maps_b, top=top)
     for explanation, correspondences in zip(explanations, found):

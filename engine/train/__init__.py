@@ -1,0 +1,1 @@
+"""Training a Siamese model on cached backbone features (``whymatch train``)."""
