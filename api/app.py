@@ -26,9 +26,10 @@ from api.explanations import ExplanationStore
 from api.routes import ROUTERS
 from api.routes.health import VERSION
 from api.uploads import one_line, status_for
-from engine.config import Settings
+from api.settings import ApiSettings
 from engine.errors import ImageLoadError
 from indexer import Catalogue
+from indexer.crud import UndescribedItemsError
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 _MULTIPART_SLACK = 1 << 20  # form fields and part headers around the files
@@ -74,7 +75,7 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-def _body_limits(settings: Settings) -> Callable[[str], int]:
+def _body_limits(settings: ApiSettings) -> Callable[[str], int]:
     single = 2 * settings.max_upload_bytes + _MULTIPART_SLACK  # compare: two images
     many = settings.max_upload_files * settings.max_upload_bytes + _MULTIPART_SLACK
 
@@ -88,17 +89,20 @@ def _image_error(_: Request, exc: ImageLoadError) -> JSONResponse:
     return JSONResponse({"detail": one_line(str(exc))}, status_code=status_for(exc))
 
 
+def _undescribed(_: Request, exc: UndescribedItemsError) -> JSONResponse:
+    """A catalogue indexed before descriptions were stored, not yet re-indexed: the server works, the
+    catalogue needs ``whymatch index`` once."""
+    return JSONResponse({"detail": one_line(str(exc))}, status_code=409)
+
+
 def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error", exc_info=exc)
     return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
 
 
-def create_app(settings: Settings | None = None, catalogue: Catalogue | None = None) -> FastAPI:
-    """The API (and the page) for one catalogue. ``catalogue`` is made from ``settings`` unless given (tests
-    inject one with a small model); its model, database and index are opened now, so a broken setup fails
-    at start and the first request is not slow."""
-    settings = settings or Settings()
-    catalogue = catalogue or Catalogue.from_settings(settings, log=log.info)
+def create_app(settings: ApiSettings, catalogue: Catalogue) -> FastAPI:
+    """The API (and the page) for one catalogue. The catalogue's model, database and index are opened now,
+    so a broken setup fails at start and the first request is not slow."""
     catalogue.model  # noqa: B018 - load the model once, now
     catalogue.model_key  # noqa: B018
     catalogue.current_index()
@@ -133,6 +137,7 @@ def create_app(settings: Settings | None = None, catalogue: Catalogue | None = N
             max_age=600,
         )
     app.add_exception_handler(ImageLoadError, _image_error)
+    app.add_exception_handler(UndescribedItemsError, _undescribed)
     app.add_exception_handler(Exception, _unexpected_error)
     for router in ROUTERS:
         app.include_router(router, prefix="/api")

@@ -26,7 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
 from api.explanations import ExplanationStore
-from engine.config import Settings
+from api.settings import ApiSettings
 from indexer import Catalogue
 
 T = TypeVar("T")
@@ -36,7 +36,7 @@ T = TypeVar("T")
 class ApiState:
     """One per app: the model is loaded once, in the catalogue; model calls go through ``model_pool``."""
 
-    settings: Settings
+    settings: ApiSettings
     catalogue: Catalogue
     model_pool: ThreadPoolExecutor  # bounded (settings.api_workers): search, compare, decoding, rendering
     index_pool: ThreadPoolExecutor  # one thread: index runs are serialised and never block searches' workers

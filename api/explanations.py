@@ -24,10 +24,9 @@ import numpy as np
 from PIL import Image
 
 from engine import PairExplanation
-from engine.explain.pairs import MAP_NAMES
 from engine.explain.figures import overlay
+from engine.explain.pairs import MAP_NAMES
 
-PICTURE_NAMES = ("image_a", "image_b")
 KEY_PATTERN = r"^[0-9a-f]{32}$"
 
 K = TypeVar("K")
@@ -60,10 +59,6 @@ class LRU(Generic[K, V]):
         with self._lock:
             return key in self._entries
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
 
 @dataclass(frozen=True)
 class Picture:
@@ -95,10 +90,10 @@ def upload_identity(sha256: str) -> str:
 class ExplanationStore:
     """Explained pairs by key, and display copies of the uploads they refer to."""
 
-    def __init__(self, capacity: int, upload_capacity: int | None = None) -> None:
+    def __init__(self, capacity: int) -> None:
         self.explanations: LRU[str, StoredExplanation] = LRU(capacity)
         # Uploads are the big part (~100 kB each as JPEG); a search of k matches shares one.
-        self.uploads: LRU[str, bytes] = LRU(upload_capacity or max(8, capacity // 16))
+        self.uploads: LRU[str, bytes] = LRU(max(8, capacity // 16))
 
     def remember_upload(self, sha256: str, display: Image.Image) -> None:
         if sha256 not in self.uploads:
@@ -117,9 +112,15 @@ class ExplanationStore:
         return self.explanations.get(key)
 
 
+def png_url(base: str, key: str, which: str) -> str:
+    """URL of an explained pair's PNG: an overlay (a map name) or a photo (``image_a``, ``image_b``);
+    ``base`` is the API prefix, e.g. ``/api``."""
+    return f"{base}/explanations/{key}/{which}.png"
+
+
 def overlay_urls(base: str, key: str) -> dict[str, str]:
-    """URLs of the four overlay PNGs of an explained pair (``base`` is the API prefix, e.g. ``/api``)."""
-    return {name: f"{base}/explanations/{key}/{name}.png" for name in MAP_NAMES}
+    """URLs of the four overlay PNGs of an explained pair."""
+    return {name: png_url(base, key, name) for name in MAP_NAMES}
 
 
 def render_png(picture: Image.Image, heatmap: np.ndarray | None, alpha: float) -> bytes:

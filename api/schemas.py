@@ -12,8 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from indexer.models import Decision, PairStatus, ReviewStatus
+
 Map = list[list[float]]
-ReviewStatus = Literal["unreviewed", "accepted", "rejected", "all"]
 
 
 class Explanation(BaseModel):
@@ -35,14 +36,24 @@ class Explanation(BaseModel):
     concepts: Any = Field(None, description="Optional, when the engine provides it.")
 
 
+class ExplanationWithOverlays(Explanation):
+    """A cached explanation: its key and the URLs of its overlay PNGs."""
+
+    explanation_key: str
+    overlays: dict[str, str] = Field(description="Map name → overlay PNG URL.")
+
+
+SOURCE = "The file's path relative to the folder that was indexed (the server's own paths stay on the server)."
+
+
 class Unreadable(BaseModel):
-    source: str
+    source: str = Field(description=SOURCE)
     reason: str
 
 
 class SearchMatch(BaseModel):
     item_id: int
-    source: str
+    source: str = Field(description=SOURCE)
     listing: str | None
     sha256: str
     index_similarity: float = Field(description="Cosine of the embeddings (negated L2 distance for the paper preset).")
@@ -57,7 +68,7 @@ class SearchMatch(BaseModel):
 
 
 class SearchResponse(BaseModel):
-    query: str = Field(description="The upload's file name, or the catalogue item's source.")
+    query: str = Field(description="The upload's file name, or the catalogue item's source (as in matches).")
     query_item: int | None = Field(description="The catalogue item searched with (item=), else null.")
     query_sha256: str
     query_image_url: str | None = Field(description="The query item's image; null for an upload.")
@@ -72,21 +83,19 @@ class SearchResponse(BaseModel):
     matches: list[SearchMatch]
 
 
-class CompareResponse(Explanation):
+class CompareResponse(ExplanationWithOverlays):
     """An explained comparison of two images (uploads or catalogue items)."""
 
-    explanation_key: str
     item_a: int | None
     item_b: int | None
     image_a_url: str
     image_b_url: str
-    overlays: dict[str, str]
     cached: bool = Field(description="True when the explanation came from the cache (no model call).")
 
 
 class ItemResponse(BaseModel):
     id: int
-    source: str
+    source: str = Field(description=SOURCE)
     listing: str | None
     sha256: str
     width: int
@@ -100,7 +109,7 @@ class ItemResponse(BaseModel):
 
 class ItemBrief(BaseModel):
     id: int
-    source: str
+    source: str = Field(description=SOURCE)
     listing: str | None
     image_url: str
 
@@ -110,7 +119,7 @@ class ReviewCreate(BaseModel):
 
     item_a: int = Field(ge=1)
     item_b: int = Field(ge=1)
-    decision: Literal["accept", "reject"]
+    decision: Decision
     note: str | None = Field(None, max_length=4000)
     reviewer: str = Field("anonymous", min_length=1, max_length=256)
 
@@ -125,7 +134,7 @@ class Review(BaseModel):
     id: int
     item_a: int = Field(description="The smaller item id of the pair.")
     item_b: int
-    decision: Literal["accept", "reject"]
+    decision: Decision
     note: str | None
     reviewer: str
     created_at: datetime
@@ -172,7 +181,6 @@ class DedupRunPage(BaseModel):
 class DedupRunOut(BaseModel):
     run: DedupRunInfo
     seconds: float
-    unreadable: int = Field(description="Items left out because their file can no longer be read.")
 
 
 class DuplicatePairOut(BaseModel):
@@ -183,7 +191,7 @@ class DuplicatePairOut(BaseModel):
     index_similarity: float
     head_score: float
     exact: bool = Field(description="Byte-identical files.")
-    status: Literal["unreviewed", "accepted", "rejected"]
+    status: PairStatus
     review: Review | None = Field(description="The pair's newest review.")
 
 
@@ -242,7 +250,7 @@ class ListingPage(BaseModel):
 class StoredUpload(BaseModel):
     filename: str | None = Field(description="The client's file name.")
     sha256: str
-    path: str
+    path: str = Field(description="Where it is stored, relative to the upload folder (the item's source).")
     listing: str | None
     item_id: int | None = Field(description="None when the indexer skipped the file (see report.skipped).")
     image_url: str | None
@@ -250,7 +258,7 @@ class StoredUpload(BaseModel):
 
 
 class IndexReportOut(BaseModel):
-    source: str
+    source: str = Field(description="The name of the folder indexed (the upload folder).")
     scanned: int
     added: int
     updated: int
@@ -259,6 +267,7 @@ class IndexReportOut(BaseModel):
     removed: int
     exact_duplicates: int
     embedded: int
+    described: int = Field(description="Items embedded before descriptions were stored, described by this run.")
     embed_seconds: float
     skipped: list[Unreadable]
     generation: int | None

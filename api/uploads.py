@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from fastapi import HTTPException, UploadFile
 from PIL import Image, UnidentifiedImageError
 
+from api.deps import ApiState
 from engine.errors import ImageLoadError
-from engine.images import SUPPORTED_FORMATS, load_image
+from engine.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS, load_image
 
-# Formats the indexer scans (indexer.catalogue.IMAGE_SUFFIXES), by Pillow format name.
-INDEXABLE_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
+# Formats the indexer scans (engine.images.IMAGE_SUFFIXES), by Pillow format name: the suffix an upload is stored under.
+INDEXABLE_SUFFIXES = {fmt: suffix for suffix, fmt in reversed(IMAGE_SUFFIXES.items())}
 DISPLAY_SIZE = 768  # longest side of the copies kept for overlays
 
 _HEADER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
@@ -127,6 +128,11 @@ def decode_upload(data: bytes, *, label: str, max_pixels: int, target_size: int 
     except ImageLoadError as exc:
         raise HTTPException(status_for(exc), f"{label}: {one_line(str(exc))}") from exc
     return Upload(label, data, hashlib.sha256(data).hexdigest(), image_format, image)
+
+
+def decode_for_model(state: ApiState, data: bytes, label: str) -> Upload:
+    """``decode_upload`` under the API's pixel limit, no finer than the catalogue's model will look."""
+    return decode_upload(data, label=label, max_pixels=state.settings.max_pixels, target_size=state.catalogue.input_size)
 
 
 def display_copy(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:

@@ -9,13 +9,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from engine.config import ModelConfig, Settings
-from engine.data import LabelledImages, load_labelled_images, readable_paths, split
+from engine.config import ModelConfig, ModelSettings
+from engine.data import LabelledImages, list_images, load_labelled_images, readable_paths, split
 from engine.errors import ImageLoadError, WeightsNotInstalledError
-
-
-def _settings(ctx: click.Context) -> Settings:
-    return ctx.obj if isinstance(ctx.obj, Settings) else Settings()
 
 
 def _labelled_images(data_dir: Path, form: str | None, groups_csv: Path | None, input_size: int,
@@ -48,9 +44,9 @@ def _number(value: object) -> int | float:
 
 
 def _load(ctx: click.Context, model_path: Path | None):
-    from engine.inference import load_model
+    from engine.inference import load_model  # defers torch: `whymatch --help` stays instant
 
-    settings = _settings(ctx)
+    settings: ModelSettings = ctx.obj.model
     try:
         return load_model(model_path or settings.model_path, threads=settings.threads, batch_size=settings.backbone_batch)
     except (FileNotFoundError, WeightsNotInstalledError, ValueError) as exc:
@@ -85,9 +81,9 @@ def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_c
                   tuned_blocks: int | None, holdout: float, seed: int, epochs: int, patience: int, lr: float, lr_decay: float,
                   crop_min: float, augment_views: int, resume: bool, as_json: bool) -> None:
     """Train a Siamese model (frozen backbone but for its last --tuned-blocks, cached features) and save it to OUT."""
-    from engine.train.trainer import TrainOptions, train
+    from engine.train.trainer import TrainOptions, train  # defers torch
 
-    settings = _settings(ctx)
+    settings: ModelSettings = ctx.obj.model
     if settings.threads:
         import torch
 
@@ -98,7 +94,7 @@ def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_c
     command = "whymatch " + " ".join(sys.argv[1:])
     try:
         options = TrainOptions(epochs=epochs, patience=patience, learning_rate=lr, lr_decay=lr_decay, crop_min=crop_min,
-                               augment_views=augment_views, seed=seed, resume=resume, cache_dir=settings.data_dir / "cache" / "features",
+                               augment_views=augment_views, seed=seed, resume=resume, cache_dir=settings.feature_cache,
                                extra={"command": command, "holdout": holdout, "seed": seed})
         _, metrics = train(config, data, out_dir, options)
     except (WeightsNotInstalledError, ValueError) as exc:
@@ -123,18 +119,12 @@ def compare_command(ctx: click.Context, image_a: Path, image_b: Path, out: Path 
                     effects: bool) -> None:
     """Score two images and explain the decision with factual and counterfactual Grad-CAM maps,
     the corresponding regions of both images and the concepts the decision rests on."""
-    from engine.explain.concepts import describe_concepts
-    from engine.explain.masking import effect_sentences
-    from engine.explain.figures import pair_figure
-    from engine.images import image_size
+    from engine.explain.text import explanation_lines  # defers torch: the explain layer runs on it
 
     model = _load(ctx, model_path)
     try:
-        explanation = model.explain(image_a, [image_b], method=method, correspondences=True, concepts=True, effects=effects)[0]
-        if out:
-            pictures = model.load([image_a, image_b])
-            pair_figure(pictures[0], pictures[1], explanation, out, titles=(image_a.name, image_b.name),
-                        sizes=(image_size(image_a), image_size(image_b)))
+        explanation = model.compare(image_a, image_b, method=method, effects=effects, figure=out,
+                                    titles=(image_a.name, image_b.name))
     except ImageLoadError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -144,11 +134,8 @@ def compare_command(ctx: click.Context, image_a: Path, image_b: Path, out: Path 
     click.echo(f"similarity {explanation.similarity:.4f} → {decision} (threshold {explanation.threshold:.3f})")
     if explanation.empty_maps:
         click.echo("maps without any evidence: " + ", ".join(explanation.empty_maps))
-    for sentence in effect_sentences(explanation):
-        click.echo(sentence)
-    click.echo(("what both show: " if explanation.is_match else "what differs: ") + describe_concepts(explanation.concepts))
-    for c in explanation.correspondences:
-        click.echo(f"  region {c['rank']}: A {c['box_a']} ↔ B {c['box_b']}  ({100 * c['share']:.1f}% of the local-match evidence)")
+    for line in explanation_lines(explanation):
+        click.echo(line)
     if out:
         click.echo(f"figure: {out}")
 
@@ -173,9 +160,8 @@ def eval_command(ctx: click.Context, data_dir: Path, galleries: tuple[Path, ...]
                  as_json: bool) -> None:
     """Retrieval R@1/R@5/mAP and pair AUC (duplicate groups) or pair AUC/accuracy (class folders);
     with --explanations, mean deletion/insertion areas of the explanations instead."""
-    from engine.data import list_images
-    from engine.eval.evaluate import evaluate_fmaps
-    from engine.eval.faithfulness import evaluate_explanations
+    from engine.eval.evaluate import evaluate_fmaps  # defers torch
+    from engine.eval.faithfulness import evaluate_explanations  # defers torch
 
     model = _load(ctx, model_path)
     data = _labelled_images(data_dir, form, groups_csv, model.config.input_size, holdout, seed, held_apart=True)

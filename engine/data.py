@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from engine.errors import ImageLoadError
-from engine.images import image_sha256, load_pixels
+from engine.images import IMAGE_SUFFIXES, file_sha256, load_pixels
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 Form = Literal["groups", "classes"]
 
 
@@ -81,7 +82,7 @@ def load_labelled_images(root: str | Path, form: Form | None = None, groups_csv:
     form = form or ("groups" if has_csv else "classes")
     paths = list_images(root)
     if not paths:
-        raise ValueError(f"no images (jpg, png, webp) found below {root}")
+        raise ValueError(f"no images ({', '.join(suffix[1:] for suffix in IMAGE_SUFFIXES)}) found below {root}")
     names = [p.relative_to(root).as_posix() for p in paths]
     classes = [n.rpartition("/")[0] or "." for n in names]
     if form == "classes":
@@ -119,7 +120,7 @@ def _read_groups_csv(path: Path) -> dict[str, str]:
 
 def file_identities(paths: list[Path]) -> list[str]:
     """Content hash of each file: byte-identical copies are one image for splitting."""
-    return [image_sha256(p) for p in paths]
+    return [file_sha256(p) for p in paths]
 
 
 def split(data: LabelledImages, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -127,27 +128,21 @@ def split(data: LabelledImages, holdout_fraction: float, seed: int) -> tuple[np.
     by file identity. Either way identical files stay together, and a fixed seed gives the same split.
     """
     identities = file_identities(data.paths)
-    parent = list(range(len(data)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    # Images sharing a file identity (or, for groups, a group) are linked to the first image with it;
+    # the connected components are the units that go to one side whole.
     first_with_key: dict[tuple[str, str], int] = {}
+    links: list[tuple[int, int]] = []
     for i, (group, identity) in enumerate(zip(data.groups, identities)):
         keys = [("file", identity)]
         if data.form == "groups" and group is not None:
             keys.append(("group", group))
-        for key in keys:
-            if key in first_with_key:
-                parent[find(i)] = find(first_with_key[key])
-            else:
-                first_with_key[key] = i
+        links.extend((first_with_key.setdefault(key, i), i) for key in keys)
+    rows, cols = np.array(links, dtype=np.int64).reshape(-1, 2).T
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(data), len(data)))
+    _, unit_of = connected_components(graph, directed=False)
     units: dict[int, list[int]] = {}
-    for i in range(len(data)):
-        units.setdefault(find(i), []).append(i)
+    for i, unit in enumerate(unit_of.tolist()):
+        units.setdefault(unit, []).append(i)
 
     rng = random.Random(seed)
     by_class: dict[str, list[list[int]]] = {}

@@ -29,7 +29,8 @@ import io
 import os
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Union
 
 import cv2
@@ -44,9 +45,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "IMAGE_SUFFIXES",
     "SUPPORTED_FORMATS",
     "ImageSource",
-    "image_sha256",
+    "file_sha256",
     "image_size",
     "load_image",
     "load_pixels",
@@ -63,6 +65,10 @@ ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 _WANTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "TGA", "AVIF", "HEIF")
 Image.init()  # registers the bundled plugins; idempotent, Image.open would do it anyway
 SUPPORTED_FORMATS: tuple[str, ...] = tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
+
+IMAGE_SUFFIXES: Mapping[str, str] = MappingProxyType({".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"})
+"""The file suffixes (lower case) a data folder or catalogue is scanned for, each with its Pillow format:
+photo formats every Pillow build opens, so a folder indexes the same on every machine."""
 
 # What decoding can raise for bad data.  Deliberately not ``Exception``: anything else is a bug
 # and should surface as one.  DecompressionBombWarning only arrives as an exception when the
@@ -445,14 +451,14 @@ def _normalisation_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.
 
 
 # --------------------------------------------------------------------------------------------
-# image_sha256
+# file_sha256
 # --------------------------------------------------------------------------------------------
 
 
-def image_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of the file's bytes, read in chunks (catalogues hold large files).
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (catalogues and weights hold large files).
 
-    Byte-identical files are exact duplicates without decoding anything.  I/O errors
+    Byte-identical images are exact duplicates without decoding anything.  I/O errors
     (missing file...) propagate as ``OSError``: this is not a decoding problem.
     """
     digest = hashlib.sha256()

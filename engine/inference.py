@@ -184,6 +184,28 @@ class SimilarityModel:
         effects_from_tensors(self, pixels[:1], fmaps[:1], pixels[1:], fmaps[1:], explanations)
         return explanations
 
+    def compare(self, image_a: ImageSource, image_b: ImageSource, *, method: str = "gradcam", effects: bool = True,
+                correspondences: bool = True, concepts: bool = True,
+                sizes: tuple[tuple[int, int], tuple[int, int]] | None = None, figure: str | Path | None = None,
+                titles: tuple[str, str] = ("image A", "image B")) -> PairExplanation:
+        """Score one pair and say why, with everything the engine can tell of it unless told otherwise: the
+        four maps, the measured effects, the corresponding regions and the concepts (``explain``).
+
+        Correspondence boxes are in the original images' pixels, whose (width, height) are read from the
+        sources unless ``sizes`` gives them (images passed already decoded at reduced size). ``figure``
+        also writes the pair figure there (``engine.explain.figures.pair_figure``, ``titles`` over the
+        two images), drawn from the pixels decoded once for both."""
+        if correspondences and sizes is None:
+            sizes = (image_size(image_a), image_size(image_b))
+        pictures = self.load([image_a, image_b])
+        explanation = self.explain(pictures[0], [pictures[1]], method, effects=effects, correspondences=correspondences,
+                                   concepts=concepts, sizes=sizes)[0]
+        if figure is not None:
+            from engine.explain.figures import pair_figure  # defers matplotlib: only figures need it
+
+            pair_figure(pictures[0], pictures[1], explanation, figure, titles=titles, sizes=sizes)
+        return explanation
+
     def explain_feature_maps(self, fmap_a: Tensor, fmaps_b: Tensor, method: str = "gradcam", *, correspondences: bool = False,
                              concepts: bool = False, sizes: Sequence[tuple[int, int]] | None = None) -> list[PairExplanation]:
         """Explain from feature maps already computed (e.g. for re-scoring): only the head runs,

@@ -10,9 +10,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from indexer.crud import UndescribedItemsError
     from indexer.dedup import DedupOptions, DedupReport
     from indexer.indexing import IndexOptions, IndexReport
     from indexer.search import Match, SearchOptions, SearchResult, UnknownItemError
+    from indexer.model import CatalogueModel
     from indexer.service import Catalogue
 
 # Exports load on first use, so that the ``whymatch`` command starts without importing torch and FAISS.
@@ -26,10 +28,12 @@ _EXPORTS = {
     "SearchResult": "indexer.search",
     "UnknownItemError": "indexer.search",
     "Catalogue": "indexer.service",
+    "CatalogueModel": "indexer.model",
+    "UndescribedItemsError": "indexer.crud",
 }
 
-__all__ = ["Catalogue", "DedupOptions", "DedupReport", "IndexOptions", "IndexReport", "Match", "SearchOptions", "SearchResult",
-           "UnknownItemError"]
+__all__ = ["Catalogue", "CatalogueModel", "DedupOptions", "DedupReport", "IndexOptions", "IndexReport", "Match", "SearchOptions",
+           "SearchResult", "UndescribedItemsError", "UnknownItemError"]
 
 
 def __getattr__(name: str) -> Any:

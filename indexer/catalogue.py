@@ -1,4 +1,4 @@
-"""What a catalogue holds: scanning a folder or a CSV, hashing files, and the incremental diff.
+"""What a catalogue holds: scanning a folder or a CSV, and the incremental diff.
 
 A *scan* lists the image files of one **origin** (a folder, recursively, or a CSV of
 ``path[,listing]``) with their size and modification time. The *diff* compares a scan with the
@@ -17,7 +17,6 @@ items the database holds for that origin:
 from __future__ import annotations
 
 import csv
-import io
 import os
 import re
 from collections.abc import Iterable
@@ -25,10 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from PIL import Image
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
-_ORIENTATION_TAG = 0x0112
+from engine.images import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -174,7 +170,8 @@ def scan_csv(csv_path: Path) -> Scan:
             continue
         seen.add(source)
         if Path(source).suffix.lower() not in IMAGE_SUFFIXES:
-            skipped.append(Skipped(source, f"unsupported file type {Path(source).suffix or '(none)'!r}: jpg, jpeg, png, webp"))
+            skipped.append(Skipped(source, f"unsupported file type {Path(source).suffix or '(none)'!r}: "
+                                           f"{', '.join(suffix[1:] for suffix in IMAGE_SUFFIXES)}"))
             continue
         try:
             st = os.stat(source)
@@ -223,20 +220,3 @@ def diff(scan_result: Scan, items: Iterable[ItemState]) -> Diff:
         item.id for item in by_source.values() if item.origin == scan_result.origin and item.source not in scanned
     )
     return result
-
-
-# ------------------------------------------------------------------------------------ file facts
-
-
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) as displayed, from the header only (EXIF orientations 5–8 swap them).
-
-    Called after ``engine.images.load_image`` accepted the same bytes; no pixels are decoded here.
-    """
-    with Image.open(io.BytesIO(data)) as img:
-        width, height = img.size
-        try:
-            orientation = img.getexif().get(_ORIENTATION_TAG, 1)
-        except Exception:  # noqa: BLE001 - broken EXIF: load_image keeps the stored orientation too
-            orientation = 1
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

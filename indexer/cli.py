@@ -11,23 +11,23 @@ from typing import TYPE_CHECKING
 
 import click
 
-from engine.config import Settings
+from engine.config import ModelSettings
+from engine.errors import ImageLoadError, WeightsNotInstalledError
+from indexer.crud import UndescribedItemsError
+from indexer.db import Database, current_revision, head_revision, upgrade
+from indexer.settings import StorageSettings
 
 if TYPE_CHECKING:
     from indexer.service import Catalogue
 
 
-def _settings(ctx: click.Context) -> Settings:
-    return ctx.obj if isinstance(ctx.obj, Settings) else Settings()
-
-
 def _catalogue(ctx: click.Context, model_path: Path | None = None):
-    from engine.errors import WeightsNotInstalledError
-    from indexer.service import Catalogue
+    from indexer.service import Catalogue  # defers FAISS: `whymatch --help` stays instant
 
-    settings = _settings(ctx)
-    overrides = {"model_path": model_path} if model_path else {}
-    catalogue = Catalogue.from_settings(settings, **overrides)
+    model_settings: ModelSettings = ctx.obj.model
+    if model_path:
+        model_settings = model_settings.model_copy(update={"model_path": model_path})
+    catalogue = Catalogue.from_settings(ctx.obj.storage, model_settings)
     try:
         catalogue.model  # noqa: B018 - load now, so a missing model is reported before any work
     except (FileNotFoundError, WeightsNotInstalledError, ValueError) as exc:
@@ -35,11 +35,11 @@ def _catalogue(ctx: click.Context, model_path: Path | None = None):
     return catalogue
 
 
-def _index_first_hint(settings: Settings) -> str:
+def _index_first_hint(settings: StorageSettings) -> str:
     return f"run `whymatch index FOLDER` first (data directory {settings.data_dir.resolve()}, set by WHYMATCH_DATA_DIR)"
 
 
-def _check_database_exists(settings: Settings) -> None:
+def _check_database_exists(settings: StorageSettings) -> None:
     """A clear error for a SQLite catalogue that does not exist, rather than creating one by merely looking."""
     from sqlalchemy.engine import make_url
 
@@ -51,10 +51,10 @@ def _check_database_exists(settings: Settings) -> None:
 def _indexed_catalogue(ctx: click.Context, model_path: Path | None) -> Catalogue:
     """The catalogue search and dedup read: a clear error rather than an empty result when nothing is
     indexed there yet, and no database file created by merely looking."""
-    _check_database_exists(_settings(ctx))
+    _check_database_exists(ctx.obj.storage)
     catalogue = _catalogue(ctx, model_path)
     if not catalogue.n_indexed():
-        raise click.ClickException(f"nothing is indexed with this model in {catalogue.db!r}: {_index_first_hint(_settings(ctx))}")
+        raise click.ClickException(f"nothing is indexed with this model in {catalogue.db!r}: {_index_first_hint(ctx.obj.storage)}")
     return catalogue
 
 
@@ -95,17 +95,6 @@ def index_command(ctx: click.Context, source: Path, rebuild: bool, index_factory
     click.echo(json.dumps(report.to_dict()) if as_json else report.summary())
 
 
-def explanation_lines(explanation) -> list[str]:
-    """What a match's explanation says in words: its concepts, then the measured masking effects."""
-    from engine.explain.concepts import describe_concepts
-    from engine.explain.masking import effect_sentences
-
-    lines = []
-    if explanation.concepts is not None:
-        lines.append(("both show: " if explanation.is_match else "differs: ") + describe_concepts(explanation.concepts))
-    return lines + effect_sentences(explanation, names=("the query", "the match"))
-
-
 @click.command("search")
 @click.argument("query", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
 @click.option("--item", "item_id", type=int, default=None, metavar="ID",
@@ -125,8 +114,8 @@ def search_command(ctx: click.Context, query: Path | None, item_id: int | None, 
                    explain_dir: Path | None, method: str, concepts: bool, effects: bool, include_self: bool, as_json: bool,
                    model_path: Path | None) -> None:
     """Find the catalogue images most similar to QUERY (or to catalogue item --item), re-scored by the Siamese head."""
-    from engine.errors import ImageLoadError
-    from indexer.search import UnknownItemError
+    from engine.explain.text import explanation_lines  # defers torch: the explain layer runs on it
+    from indexer.search import UnknownItemError  # defers torch and matplotlib
 
     if (query is None) == (item_id is None):
         raise click.UsageError("give a QUERY image or --item ID, not both" if query else "give a QUERY image or --item ID")
@@ -137,7 +126,7 @@ def search_command(ctx: click.Context, query: Path | None, item_id: int | None, 
                    effects=effects, concepts=concepts)
     try:
         result = catalogue.search(query, **options) if query is not None else catalogue.search_item(item_id, **options)
-    except (ImageLoadError, UnknownItemError) as exc:
+    except (ImageLoadError, UnknownItemError, UndescribedItemsError) as exc:
         raise click.ClickException(str(exc)) from exc
     for bad in result.unreadable:
         click.echo(f"candidate left out: {bad.source}: {bad.reason}", err=True)
@@ -152,7 +141,7 @@ def search_command(ctx: click.Context, query: Path | None, item_id: int | None, 
         click.echo(f"{m.rank_after:>4} {m.rank_before:>4} {m.head_score:7.4f} {m.index_similarity:7.4f}  "
                    f"{'yes' if m.is_match else 'no ':5}  {m.listing or '-'}  {m.source}")
         if m.explanation is not None:
-            for line in explanation_lines(m.explanation):
+            for line in explanation_lines(m.explanation, names=("the query", "the match"), regions=False):
                 click.echo(f"{'':>10}{line}")
     if explain_dir is not None:
         click.echo(f"explanations: {explain_dir}")
@@ -191,10 +180,10 @@ def dedup_command(ctx: click.Context, threshold: float | None, precision: float 
     if stored and searching:
         raise click.UsageError(f"{', '.join(searching)} set how to find duplicates; a stored run (--last / --run) is shown as it was found")
     if stored:  # read from the database alone: the model is not loaded
-        from indexer.service import Catalogue
+        from indexer.service import Catalogue  # defers FAISS
 
-        _check_database_exists(_settings(ctx))
-        catalogue = Catalogue.from_settings(_settings(ctx))
+        _check_database_exists(ctx.obj.storage)
+        catalogue = Catalogue.from_settings(ctx.obj.storage, ctx.obj.model)
         report = catalogue.dedup_run(run_id)
         if report is None:
             raise click.ClickException(f"no dedup run {run_id} in {catalogue.db!r}" if run_id is not None
@@ -204,7 +193,7 @@ def dedup_command(ctx: click.Context, threshold: float | None, precision: float 
         try:
             report = catalogue.dedup(k=k, threshold=threshold, precision=precision, labels=labels,
                                      min_index_similarity=min_index_similarity)
-        except ValueError as exc:
+        except (ValueError, UndescribedItemsError) as exc:
             raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(report.to_dict()))
@@ -226,9 +215,7 @@ def db_group() -> None:
 @click.pass_context
 def db_upgrade_command(ctx: click.Context, revision: str) -> None:
     """Apply the migrations up to REVISION (default: the newest)."""
-    from indexer.db import Database, upgrade
-
-    db = Database(_settings(ctx).database_url, migrate=False)
+    db = Database(ctx.obj.storage.database_url, migrate=False)
     try:
         current = upgrade(db.engine, revision)
     finally:
@@ -240,9 +227,7 @@ def db_upgrade_command(ctx: click.Context, revision: str) -> None:
 @click.pass_context
 def db_current_command(ctx: click.Context) -> None:
     """Print the database's migration revision and the newest one."""
-    from indexer.db import Database, current_revision, head_revision
-
-    db = Database(_settings(ctx).database_url, migrate=False)
+    db = Database(ctx.obj.storage.database_url, migrate=False)
     try:
         click.echo(f"{db!r}: revision {current_revision(db.engine)} (newest {head_revision()})")
     finally:

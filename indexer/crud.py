@@ -1,8 +1,10 @@
-"""Queries on the catalogue database. Each function works inside the caller's session/transaction."""
+"""The catalogue database's queries and writes: the only module that builds SQL. Each function works
+inside the caller's session/transaction."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from sqlalchemy import delete, func, select, update
@@ -11,6 +13,8 @@ from sqlalchemy.orm import Session, aliased, selectinload
 from indexer.catalogue import ItemState
 from indexer.models import (
     DECISIONS,
+    REVIEW_STATUSES,
+    STATUS_OF_DECISION,
     CatalogueState,
     DedupCalibration,
     DedupRun,
@@ -19,6 +23,7 @@ from indexer.models import (
     IndexGeneration,
     Item,
     MatchReview,
+    ReviewStatus,
     utcnow,
 )
 
@@ -90,14 +95,63 @@ def items_by_ids(session: Session, ids: Iterable[int]) -> dict[int, Item]:
     return found
 
 
-def descriptors_by_ids(session: Session, ids: Iterable[int], model_key: str) -> dict[int, bytes]:
-    """item id → the head description stored by ``model_key`` (items without one are left out)."""
+class UndescribedItemsError(RuntimeError):
+    """Embedded items without a stored head description: an index run describes them."""
+
+
+def descriptions_by_ids(session: Session, ids: Iterable[int], model_key: str) -> dict[int, bytes]:
+    """item id → the head description stored with its embedding by ``model_key``; items not embedded by
+    that model are left out. Raises ``UndescribedItemsError`` for an embedded item without one."""
     found: dict[int, bytes] = {}
+    undescribed: list[str] = []
     for chunk in _chunks([int(i) for i in ids]):
-        rows = session.execute(select(Item.id, Item.descriptors).where(
-            Item.id.in_(chunk), Item.model_key == model_key, Item.descriptors.is_not(None)))
-        found.update({row.id: row.descriptors for row in rows})
+        rows = session.execute(select(Item.id, Item.source, Item.descriptors).where(
+            Item.id.in_(chunk), Item.embedding.is_not(None), Item.model_key == model_key))
+        for row in rows:
+            if row.descriptors is None:
+                undescribed.append(row.source)
+            else:
+                found[row.id] = row.descriptors
+    if undescribed:
+        raise UndescribedItemsError(f"{len(undescribed)} catalogue items have no stored description (such as {undescribed[0]}): "
+                                    "run `whymatch index` again to describe them")
     return found
+
+
+def count_undescribed(session: Session, model_key: str) -> int:
+    """Items embedded by ``model_key`` without a head description (indexed before descriptions were stored)."""
+    return int(session.scalar(select(func.count()).select_from(Item).where(
+        Item.embedding.is_not(None), Item.model_key == model_key, Item.descriptors.is_(None))) or 0)
+
+
+def undescribed_items(session: Session, model_key: str, after: int, limit: int) -> list[tuple[int, str, str]]:
+    """(id, source, sha256) of up to ``limit`` items embedded by ``model_key`` without a head description,
+    the first with an id above ``after``."""
+    rows = session.execute(
+        select(Item.id, Item.source, Item.sha256)
+        .where(Item.id > after, Item.embedding.is_not(None), Item.model_key == model_key, Item.descriptors.is_(None))
+        .order_by(Item.id).limit(limit)
+    )
+    return [(row.id, row.source, row.sha256) for row in rows]
+
+
+def embedded_item_keys(session: Session, model_key: str) -> list[tuple[int, str, str | None, str]]:
+    """(id, source, listing, sha256) of every item embedded by ``model_key``."""
+    rows = session.execute(select(Item.id, Item.source, Item.listing, Item.sha256)
+                           .where(Item.embedding.is_not(None), Item.model_key == model_key))
+    return [(row.id, row.source, row.listing, row.sha256) for row in rows]
+
+
+def add_item(session: Session, source: str, **values: Any) -> Item:
+    """A new item (its id is known once the session flushes)."""
+    item = Item(source=source, **values)
+    session.add(item)
+    return item
+
+
+def update_item(session: Session, item_id: int, **values: Any) -> None:
+    """Set an item's columns (and its ``updated_at``)."""
+    session.execute(update(Item).where(Item.id == item_id).values(**values, updated_at=utcnow()))
 
 
 def item_ids_by_source(session: Session, sources: Iterable[str]) -> dict[str, int]:
@@ -120,13 +174,15 @@ def delete_items(session: Session, ids: Sequence[int]) -> int:
     return n
 
 
-def clear_embeddings(session: Session, origin: str | None = None) -> int:
-    """Forget the embeddings of an origin's items, or of all (``--rebuild``): their files will be
-    re-read, re-hashed and re-embedded."""
+def clear_embeddings(session: Session, origin: str | None = None, ids: Sequence[int] | None = None) -> int:
+    """Forget the embeddings of an origin's items (``--rebuild``), of the items ``ids``, or of all: their
+    files will be re-read, re-hashed and re-embedded by the next index run of their origin."""
     statement = update(Item).values(embedding=None, descriptors=None, model_key=None, embedded_version=None, updated_at=utcnow())
     if origin is not None:
         statement = statement.where(Item.origin == origin)
-    return session.execute(statement).rowcount or 0
+    if ids is None:
+        return session.execute(statement).rowcount or 0
+    return sum(session.execute(statement.where(Item.id.in_(chunk))).rowcount or 0 for chunk in _chunks(list(ids)))
 
 
 def count_items(session: Session) -> int:
@@ -214,6 +270,10 @@ def complete_filenames(session: Session, keep_last: int = 2) -> set[str]:
     return set(rows)
 
 
+def get_generation(session: Session, generation_id: int) -> IndexGeneration | None:
+    return session.get(IndexGeneration, generation_id)
+
+
 # ------------------------------------------------------------------------------------ reviews
 
 
@@ -258,18 +318,50 @@ def latest_dedup_run(session: Session) -> DedupRun | None:
     return session.scalars(select(DedupRun).order_by(DedupRun.id.desc()).limit(1)).first()
 
 
-def dedup_pairs(session: Session, run_id: int) -> list[DuplicatePair]:
-    return list(session.scalars(select(DuplicatePair).where(DuplicatePair.run_id == run_id).order_by(DuplicatePair.head_score.desc())))
-
-
 def dedup_groups(session: Session, run_id: int) -> list[DuplicateGroup]:
     return list(session.scalars(select(DuplicateGroup).where(DuplicateGroup.run_id == run_id).order_by(DuplicateGroup.id)))
 
 
+def stored_pair_rows(session: Session, run_id: int) -> list[tuple]:
+    """A stored run's pairs, strongest first: (group_id, item_a, item_b, source_a, source_b, listing_a,
+    listing_b, index_similarity, head_score, exact). Pairs of items deleted since are left out."""
+    item_a, item_b = aliased(Item), aliased(Item)
+    return [tuple(row) for row in session.execute(
+        select(DuplicatePair.group_id, DuplicatePair.item_a_id, DuplicatePair.item_b_id, item_a.source, item_b.source,
+               item_a.listing, item_b.listing, DuplicatePair.index_similarity, DuplicatePair.head_score, DuplicatePair.exact)
+        .join(item_a, item_a.id == DuplicatePair.item_a_id).join(item_b, item_b.id == DuplicatePair.item_b_id)
+        .where(DuplicatePair.run_id == run_id)
+        .order_by(DuplicatePair.head_score.desc(), DuplicatePair.item_a_id, DuplicatePair.item_b_id)
+    )]
+
+
+def add_calibration(session: Session, model_key: str, calibration: Mapping[str, Any]) -> DedupCalibration:
+    """Store a threshold calibrated for a precision target (``dedup.calibrate``'s result and its labels)."""
+    row = DedupCalibration(model_key=model_key, precision_target=calibration["precision_target"],
+                           threshold=calibration["threshold"], n_pairs=calibration["n_pairs"],
+                           n_positive=calibration["n_positive"], recall=calibration["recall"], labels=calibration.get("labels"))
+    session.add(row)
+    return row
+
+
+def add_dedup_run(session: Session, groups: Sequence[Mapping[str, Any]], pairs: Sequence[Mapping[str, Any]],
+                  **fields: Any) -> tuple[DedupRun, list[int]]:
+    """Store a dedup run (``fields``: its columns), its groups and its pairs, each pair's ``group`` the
+    position of its group in ``groups``. Returns the run and its groups' ids, in order."""
+    run = DedupRun(**fields)
+    session.add(run)
+    session.flush()
+    rows = [DuplicateGroup(run_id=run.id, **group) for group in groups]
+    session.add_all(rows)
+    session.flush()
+    session.add_all(DuplicatePair(run_id=run.id, group_id=rows[pair["group"]].id,
+                                  **{name: value for name, value in pair.items() if name != "group"}) for pair in pairs)
+    return run, [row.id for row in rows]
+
+
 # ------------------------------------------------------------------------------------ review queue (API)
 
-REVIEW_STATUSES = ("unreviewed", "accepted", "rejected", "all")
-_STATUS_DECISION = {"accepted": "accept", "rejected": "reject"}
+_DECISION_OF_STATUS = {status: decision for decision, status in STATUS_OF_DECISION.items() if decision is not None}
 
 
 def _latest_review_of_pair():
@@ -280,17 +372,17 @@ def _latest_review_of_pair():
     return review, on
 
 
-def _status_filter(statement, review, status: str):
+def _status_filter(statement, review, status: ReviewStatus):
     if status not in REVIEW_STATUSES:
         raise ValueError(f"status must be one of {REVIEW_STATUSES}, got {status!r}")
     if status == "unreviewed":
         return statement.where(review.id.is_(None))
-    if status in _STATUS_DECISION:
-        return statement.where(review.decision == _STATUS_DECISION[status])
+    if status in _DECISION_OF_STATUS:
+        return statement.where(review.decision == _DECISION_OF_STATUS[status])
     return statement
 
 
-def duplicate_pairs_page(session: Session, run_id: int, status: str = "all", offset: int = 0,
+def duplicate_pairs_page(session: Session, run_id: int, status: ReviewStatus = "all", offset: int = 0,
                          limit: int = 50) -> tuple[int, list[tuple[DuplicatePair, MatchReview | None]]]:
     """(total, page) of a dedup run's pairs with their newest review, strongest first; ``status`` filters
     by that review (``unreviewed``, ``accepted``, ``rejected`` or ``all``). Both items are loaded."""
@@ -305,7 +397,7 @@ def duplicate_pairs_page(session: Session, run_id: int, status: str = "all", off
     return total, [(pair, latest) for pair, latest in rows]
 
 
-def duplicate_status_counts(session: Session, run_id: int) -> dict[str, int]:
+def duplicate_status_counts(session: Session, run_id: int) -> dict[ReviewStatus, int]:
     """How many of a run's pairs are unreviewed, accepted, rejected, and all of them."""
     review, on = _latest_review_of_pair()
     rows = session.execute(
@@ -313,8 +405,7 @@ def duplicate_status_counts(session: Session, run_id: int) -> dict[str, int]:
         .where(DuplicatePair.run_id == run_id).group_by(review.decision)
     ).all()
     by_decision = {decision: int(n) for decision, n in rows}
-    counts = {"unreviewed": by_decision.get(None, 0), "accepted": by_decision.get("accept", 0),
-              "rejected": by_decision.get("reject", 0)}
+    counts: dict[ReviewStatus, int] = {status: by_decision.get(decision, 0) for decision, status in STATUS_OF_DECISION.items()}
     counts["all"] = sum(counts.values())
     return counts
 

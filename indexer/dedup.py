@@ -4,9 +4,9 @@
    searched in batches of embeddings streamed from the database (memory O(N·k), never N×N), plus
    every pair of byte-identical items (same sha256, which need no scoring: head score 1).
 2. **Re-scoring** of each candidate pair by the full Siamese head, from the head descriptions stored
-   at indexing time (no file is decoded, no backbone runs; items indexed before descriptions were
-   stored are described from their files). Descriptions are read in batches and kept in an LRU cache
-   of bounded size (``max_cache_bytes``); pairs are visited in item order so most are reused.
+   at indexing time (no file is decoded, no backbone runs). Descriptions are read in batches and kept
+   in an LRU cache of bounded size (``max_cache_bytes``); pairs are visited in item order so most are
+   reused.
 3. **Threshold**: given (``threshold``), or calibrated for a target ``precision`` on labelled pairs
    (a ``path,group`` CSV such as ``groups.csv``, and reviewers' accept/reject decisions, which take
    precedence) with ``engine.eval.metrics.threshold_for_precision`` on the candidate pairs themselves —
@@ -24,21 +24,21 @@ import csv
 import os
 import time
 from collections import OrderedDict, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
-from sqlalchemy import select
-from sqlalchemy.orm import Session, aliased
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sqlalchemy.orm import Session
 
-from engine.errors import ImageLoadError
 from engine.eval.metrics import threshold_for_precision
 from indexer import crud
 from indexer import faiss_index as fx
-from indexer.catalogue import Skipped
 from indexer.db import Database
-from indexer.models import DedupCalibration, DedupRun, DuplicateGroup, DuplicatePair, Item, as_utc
+from indexer.model import CatalogueModel
+from indexer.models import as_utc
 
 MAX_EXACT_CLIQUE = 50  # larger sets of identical files are linked as a star, not every pair
 SUMMARY_GROUPS = 20  # duplicate groups the text summary lists (all are in --json / --csv)
@@ -104,15 +104,12 @@ class DedupReport:
     groups: list[GroupResult]
     listings: list[ListingShare]
     calibration: dict | None = None
-    unreadable: list[Skipped] = field(default_factory=list)
     run_id: int | None = None
     seconds: float | None = 0.0  # None for a run read back from the database (``stored_report``)
     created_at: str | None = None  # ISO 8601, UTC
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        data["unreadable"] = [{"source": s.source, "reason": s.reason} for s in self.unreadable]
-        return data
+        return asdict(self)
 
     def summary(self) -> str:
         lines = [
@@ -135,8 +132,6 @@ class DedupReport:
                 lines.append(f"  {share.listing_a} ~ {share.listing_b}: {share.n_pairs} pairs "
                              f"({share.photos_a}/{share.photos_b} photos, {share.n_exact} identical), "
                              f"max {share.max_score:.3f}, mean {share.mean_score:.3f}")
-        if self.unreadable:
-            lines.append(f"{len(self.unreadable)} items could not be read and were left out")
         return "\n".join(lines)
 
     CSV_FIELDS = ("group", "item_a", "item_b", "source_a", "source_b", "listing_a", "listing_b",
@@ -182,30 +177,18 @@ def exact_pairs(by_sha: dict[str, list[int]]) -> set[tuple[int, int]]:
 
 
 class _DescriptionCache:
-    """Packed head descriptions by item id: read from the database (or, for items indexed before
-    descriptions were stored, computed from the file), least recently used dropped first."""
+    """Packed head descriptions by item id, read from the database; least recently used dropped first."""
 
-    def __init__(self, model, db: Database, model_key: str, sources: dict[int, str], max_bytes: int, min_entries: int) -> None:
-        self.model, self.db, self.model_key, self.sources = model, db, model_key, sources
+    def __init__(self, db: Database, model_key: str, max_bytes: int, min_entries: int) -> None:
+        self.db, self.model_key = db, model_key
         self.max_bytes, self.min_entries = max_bytes, min_entries
         self.descriptions: OrderedDict[int, bytes] = OrderedDict()
-        self.unreadable: dict[int, str] = {}
         self.size = 0
 
     def ensure(self, ids: list[int]) -> None:
-        missing = [i for i in dict.fromkeys(ids) if i not in self.descriptions and i not in self.unreadable]
+        missing = [i for i in dict.fromkeys(ids) if i not in self.descriptions]
         with self.db.session() as session:
-            found = crud.descriptors_by_ids(session, missing, self.model_key) if missing else {}
-        from_files = [i for i in missing if i not in found]
-        pictures, loaded = [], []
-        for item_id in from_files:
-            try:
-                pictures.append(self.model.load([self.sources[item_id]])[0])
-                loaded.append(item_id)
-            except ImageLoadError as exc:
-                self.unreadable[item_id] = str(exc)
-        if pictures:
-            found.update(zip(loaded, self.model.describe_fmaps(self.model.feature_maps(pictures))))
+            found = crud.descriptions_by_ids(session, missing, self.model_key) if missing else {}
         for item_id, blob in found.items():
             self.descriptions[item_id] = blob
             self.size += len(blob)
@@ -216,22 +199,19 @@ class _DescriptionCache:
             self.size -= len(self.descriptions.popitem(last=False)[1])
 
 
-def rescore(model, pairs: list[tuple[int, int]], sources: dict[int, str], options: DedupOptions, *, db: Database,
-            model_key: str) -> tuple[dict[tuple[int, int], float], dict[int, str]]:
-    """Head scores of ``pairs`` (sorted by item) from the stored descriptions; pairs with an unreadable item are left out."""
+def rescore(model: CatalogueModel, pairs: list[tuple[int, int]], options: DedupOptions, *, db: Database,
+            model_key: str) -> dict[tuple[int, int], float]:
+    """Head scores of ``pairs`` (sorted by item) from the descriptions stored by ``model_key``."""
     batch = max(1, options.pair_batch)
-    cache = _DescriptionCache(model, db, model_key, sources, options.max_cache_bytes, min_entries=2 * batch)
+    cache = _DescriptionCache(db, model_key, options.max_cache_bytes, min_entries=2 * batch)
     scores: dict[tuple[int, int], float] = {}
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
         cache.ensure([i for pair in chunk for i in pair])
-        chunk = [(a, b) for a, b in chunk if a in cache.descriptions and b in cache.descriptions]
-        if not chunk:
-            continue
         head = model.score_described([cache.descriptions[a] for a, _ in chunk], [cache.descriptions[b] for _, b in chunk])
         for pair, score in zip(chunk, head.tolist()):
             scores[pair] = float(score)
-    return scores, cache.unreadable
+    return scores
 
 
 # ------------------------------------------------------------------------------------ labels and threshold
@@ -284,22 +264,23 @@ def calibrate(scores: dict[tuple[int, int], float], labels: dict[int, str], revi
 # ------------------------------------------------------------------------------------ the run
 
 
-def find_duplicates(*, model, db: Database, index: faiss.Index, model_key: str, generation_id: int | None = None,
-                    options: DedupOptions | None = None) -> DedupReport:
+def find_duplicates(*, model: CatalogueModel, db: Database, index: faiss.Index, model_key: str,
+                    generation_id: int | None = None, options: DedupOptions | None = None) -> DedupReport:
+    """Find, score, group and store the catalogue's duplicates (see the module's docstring); raises
+    ``crud.UndescribedItemsError`` for a catalogue not yet described by an index run."""
     options = options or DedupOptions()
     if options.threshold is not None and options.precision is not None:
         raise ValueError("give either a threshold or a precision target, not both")
     started = time.perf_counter()
     with db.session() as session:
-        rows = session.execute(select(Item.id, Item.source, Item.listing, Item.sha256)
-                               .where(Item.embedding.is_not(None), Item.model_key == model_key)).all()
+        rows = crud.embedded_item_keys(session, model_key)
         reviews = crud.latest_reviews(session)
-    sources = {r.id: r.source for r in rows}
-    listings = {r.id: r.listing for r in rows}
+    sources = {item_id: source for item_id, source, _, _ in rows}
+    listings = {item_id: listing for item_id, _, listing, _ in rows}
+    sha_of = {item_id: sha256 for item_id, _, _, sha256 in rows}
     by_sha: dict[str, list[int]] = defaultdict(list)
-    for r in rows:
-        by_sha[r.sha256].append(r.id)
-    sha_of = {r.id: r.sha256 for r in rows}
+    for item_id, sha256 in sha_of.items():
+        by_sha[sha256].append(item_id)
 
     candidates = knn_candidates(db, index, model_key, options.k, set(sources)) if rows else {}
     identical = exact_pairs(by_sha)
@@ -307,7 +288,7 @@ def find_duplicates(*, model, db: Database, index: faiss.Index, model_key: str, 
         candidates.setdefault(pair, 1.0)
     to_score = sorted(p for p, sim in candidates.items()
                       if sha_of[p[0]] != sha_of[p[1]] and (options.min_index_similarity is None or sim >= options.min_index_similarity))
-    head, unreadable = rescore(model, to_score, sources, options, db=db, model_key=model_key)
+    head = rescore(model, to_score, options, db=db, model_key=model_key)
     scores = {p: 1.0 for p in candidates if sha_of[p[0]] == sha_of[p[1]]}
     scores.update(head)
 
@@ -343,37 +324,25 @@ def find_duplicates(*, model, db: Database, index: faiss.Index, model_key: str, 
                                          sorted({listings[i] for i in members if listings[i] is not None}),
                                          max(p.head_score for p in member_pairs), len(member_pairs)))
     report = DedupReport(threshold, how, options.precision, options.k, len(rows), len(candidates), pairs, group_results,
-                         listing_report(pairs), calibration,
-                         [Skipped(sources[i], reason) for i, reason in sorted(unreadable.items())])
+                         listing_report(pairs), calibration)
     _store(db, report, model_key, generation_id)
     report.seconds = time.perf_counter() - started
     return report
 
 
 def _components(pairs: list[tuple[int, int]]) -> list[set[int]]:
-    """Connected components (union-find), strongest first as the pairs are given."""
-    parent: dict[int, int] = {}
-
-    def find(x: int) -> int:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in pairs:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    members: dict[int, set[int]] = {}
-    order: list[int] = []
-    for a, b in pairs:  # groups in order of their strongest pair
-        root = find(a)
-        if root not in members:
-            members[root] = set()
-            order.append(root)
-        members[root].update((a, b))
-    return [members[root] for root in order]
+    """The connected components of the pairs' graph, in the order of their first pair (the strongest,
+    as the pairs are given)."""
+    if not pairs:
+        return []
+    items, ends = np.unique(np.asarray(pairs, dtype=np.int64).ravel(), return_inverse=True)
+    ends = ends.reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(ends)), (ends[:, 0], ends[:, 1])), shape=(len(items), len(items)))
+    _, component = connected_components(graph, directed=False)
+    members: dict[int, set[int]] = {}  # keeps the order of first appearance
+    for (a, b), label in zip(pairs, component[ends[:, 0]].tolist()):
+        members.setdefault(label, set()).update((a, b))
+    return list(members.values())
 
 
 def listing_report(pairs: list[PairResult]) -> list[ListingShare]:
@@ -397,27 +366,16 @@ def listing_report(pairs: list[PairResult]) -> list[ListingShare]:
 def _store(db: Database, report: DedupReport, model_key: str, generation_id: int | None) -> None:
     with db.session() as session:
         if report.calibration is not None:
-            c = report.calibration
-            session.add(DedupCalibration(model_key=model_key, precision_target=c["precision_target"], threshold=c["threshold"],
-                                         n_pairs=c["n_pairs"], n_positive=c["n_positive"], recall=c["recall"],
-                                         labels=c.get("labels")))
-        run = DedupRun(generation_id=generation_id, model_key=model_key, threshold=report.threshold,
-                       threshold_source=report.threshold_source, precision_target=report.precision_target, k=report.k,
-                       n_items=report.n_items, n_candidates=report.n_candidates, n_pairs=len(report.pairs),
-                       n_groups=len(report.groups))
-        session.add(run)
-        session.flush()
-        rows = []
-        for group in report.groups:
-            row = DuplicateGroup(run_id=run.id, size=len(group.items), n_listings=len(group.listings), max_score=group.max_score)
-            session.add(row)
-            rows.append(row)
-        session.flush()
-        for group, row in zip(report.groups, rows):
-            group.id = row.id
-        session.add_all(DuplicatePair(run_id=run.id, group_id=rows[p.group].id, item_a_id=p.item_a, item_b_id=p.item_b,
-                                      index_similarity=p.index_similarity, head_score=p.head_score, exact=p.exact)
-                        for p in report.pairs)
+            crud.add_calibration(session, model_key, report.calibration)
+        groups = [{"size": len(g.items), "n_listings": len(g.listings), "max_score": g.max_score} for g in report.groups]
+        pairs = [{"group": p.group, "item_a_id": p.item_a, "item_b_id": p.item_b, "index_similarity": p.index_similarity,
+                  "head_score": p.head_score, "exact": p.exact} for p in report.pairs]
+        run, group_ids = crud.add_dedup_run(
+            session, groups, pairs, generation_id=generation_id, model_key=model_key, threshold=report.threshold,
+            threshold_source=report.threshold_source, precision_target=report.precision_target, k=report.k,
+            n_items=report.n_items, n_candidates=report.n_candidates, n_pairs=len(report.pairs), n_groups=len(report.groups))
+        for group, group_id in zip(report.groups, group_ids):
+            group.id = group_id
         report.run_id = run.id
         report.created_at = as_utc(run.created_at).isoformat(timespec="seconds")
 
@@ -425,18 +383,18 @@ def _store(db: Database, report: DedupReport, model_key: str, generation_id: int
 def stored_report(db: Database, run_id: int | None = None) -> DedupReport | None:
     """A stored run (the newest unless ``run_id``) read back as ``find_duplicates`` reported it: its pairs
     strongest first, groups, listing report, and each pair's newest review as of now. None when there is
-    no such run. What a run does not store reads as empty: the calibration's details and the items that
-    could not be read. Items deleted from the catalogue since are left out with their pairs."""
+    no such run. What a run does not store reads as empty: the calibration's details. Items deleted from
+    the catalogue since are left out with their pairs."""
     with db.session() as session:
         run = crud.latest_dedup_run(session) if run_id is None else crud.get_dedup_run(session, run_id)
         if run is None:
             return None
         reviews = crud.latest_reviews(session)
         group_order = [group.id for group in crud.dedup_groups(session, run.id)]
-        rows = _stored_pair_rows(session, run.id)
+        rows = crud.stored_pair_rows(session, run.id)
         report = DedupReport(run.threshold, run.threshold_source, run.precision_target, run.k, run.n_items, run.n_candidates,
                              [], [], [], run_id=run.id, seconds=None, created_at=as_utc(run.created_at).isoformat(timespec="seconds"))
-    present = {row.group_id for row in rows}
+    present = {group_id for group_id, *_ in rows}
     position = {group_id: n for n, group_id in enumerate(g for g in group_order if g in present)}
     report.pairs = [PairResult(*fields, position[group_id], reviews.get((fields[0], fields[1]))) for group_id, *fields in rows]
     members: dict[int, dict[int, tuple[str, str | None]]] = defaultdict(dict)
@@ -452,18 +410,6 @@ def stored_report(db: Database, run_id: int | None = None) -> DedupReport | None
     return report
 
 
-def _stored_pair_rows(session: Session, run_id: int) -> list:
-    """A stored run's pairs, strongest first: (group_id, then ``PairResult``'s fields up to ``exact``)."""
-    item_a, item_b = aliased(Item), aliased(Item)
-    return session.execute(
-        select(DuplicatePair.group_id, DuplicatePair.item_a_id, DuplicatePair.item_b_id, item_a.source, item_b.source,
-               item_a.listing, item_b.listing, DuplicatePair.index_similarity, DuplicatePair.head_score, DuplicatePair.exact)
-        .join(item_a, item_a.id == DuplicatePair.item_a_id).join(item_b, item_b.id == DuplicatePair.item_b_id)
-        .where(DuplicatePair.run_id == run_id)
-        .order_by(DuplicatePair.head_score.desc(), DuplicatePair.item_a_id, DuplicatePair.item_b_id)
-    ).all()
-
-
 def stored_listing_report(session: Session, run_id: int) -> list[ListingShare]:
     """The listing report of a stored run (as ``find_duplicates`` reported it), rebuilt from its pairs."""
-    return listing_report([PairResult(*fields) for _, *fields in _stored_pair_rows(session, run_id)])
+    return listing_report([PairResult(*fields) for _, *fields in crud.stored_pair_rows(session, run_id)])

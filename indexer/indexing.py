@@ -9,6 +9,10 @@ name, fsynced and renamed, and the row is marked complete only afterwards. A run
 newest complete generation behind the catalogue updates or rebuilds the index from the embeddings
 in the database. Runs on one data directory are serialised by a lock file (``flock``, released by
 the kernel when a process dies).
+
+Search and dedup re-score from the head description stored with each embedding. A run that opens a
+catalogue holding items embedded before descriptions were stored describes them first, in committed
+batches like the embeddings, so that every embedded item has one afterwards.
 """
 
 from __future__ import annotations
@@ -27,16 +31,16 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from sqlalchemy import update
 from tqdm import tqdm
 
 from engine.errors import ImageLoadError
-from engine.images import DEFAULT_MAX_PIXELS, load_pixels
+from engine.images import DEFAULT_MAX_PIXELS, image_size, load_pixels
 from indexer import crud
 from indexer import faiss_index as fx
-from indexer.catalogue import Diff, Skipped, Work, diff, image_size, scan
+from indexer.catalogue import Diff, Skipped, Work, diff, scan
 from indexer.db import Database
-from indexer.models import IndexGeneration, Item, utcnow
+from indexer.model import CatalogueModel, Picture
+from indexer.models import IndexGeneration, Item
 
 
 @dataclass
@@ -51,6 +55,10 @@ class IndexOptions:
 
 @dataclass
 class IndexReport:
+    """What a run did. Every file scanned is counted once: ``added``, ``updated``, ``touched``,
+    ``unchanged`` or ``skipped`` (they sum to ``scanned``); the other counts are of items, or of how the
+    added and updated ones were embedded."""
+
     source: str
     scanned: int = 0
     added: int = 0
@@ -58,8 +66,9 @@ class IndexReport:
     touched: int = 0  # metadata only: same bytes with a new mtime, or a new listing key
     unchanged: int = 0
     removed: int = 0  # items deleted: file gone, or now unreadable
-    exact_duplicates: int = 0  # embeddings copied from a byte-identical file (no network run)
+    exact_duplicates: int = 0  # of the added and updated: embeddings copied from a byte-identical file (no network run)
     embedded: int = 0  # images that went through the network
+    described: int = 0  # items embedded before descriptions were stored, described by this run
     embed_seconds: float = 0.0
     skipped: list[Skipped] = field(default_factory=list)
     generation: int | None = None
@@ -79,17 +88,18 @@ class IndexReport:
         return data
 
     def summary(self) -> str:
+        described = f"; described {self.described} items indexed before descriptions were stored" if self.described else ""
         lines = [
             f"{self.source}: {self.scanned} files in {self.seconds:.1f} s — {self.added} added, {self.updated} re-embedded, "
-            f"{self.removed} removed, {self.touched} metadata-only, {self.unchanged} unchanged, "
-            f"{self.exact_duplicates} exact duplicates (not re-embedded), {len(self.skipped)} skipped",
-            f"embedded {self.embedded} images ({self.images_per_second:.1f} images/s); FAISS {self.index_factory} index "
-            f"{self.index_action}: {self.ntotal} vectors (generation {self.generation})",
+            f"{self.touched} metadata-only, {self.unchanged} unchanged, {len(self.skipped)} skipped",
+            f"embedded {self.embedded} images ({self.images_per_second:.1f} images/s), {self.exact_duplicates} exact duplicates "
+            f"copied without embedding; {self.removed} items removed{described}",
+            f"FAISS {self.index_factory} index {self.index_action}: {self.ntotal} vectors (generation {self.generation})",
         ]
         return "\n".join(lines)
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model: CatalogueModel) -> str:
     """sha256 of the model's config, weights and description layout: embeddings and stored
     descriptions by another model are never mixed in. Provenance and decision thresholds change
     neither, so re-placing a threshold does not re-embed a catalogue."""
@@ -129,7 +139,7 @@ class _Prepared:
     sha256: str = ""
     size: int = 0
     mtime_ns: int = 0
-    image: object = None
+    image: Picture | None = None
     width: int = 0
     height: int = 0
     reason: str = ""
@@ -155,8 +165,6 @@ def _prepare(work: Work, known: dict[str, int], input_size: int, max_pixels: int
         width, height = image_size(data)
     except ImageLoadError as exc:
         return _Prepared(work, "broken", reason=str(exc), **facts)
-    except Exception as exc:  # noqa: BLE001 - header re-read failing after a good decode: report, go on
-        return _Prepared(work, "broken", reason=f"cannot read image header: {exc}", **facts)
     return _Prepared(work, "embed", image=image, width=width, height=height, **facts)
 
 
@@ -170,7 +178,7 @@ def _prepare_batch(batch: Sequence[Work], known: dict[str, int], input_size: int
 def index_catalogue(
     target: str | os.PathLike,
     *,
-    model,
+    model: CatalogueModel,
     db: Database,
     index_dir: str | os.PathLike,
     options: IndexOptions | None = None,
@@ -194,6 +202,7 @@ def index_catalogue(
             with db.session() as session:
                 crud.clear_embeddings(session, origin=result.origin)
                 crud.bump_version(session)
+        _describe_backlog(db, model, model_key, options, report, log)
         with db.session() as session:
             changes = diff(result, crud.item_states(session, model_key))
         report.unchanged = changes.unchanged
@@ -215,21 +224,84 @@ def _apply_deletions(db: Database, changes: Diff, report: IndexReport) -> None:
     with db.session() as session:
         report.removed += crud.delete_items(session, changes.deleted)
         for item_id, listing, origin in changes.relisted:
-            session.execute(update(Item).where(Item.id == item_id).values(listing=listing, origin=origin, updated_at=utcnow()))
+            crud.update_item(session, item_id, listing=listing, origin=origin)
         report.touched += len(changes.relisted)
         crud.bump_version(session)
 
 
-def _embed(db: Database, model, model_key: str, origin: str, work: list[Work], options: IndexOptions, report: IndexReport) -> None:
+def _progress_bar(options: IndexOptions, total: int, description: str) -> tqdm:
+    show = sys.stderr.isatty() if options.progress is None else options.progress
+    return tqdm(total=total, unit="img", desc=description, disable=not show, dynamic_ncols=True)
+
+
+def _describe_backlog(db: Database, model: CatalogueModel, model_key: str, options: IndexOptions, report: IndexReport,
+                      log: Callable[[str], None] | None) -> None:
+    """Describe the items embedded by this model without a head description (indexed before descriptions
+    were stored) from their files, each batch committed in one transaction as embeddings are.
+
+    An item whose file no longer holds the bytes it was embedded from, or no longer decodes, loses its
+    embedding instead of getting a description of other pixels: the next run over its folder or CSV
+    reads it again like any changed file (this run's diff, when it is of this origin).
+    """
+    with db.session() as session:
+        total = crud.count_undescribed(session, model_key)
+    if not total:
+        return
+    size = max(1, int(options.batch_size))
+    input_size = int(model.config.input_size)
+    bar = _progress_bar(options, total, "describing")
+    forgotten, last = 0, -1
+    while True:
+        with db.session() as session:
+            batch = crud.undescribed_items(session, model_key, after=last, limit=size)
+        if not batch:
+            break
+        last = batch[-1][0]
+        read = [(item_id, _pixels_as_indexed(source, sha256, input_size, options.max_pixels)) for item_id, source, sha256 in batch]
+        readable = [(item_id, picture) for item_id, picture in read if picture is not None]
+        failed = [item_id for item_id, picture in read if picture is None]
+        descriptions = model.describe_fmaps(model.feature_maps([picture for _, picture in readable])) if readable else []
+        with db.session() as session:
+            for (item_id, _), description in zip(readable, descriptions):
+                crud.update_item(session, item_id, descriptors=description)
+            if failed:
+                crud.clear_embeddings(session, ids=failed)
+            crud.bump_version(session)
+        report.described += len(readable)
+        forgotten += len(failed)
+        bar.update(len(batch))
+    bar.close()
+    if forgotten and log:
+        log(f"{forgotten} items embedded before descriptions were stored no longer read as they were indexed: "
+            "their embeddings are dropped, and the next run over their folder or CSV indexes them again")
+
+
+def _pixels_as_indexed(source: str, sha256: str, input_size: int, max_pixels: int) -> Picture | None:
+    """A file's pixels as the model read them when it embedded the file; None when the file no longer
+    holds those bytes or cannot be read."""
+    try:
+        with open(source, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return None
+    try:
+        return load_pixels(data, target_size=input_size, max_pixels=max_pixels)
+    except ImageLoadError:
+        return None
+
+
+def _embed(db: Database, model: CatalogueModel, model_key: str, origin: str, work: list[Work], options: IndexOptions,
+           report: IndexReport) -> None:
     if not work:
         return
     with db.session() as session:
         known = crud.embedded_shas(session, model_key)
     size = max(1, int(options.batch_size))
     batches = [work[i : i + size] for i in range(0, len(work), size)]
-    show = sys.stderr.isatty() if options.progress is None else options.progress
     input_size = int(model.config.input_size)
-    bar = tqdm(total=len(work), unit="img", desc="indexing", disable=not show, dynamic_ncols=True)
+    bar = _progress_bar(options, len(work), "indexing")
     # One thread reads, hashes and decodes the next batch while the network embeds this one.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="whymatch-decode") as pool:
         pending = pool.submit(_prepare_batch, batches[0], known, input_size, options.max_pixels)
@@ -243,8 +315,8 @@ def _embed(db: Database, model, model_key: str, origin: str, work: list[Work], o
     bar.close()
 
 
-def _commit_batch(db, model, model_key: str, origin: str, prepared: list[_Prepared], known: dict[str, int],
-                  options: IndexOptions, report: IndexReport) -> None:
+def _commit_batch(db: Database, model: CatalogueModel, model_key: str, origin: str, prepared: list[_Prepared],
+                  known: dict[str, int], options: IndexOptions, report: IndexReport) -> None:
     """Embed what needs it, then write the whole batch in one transaction.
 
     ``known`` (sha256 → id of an item embedded by this model) is kept true as items change, so a
@@ -258,7 +330,7 @@ def _commit_batch(db, model, model_key: str, origin: str, prepared: list[_Prepar
     for p in prepared:
         if p.kind == "embed" and p.sha256 not in known and p.sha256 not in fresh:
             fresh[p.sha256] = p
-    vectors: dict[str, tuple[bytes, bytes | None, int, int]] = {}
+    vectors: dict[str, tuple[bytes, bytes, int, int]] = {}
     if fresh:
         t0 = time.perf_counter()
         embeddings, descriptions = model.encode([p.image for p in fresh.values()])
@@ -291,7 +363,7 @@ def _commit_batch(db, model, model_key: str, origin: str, prepared: list[_Prepar
                 continue
             stat = {"size_bytes": p.size, "mtime_ns": p.mtime_ns, "listing": entry.listing, "origin": origin}
             if p.kind == "same":
-                session.execute(update(Item).where(Item.id == item.id).values(**stat, updated_at=utcnow()))
+                crud.update_item(session, item.id, **stat)
                 report.touched += 1
                 continue
             if fresh.get(p.sha256) is not p:
@@ -300,12 +372,10 @@ def _commit_batch(db, model, model_key: str, origin: str, prepared: list[_Prepar
             values = {**stat, "sha256": p.sha256, "width": width, "height": height, "embedding": blob, "descriptors": description,
                       "model_key": model_key, "embedded_version": version}
             if item is None:
-                row = Item(source=entry.source, **values)
-                session.add(row)
-                written.append((p.sha256, row))
+                written.append((p.sha256, crud.add_item(session, entry.source, **values)))
                 report.added += 1
             else:
-                session.execute(update(Item).where(Item.id == item.id).values(**values, updated_at=utcnow()))
+                crud.update_item(session, item.id, **values)
                 written.append((p.sha256, item.id))
                 if item.sha256 != p.sha256:
                     forgotten.append((item.sha256, item.id))
@@ -367,7 +437,7 @@ def sync_index(db: Database, store: fx.IndexStore, *, model_key: str, metric: st
     with db.session() as session:
         crud.complete_generation(session, generation.id, filename)
         keep = crud.complete_filenames(session)
-        generation = session.get(IndexGeneration, generation.id)
+        generation = crud.get_generation(session, generation.id)
     store.cleanup(keep)
     return generation, index, action
 

@@ -17,6 +17,7 @@ the head's description of it, so re-scoring needs neither the file nor the backb
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Literal, get_args
 
 from sqlalchemy import (
     BigInteger,
@@ -42,7 +43,14 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-DECISIONS = ("accept", "reject")
+Decision = Literal["accept", "reject"]
+DECISIONS: tuple[Decision, ...] = get_args(Decision)
+
+# A pair's status is its newest review's decision (none: unreviewed); lists of pairs filter by one, or "all".
+PairStatus = Literal["unreviewed", "accepted", "rejected"]
+ReviewStatus = Literal[PairStatus, "all"]
+REVIEW_STATUSES: tuple[ReviewStatus, ...] = get_args(ReviewStatus)
+STATUS_OF_DECISION: dict[Decision | None, PairStatus] = {None: "unreviewed", "accept": "accepted", "reject": "rejected"}
 
 
 def utcnow() -> datetime:
@@ -204,7 +212,7 @@ class MatchReview(Base):
 
     __tablename__ = "match_reviews"
     __table_args__ = (
-        CheckConstraint("decision IN ('accept', 'reject')", name="decision"),
+        CheckConstraint(f"decision IN ({', '.join(repr(decision) for decision in DECISIONS)})", name="decision"),
         CheckConstraint("item_a_id < item_b_id", name="ordered"),
     )
 

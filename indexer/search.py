@@ -3,12 +3,12 @@
 The index similarity (cosine of the embeddings) is cheap but coarse; the head compares both images'
 local features and is what the model's threshold is calibrated on. So more candidates than asked for
 are fetched from FAISS (``candidates``, default ``max(4k, k + 20)``), each is re-scored against the
-query from the head description stored at indexing time (items indexed without one are decoded and
-described on the fly), and the best ``k`` by head score are returned with both ranks. Explanations
-(factual and counterfactual Grad-CAM maps of both images, region correspondences) come from the same
-stored descriptions in one batched ``model.explain_described`` call: no match is decoded and no backbone
-runs again. Concepts and measured effects need the matches' pixels: one backbone pass over the top ``k``
-and ``model.explain_feature_maps``. Overlay PNGs are written with ``engine.explain.figures.overlay``.
+query from the head description stored with its embedding at indexing time, and the best ``k`` by head
+score are returned with both ranks. Explanations (factual and counterfactual Grad-CAM maps of both
+images, region correspondences) come from the same stored descriptions in one batched
+``model.explain_described`` call: no match is decoded and no backbone runs again. Concepts and measured
+effects need the matches' pixels: one backbone pass over the top ``k`` and ``model.explain_feature_maps``.
+Overlay PNGs are written with ``engine.explain.figures.overlay``.
 
 The query is an image (``search``) or a catalogue item (``search_item``, "more like this"), whose stored
 embedding and description stand in for the image: then not even the query is decoded.
@@ -20,6 +20,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -32,6 +33,10 @@ from indexer import crud
 from indexer import faiss_index as fx
 from indexer.catalogue import Skipped
 from indexer.db import Database
+from indexer.model import CatalogueModel, Picture
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 OVERLAYS = {
     "query_factual": ("query", "factual_a"),
@@ -145,11 +150,11 @@ class _Query:
     source: ImageSource
     sha256: str | None = None
     item_id: int | None = None
-    picture: object | None = None
-    fmap: object | None = None
+    picture: Picture | None = None
+    fmap: Tensor | None = None
 
     @classmethod
-    def decoded(cls, model, source: ImageSource, name: str, excluded: list[int], sha256: str | None,
+    def decoded(cls, model: CatalogueModel, source: ImageSource, name: str, excluded: list[int], sha256: str | None,
                 size: tuple[int, int] | None = None, item_id: int | None = None) -> _Query:
         """A query from its image, decoded and run through the backbone once."""
         picture = model.load([source])[0]
@@ -157,7 +162,7 @@ class _Query:
         return cls(name, model.embed_fmaps(fmap), model.describe_fmaps(fmap)[0], size or _original_size(source, picture),
                    excluded, source, sha256, item_id, picture, fmap)
 
-    def pixels(self, model) -> tuple[object, object]:
+    def pixels(self, model: CatalogueModel) -> tuple[Picture, Tensor]:
         if self.picture is None:
             self.picture = model.load([self.source])[0]
         if self.fmap is None:
@@ -165,13 +170,13 @@ class _Query:
         return self.picture, self.fmap
 
 
-def search(query: ImageSource, options: SearchOptions, *, model, db: Database, index: faiss.Index,
-           model_key: str | None = None, generation: int | None = None, stale_index: bool = False) -> SearchResult:
-    """The best catalogue matches of ``query``, re-scored by the head.
+def search(query: ImageSource, options: SearchOptions, *, model: CatalogueModel, db: Database, index: faiss.Index,
+           model_key: str, generation: int | None = None, stale_index: bool = False) -> SearchResult:
+    """The best catalogue matches of ``query``, re-scored by the head from the descriptions stored by
+    ``model_key`` (``crud.UndescribedItemsError`` for a catalogue not yet described by an index run).
 
     ``exclude_self`` drops catalogue items that *are* the query: the same path for a path query,
-    the same bytes (sha256) for a bytes query. Without ``model_key`` no stored description is used
-    (the candidates are decoded and described).
+    the same bytes (sha256) for a bytes query.
     """
     name, source, sha = _query_identity(query)
     excluded: list[int] = []
@@ -185,8 +190,8 @@ def search(query: ImageSource, options: SearchOptions, *, model, db: Database, i
                    model_key=model_key, generation=generation, stale_index=stale_index)
 
 
-def search_item(item_id: int, options: SearchOptions, *, model, db: Database, index: faiss.Index, model_key: str,
-                generation: int | None = None, stale_index: bool = False) -> SearchResult:
+def search_item(item_id: int, options: SearchOptions, *, model: CatalogueModel, db: Database, index: faiss.Index,
+                model_key: str, generation: int | None = None, stale_index: bool = False) -> SearchResult:
     """"More like this": the ``k`` best matches of a catalogue item, from its stored embedding and head
     description, so no file is decoded and no backbone runs unless concepts, effects or overlays need
     its pixels. An item not yet embedded by this model is searched by its file. ``exclude_self`` drops
@@ -197,7 +202,7 @@ def search_item(item_id: int, options: SearchOptions, *, model, db: Database, in
         if item is None:
             raise UnknownItemError(f"no catalogue item {item_id}")
         _, vectors = crud.all_embeddings(session, model_key, int(model.config.embed_dim), ids=[item_id])
-        description = crud.descriptors_by_ids(session, [item_id], model_key).get(item_id)
+        description = crud.descriptions_by_ids(session, [item_id], model_key).get(item_id)
         source, size, sha256 = item.source, (item.width, item.height), item.sha256
     excluded = [item_id] if options.exclude_self else []
     if len(vectors) and description is not None:
@@ -208,7 +213,7 @@ def search_item(item_id: int, options: SearchOptions, *, model, db: Database, in
                    stale_index=stale_index)
 
 
-def _search(query: _Query, options: SearchOptions, *, model, db: Database, index: faiss.Index, model_key: str | None,
+def _search(query: _Query, options: SearchOptions, *, model: CatalogueModel, db: Database, index: faiss.Index, model_key: str,
             generation: int | None, stale_index: bool) -> SearchResult:
     """FAISS candidates of the query, re-scored and re-ranked by the head, optionally explained."""
     k, concepts, effects, explain_dir = options.k, options.concepts, options.effects, options.explain_dir
@@ -218,19 +223,13 @@ def _search(query: _Query, options: SearchOptions, *, model, db: Database, index
     skip = set(query.excluded)
     order = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0 and int(i) not in skip]
     with db.session() as session:
+        # A stale index may hold items since deleted or no longer embedded by this model: left out.
+        stored = crud.descriptions_by_ids(session, [i for i, _ in order], model_key)
+        order = [(i, s) for i, s in order if i in stored][:wanted]
         items = crud.items_by_ids(session, [i for i, _ in order])
-        order = [(i, s) for i, s in order if i in items][:wanted]  # a stale index may hold deleted ids
-        stored = crud.descriptors_by_ids(session, [i for i, _ in order], model_key) if model_key else {}
     unreadable: list[Skipped] = []
-    pictures: dict[int, object] = {}
-    missing = [(i, s) for i, s in order if i not in stored]  # indexed before descriptions were stored
-    fresh = _describe_files(model, [items[i].source for i, _ in missing])
-    for (item_id, sim), (picture, description, reason) in zip(missing, fresh):
-        if description is None:
-            unreadable.append(Skipped(items[item_id].source, reason))
-        else:
-            pictures[item_id], stored[item_id] = picture, description
-    described = [(i, s, stored[i]) for i, s in order if i in stored]
+    pictures: dict[int, Picture] = {}
+    described = [(i, s, stored[i]) for i, s in order]
 
     head = model.score_described([query.description] * len(described), [d for _, _, d in described])
     before = {item_id: rank for rank, (item_id, _, _) in enumerate(described, start=1)}
@@ -272,7 +271,8 @@ def _search(query: _Query, options: SearchOptions, *, model, db: Database, index
                         index_size=int(index.ntotal))
 
 
-def _with_pictures(model, matches: list[Match], pictures: dict[int, object], unreadable: list[Skipped]) -> list[Match]:
+def _with_pictures(model: CatalogueModel, matches: list[Match], pictures: dict[int, Picture],
+                   unreadable: list[Skipped]) -> list[Match]:
     """The matches whose files decode (their pictures added to ``pictures``); the others are reported."""
     readable = []
     for match in matches:
@@ -286,7 +286,7 @@ def _with_pictures(model, matches: list[Match], pictures: dict[int, object], unr
     return readable
 
 
-def _original_size(source: ImageSource, decoded) -> tuple[int, int]:
+def _original_size(source: ImageSource, decoded: Picture) -> tuple[int, int]:
     """(width, height) of the original image (boxes are given in its pixels); the decoded copy may be reduced."""
     if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
         try:
@@ -296,24 +296,8 @@ def _original_size(source: ImageSource, decoded) -> tuple[int, int]:
     return int(decoded.shape[1]), int(decoded.shape[0])
 
 
-def _describe_files(model, sources: list[str]) -> list[tuple[object, bytes | None, str | None]]:
-    """(picture, packed head description, None) per file, or (None, None, reason) for an unreadable one."""
-    out: list[tuple[object, bytes | None, str | None]] = []
-    pictures = []
-    for source in sources:
-        try:
-            pictures.append(model.load([source])[0])
-            out.append((pictures[-1], None, None))
-        except ImageLoadError as exc:
-            out.append((None, None, str(exc)))
-    if pictures:
-        descriptions = iter(model.describe_fmaps(model.feature_maps(pictures)))
-        out = [(picture, next(descriptions), None) if picture is not None else (None, None, reason)
-               for picture, _, reason in out]
-    return out
-
-
-def _write_overlays(directory: Path, match: Match, query_image, match_image, explanation: PairExplanation) -> dict[str, str]:
+def _write_overlays(directory: Path, match: Match, query_image: Picture, match_image: Picture,
+                    explanation: PairExplanation) -> dict[str, str]:
     directory.mkdir(parents=True, exist_ok=True)
     written = {}
     for suffix, (which, attribute) in OVERLAYS.items():

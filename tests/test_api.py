@@ -27,9 +27,10 @@ from indexer_fixtures import (  # noqa: F401
 from PIL import Image
 
 from api import create_app
-from engine.config import Settings
+from api.settings import ApiSettings
 from indexer import crud
 from indexer import db as dbmod
+from indexer.service import catalogue_path
 
 N = 10
 WRITE, READ = "write-secret", "read-secret"
@@ -59,10 +60,8 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def settings_for(catalogue, **overrides) -> Settings:
-    values = {"data_dir": catalogue.data_dir, "database_url": catalogue.database_url, "api_token": WRITE}
-    values.update(overrides)
-    return Settings(_env_file=None, **values)
+def settings_for(**overrides) -> ApiSettings:
+    return ApiSettings(_env_file=None, **{"api_token": WRITE, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +77,7 @@ def catalogue(tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def client(catalogue):
-    with TestClient(create_app(settings_for(catalogue), catalogue=catalogue)) as test_client:
+    with TestClient(create_app(settings_for(), catalogue=catalogue)) as test_client:
         yield test_client
 
 
@@ -88,7 +87,7 @@ def make_client(catalogue):
     clients = []
 
     def make(**overrides) -> TestClient:
-        test_client = TestClient(create_app(settings_for(catalogue, **overrides), catalogue=catalogue))
+        test_client = TestClient(create_app(settings_for(**overrides), catalogue=catalogue))
         clients.append(test_client)
         return test_client
 
@@ -101,8 +100,13 @@ def make_client(catalogue):
 def empty(tmp_path, tiny_model):
     """A client on a catalogue with no images yet (for indexing from scratch)."""
     catalogue = catalogue_for(tmp_path, tiny_model)
-    with TestClient(create_app(settings_for(catalogue), catalogue=catalogue)) as test_client:
+    with TestClient(create_app(settings_for(), catalogue=catalogue)) as test_client:
         yield test_client, catalogue
+
+
+def photos_dir(catalogue) -> Path:
+    """The folder the module's catalogue was indexed from: what items' sources are relative to."""
+    return Path(catalogue.data_dir).parent / "photos"
 
 
 def query_bytes(n: int = 6) -> bytes:
@@ -128,16 +132,16 @@ def test_health_reports_model_index_and_database(client, catalogue):
 def test_item_and_its_image_come_from_the_catalogue(client, catalogue):
     item = client.get("/api/items/1").json()
     assert item["id"] == 1 and item["listing"] == "listing_0" and item["embedded"]
-    assert item["image_url"] == "/api/items/1/image"
+    assert item["image_url"] == "/api/items/1/image" and item["source"] == "listing_0/photo_000.jpg"
     response = client.get(item["image_url"])
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
-    assert response.content == Path(item["source"]).read_bytes()
+    assert response.content == (photos_dir(catalogue) / item["source"]).read_bytes()
 
 
 def test_unknown_item_and_missing_file_are_404(client, catalogue):
     assert client.get("/api/items/999").status_code == 404
     assert client.get("/api/items/999/image").json()["detail"] == "no catalogue item 999"
-    source = Path(client.get("/api/items/2").json()["source"])
+    source = photos_dir(catalogue) / client.get("/api/items/2").json()["source"]
     moved = source.with_suffix(".away")
     source.rename(moved)
     try:
@@ -145,6 +149,29 @@ def test_unknown_item_and_missing_file_are_404(client, catalogue):
         assert response.status_code == 404 and "missing" in response.json()["detail"]
     finally:
         moved.rename(source)
+
+
+def test_responses_never_show_the_servers_paths(client, catalogue):
+    """Sources are relative to the folder indexed: a client learns nothing of the server's file layout."""
+    server = str(Path(catalogue.data_dir).parent)
+    item = client.get("/api/items/3")
+    more_like = client.post("/api/search", data={"item": 3, "k": 3, "explain": "true"})
+    by_upload = search(client, query_bytes(3), k=3, explain="true")
+    queue = client.get("/api/duplicates", params={"status": "all", "limit": 500})
+    for response in (item, more_like, by_upload, queue):
+        assert response.status_code == 200 and server not in response.text
+    assert more_like.json()["query"] == item.json()["source"] == "listing_0/photo_008.jpg"
+    sources = [m["source"] for m in by_upload.json()["matches"]]
+    assert all(source.count("/") == 1 and source.startswith("listing_") for source in sources)
+
+
+@pytest.mark.parametrize("source, origin, shown", [
+    ("/srv/photos/flat 1/a.jpg", "/srv/photos", "flat 1/a.jpg"),  # a folder indexed
+    ("/srv/photos/flat 1/a.jpg", "/srv/photos/list.csv", "flat 1/a.jpg"),  # a CSV: its folder
+    ("/mnt/elsewhere/b.jpg", "/srv/photos/list.csv", "b.jpg"),  # a CSV row outside it: the name alone
+])
+def test_catalogue_paths_are_relative_to_what_was_indexed(source, origin, shown):
+    assert catalogue_path(source, origin) == shown
 
 
 @pytest.mark.parametrize("url", [
@@ -177,7 +204,7 @@ def test_search_re_ranks_and_links_images(client, catalogue):
     assert body["k"] == 3 and len(body["matches"]) == 3 and body["query"] == "query.jpg"
     assert len(body["query_sha256"]) == 64 and body["threshold"] == catalogue.model.threshold
     first = body["matches"][0]
-    assert first["source"].endswith("photo_006.jpg") and first["rank_after"] == 1
+    assert first["source"] == "listing_2/photo_006.jpg" and first["rank_after"] == 1
     scores = [m["head_score"] for m in body["matches"]]
     assert scores == sorted(scores, reverse=True)
     assert all(m["image_url"] == f"/api/items/{m['item_id']}/image" for m in body["matches"])
@@ -229,7 +256,8 @@ def test_search_with_a_catalogue_item(client, catalogue):
     response = client.post("/api/search", data={"item": item_id, "k": 2, "explain": "true"})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["query_item"] == item_id and body["excluded"] == [item_id] and body["query"] == str(photo)
+    assert body["query_item"] == item_id and body["excluded"] == [item_id]
+    assert body["query"] == photo.relative_to(photos_dir(catalogue)).as_posix()
     assert body["query_image_url"] == f"/api/items/{item_id}/image" and len(body["query_sha256"]) == 64
     assert [m["item_id"] for m in body["matches"]] == [m["item_id"] for m in by_upload["matches"]]
     match = body["matches"][0]
@@ -304,11 +332,11 @@ def test_compare_two_uploads_then_from_the_cache(client):
     assert again["similarity"] == body["similarity"]
 
 
-def test_compare_catalogue_items_and_mixed(client):
+def test_compare_catalogue_items_and_mixed(client, catalogue):
     by_items = client.post("/api/compare", data={"item_a": 1, "item_b": 5}).json()
     assert by_items["item_a"] == 1 and by_items["item_b"] == 5
     assert by_items["image_a_url"] == "/api/items/1/image" and by_items["image_b_url"] == "/api/items/5/image"
-    photo = Path(client.get("/api/items/1").json()["source"]).read_bytes()
+    photo = (photos_dir(catalogue) / client.get("/api/items/1").json()["source"]).read_bytes()
     mixed = client.post("/api/compare", files={"image_a": ("same.jpg", photo)}, data={"item_b": 5}).json()
     assert mixed["similarity"] == pytest.approx(by_items["similarity"], abs=1e-4)
     assert client.get(mixed["overlays"]["factual_b"]).status_code == 200
@@ -335,6 +363,20 @@ def test_compare_measures_effects_and_boxes_regions_in_the_original_pixels(clien
     for c in body["correspondences"]:
         assert c["box_a"][2] <= item_a["width"] and c["box_a"][3] <= item_a["height"]
         assert c["box_b"][2] <= item_b["width"] and c["box_b"][3] <= item_b["height"]
+
+
+def test_compare_names_the_side_whose_item_file_is_missing_or_broken(client, catalogue):
+    source = photos_dir(catalogue) / client.get("/api/items/2").json()["source"]
+    moved = source.with_suffix(".away")
+    source.rename(moved)
+    try:
+        missing = client.post("/api/compare", data={"item_a": 6, "item_b": 2})
+        assert missing.status_code == 404 and missing.json()["detail"] == "item_b: the image file of item 2 is missing"
+        source.write_bytes(b"\xff\xd8\xff" + b"\0" * 64)  # a JPEG that ends before its header does
+        broken = client.post("/api/compare", data={"item_a": 2, "item_b": 6})
+        assert broken.status_code == 422 and broken.json()["detail"].startswith("item_a: the image of item 2 cannot be read: ")
+    finally:
+        moved.replace(source)
 
 
 @pytest.mark.parametrize("form, files, status", [
@@ -529,12 +571,12 @@ def test_a_stored_review_survives_a_restart(tmp_path, tiny_model):
     write_catalogue(tmp_path / "photos", 3)
     catalogue = catalogue_for(tmp_path, tiny_model)
     catalogue.index(tmp_path / "photos")
-    with TestClient(create_app(settings_for(catalogue), catalogue=catalogue)) as first:
+    with TestClient(create_app(settings_for(), catalogue=catalogue)) as first:
         stored = first.post("/api/reviews", json={"item_a": 1, "item_b": 3, "decision": "reject", "note": "different",
                                                   "reviewer": "bo"}, headers=AUTH).json()
     dbmod._cache.pop(catalogue.database_url).dispose()  # nothing survives in memory: a new engine on the same file
     restarted = catalogue_for(tmp_path, tiny_model)
-    with TestClient(create_app(settings_for(restarted), catalogue=restarted)) as second:
+    with TestClient(create_app(settings_for(), catalogue=restarted)) as second:
         assert second.get("/api/reviews").json()["reviews"] == [stored]
 
 
@@ -552,7 +594,8 @@ def test_index_stores_uploads_and_makes_them_searchable(empty):
     stored = body["stored"]
     assert [s["filename"] for s in stored] == ["kitchen.jpg", "hall.png"]
     assert all(s["new_file"] and s["item_id"] and s["listing"] == "flat 12/kitchen" for s in stored)
-    path = Path(stored[0]["path"])
+    assert body["report"]["source"] == "uploads" and stored[0]["path"] == f"flat 12/kitchen/{stored[0]['sha256']}.jpg"
+    path = catalogue.data_dir.resolve() / "uploads" / stored[0]["path"]
     assert path.parent == catalogue.data_dir.resolve() / "uploads" / "flat 12" / "kitchen"
     assert path.name == f"{stored[0]['sha256']}.jpg" and path.read_bytes() == photos[0]
     assert Path(stored[1]["path"]).suffix == ".png"
@@ -661,12 +704,12 @@ def test_the_page_is_served_at_the_root_when_present(client, catalogue, monkeypa
     root = client.get("/")
     assert root.status_code == (200 if index_html.is_file() else 404)
     monkeypatch.setattr(app_module, "WEB_DIR", tmp_path / "no-web")
-    without_page = TestClient(create_app(settings_for(catalogue), catalogue=catalogue))
+    without_page = TestClient(create_app(settings_for(), catalogue=catalogue))
     assert without_page.get("/api/health").status_code == 200 and without_page.get("/").status_code == 404
     (tmp_path / "web").mkdir()
     (tmp_path / "web" / "index.html").write_text("<!doctype html><title>whymatch</title>")
     monkeypatch.setattr(app_module, "WEB_DIR", tmp_path / "web")
-    with_page = TestClient(create_app(settings_for(catalogue), catalogue=catalogue))
+    with_page = TestClient(create_app(settings_for(), catalogue=catalogue))
     assert "whymatch" in with_page.get("/").text and with_page.get("/api/health").status_code == 200
     assert with_page.get("/api/nothing-here").status_code == 404
 

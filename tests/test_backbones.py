@@ -7,7 +7,8 @@ import builtins
 import pytest
 import torch
 
-from engine.nn.backbones import BACKBONES, backbone_spec, create_backbone, file_sha256
+from engine.images import file_sha256
+from engine.nn.backbones import BACKBONES, backbone_spec, create_backbone
 from engine.errors import WeightsNotInstalledError
 from engine.images import to_tensor
 

@@ -14,7 +14,16 @@ import torch
 from PIL import Image
 
 from engine.errors import ImageLoadError
-from engine.images import DEFAULT_MAX_PIXELS, image_sha256, load_image, load_pixels, to_tensor
+from engine.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    SUPPORTED_FORMATS,
+    file_sha256,
+    image_size,
+    load_image,
+    load_pixels,
+    to_tensor,
+)
 
 
 def _save(img: Image.Image, path: Path, **kwargs) -> Path:
@@ -248,12 +257,26 @@ def test_to_tensor_keeps_whole_image() -> None:
     assert x[0, 0, :, 0].max() < 0.1
 
 
-def test_image_sha256(tmp_path: Path) -> None:
+def test_file_sha256(tmp_path: Path) -> None:
     data = np.random.default_rng(1).bytes(3 << 20)  # spans several read chunks
     path = tmp_path / "blob.bin"
     path.write_bytes(data)
-    assert image_sha256(path) == hashlib.sha256(data).hexdigest()
-    assert image_sha256(str(path)) == hashlib.sha256(data).hexdigest()
+    assert file_sha256(path) == hashlib.sha256(data).hexdigest()
+    assert file_sha256(str(path)) == hashlib.sha256(data).hexdigest()
+
+
+def test_image_suffixes_are_of_formats_every_build_opens() -> None:
+    assert set(IMAGE_SUFFIXES.values()) <= set(SUPPORTED_FORMATS)
+    assert all(suffix.startswith(".") and suffix == suffix.lower() for suffix in IMAGE_SUFFIXES)
+
+
+def test_image_size_honours_exif_orientation() -> None:
+    image = Image.new("RGB", (30, 10))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    assert image_size(buffer.getvalue()) == (10, 30)
 
 
 def test_trns_colour_key_becomes_white() -> None:

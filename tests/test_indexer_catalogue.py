@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from indexer import faiss_index as fx
-from indexer.catalogue import ItemState, diff, image_size, listing_from_path, scan
+from indexer.catalogue import ItemState, diff, listing_from_path, scan
 
 
 def _touch(path, data=b"x"):
@@ -90,19 +90,6 @@ def test_diff_classifies_every_case(tmp_path):
         ("changed.jpg", 2), ("new.jpg", None), ("pending.jpg", 3)]
     assert d.relisted == [(4, "L", result.origin)]
     assert d.deleted == [5]
-
-
-def test_image_size_honours_exif_orientation():
-    import io
-
-    from PIL import Image
-
-    image = Image.new("RGB", (30, 10))
-    exif = image.getexif()
-    exif[0x0112] = 6
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", exif=exif)
-    assert image_size(buffer.getvalue()) == (10, 30)
 
 
 def test_choose_factory_by_size():

@@ -10,7 +10,7 @@ from indexer_fixtures import database_url  # noqa: F401 - fixture
 from sqlalchemy import inspect, select
 from sqlalchemy.exc import IntegrityError
 
-from engine.config import Settings
+from indexer.settings import StorageSettings
 from indexer import crud
 from indexer.db import Database, MIGRATIONS_DIR, current_revision, downgrade, head_revision, upgrade
 from indexer.models import Base, DuplicateGroup, DuplicatePair, DedupRun, Item, MatchReview
@@ -108,10 +108,10 @@ def test_sqlite_ids_are_never_reused(tmp_path):
 
 def test_settings_default_database_is_sqlite_in_the_data_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("WHYMATCH_DATABASE_URL", raising=False)
-    assert Settings(data_dir=tmp_path).database_url == f"sqlite:///{tmp_path.as_posix()}/whymatch.db"
+    assert StorageSettings(data_dir=tmp_path).database_url == f"sqlite:///{tmp_path.as_posix()}/whymatch.db"
     monkeypatch.setenv("WHYMATCH_DATABASE_URL", "postgresql+psycopg://u:p@127.0.0.1/w")
     monkeypatch.setenv("WHYMATCH_INDEX_FACTORY", "HNSW32")
-    settings = Settings(data_dir=tmp_path)
+    settings = StorageSettings(data_dir=tmp_path)
     assert settings.database_url.startswith("postgresql+psycopg://") and settings.index_factory == "HNSW32"
 
 

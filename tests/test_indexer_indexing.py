@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import zlib
@@ -66,6 +67,29 @@ def test_incremental_runs_add_change_delete_and_touch_nothing_else(tmp_path, tin
     index = _index_file(catalogue, third.generation)
     assert sorted(fx.ids_of(index)) == sorted(item.id for item in after.values())
     assert not catalogue.store.path(fx.IndexStore.filename(first.generation - 1 if first.generation > 1 else 0)).exists()
+
+
+def test_every_scanned_file_is_counted_once(tmp_path, tiny_model):
+    """The report's file counts add up to the files scanned, on a second run too, where files rewritten with
+    the same bytes (as `whymatch demo` does) are metadata-only changes."""
+    root = tmp_path / "photos"
+    paths = write_catalogue(root, 5)
+    (root / "bad.jpg").write_bytes(b"nope")
+    catalogue = catalogue_for(tmp_path, tiny_model)
+    first = catalogue.index(root)
+    write_catalogue(root, 1, start=5)  # new
+    tiles()[10].save(paths[1], quality=90)  # changed bytes
+    paths[2].unlink()  # deleted: an item removed, no file scanned
+    for path in (paths[0], paths[3], paths[4]):  # the same bytes written again
+        os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    second = catalogue.index(root)
+    assert (second.added, second.updated, second.touched, second.unchanged, len(second.skipped), second.removed) == (1, 1, 3, 0, 1, 1)
+    for report in (first, second, catalogue.index(root)):
+        assert report.added + report.updated + report.touched + report.unchanged + len(report.skipped) == report.scanned == 6
+        printed = re.search(r"(\d+) files in .* — (\d+) added, (\d+) re-embedded, (\d+) metadata-only, (\d+) unchanged, "
+                            r"(\d+) skipped\n", report.summary())
+        scanned, *categories = map(int, printed.groups())
+        assert scanned == report.scanned and sum(categories) == scanned
 
 
 def test_exact_duplicates_are_recorded_without_re_embedding(tmp_path, tiny_model, database_url):  # noqa: F811

@@ -10,8 +10,10 @@ import pytest
 from click.testing import CliRunner
 from indexer_fixtures import _one_torch_thread, catalogue_for, edited, tiles, tiny_checkpoint, write_catalogue  # noqa: F401
 from PIL import Image
+from sqlalchemy import update
 
 from indexer import crud
+from indexer.models import Item
 from whymatch.cli import main
 
 N = 10
@@ -86,15 +88,73 @@ def test_candidates_are_re_ranked_by_the_head(indexed, tiny_model, tmp_path):
     options = SearchOptions(k=5, candidates=5)
     normal = search(query, options, model=tiny_model, db=catalogue.db, index=index, model_key=catalogue.model_key)
     contrary = search(query, options, model=Contrary(tiny_model), db=catalogue.db, index=index, model_key=catalogue.model_key)
-    from_files = search(query, options, model=tiny_model, db=catalogue.db, index=index)  # no stored descriptions
-    assert [m.item_id for m in from_files.matches] == [m.item_id for m in normal.matches]
-    assert [m.head_score for m in from_files.matches] == pytest.approx([m.head_score for m in normal.matches], abs=2e-3)
     assert normal.matches[0].source == contrary.matches[-1].source == str(paths[2])
     assert contrary.matches[-1].rank_before == 1 and contrary.matches[-1].rank_after == 5
     by_id = {m.item_id: m for m in normal.matches}
     for m in contrary.matches:
         assert m.rank_before == by_id[m.item_id].rank_before
         assert m.head_score == pytest.approx(1.0 - by_id[m.item_id].head_score, abs=1e-5)
+
+
+def test_items_indexed_before_descriptions_are_described_once_by_the_next_index_run(indexed, tiny_model, tmp_path):
+    """Items embedded before descriptions were stored: search and dedup say to index again, and the next
+    index run describes them from their files (an item whose file no longer holds its bytes is re-embedded),
+    after which search gives what it gives on a catalogue indexed with descriptions."""
+    tmp, catalogue, paths, _ = indexed
+    from indexer.search import SearchOptions, search
+
+    work = tmp_path / "copy"
+    shutil.copytree(tmp / "data", work / "data")
+    older = catalogue_for(work, tiny_model)
+    with older.db.session() as session:
+        session.execute(update(Item).values(descriptors=None))
+        session.execute(update(Item).where(Item.source == str(paths[6])).values(sha256="0" * 64))  # as if its file changed
+        crud.bump_version(session)
+    query = tmp_path / "q.jpg"
+    edited(tiles()[2]).save(query)
+    with pytest.raises(crud.UndescribedItemsError, match="run `whymatch index` again"):
+        older.search(query, k=5, candidates=5)
+    with pytest.raises(crud.UndescribedItemsError, match="run `whymatch index` again"):
+        older.dedup(k=3)
+
+    report = older.index(tmp / "photos")
+    assert (report.described, report.updated, report.embedded, report.unchanged) == (N, 1, 1, N)
+    assert f"described {N} items" in report.summary()
+    with older.db.session() as session:
+        assert crud.count_undescribed(session, older.model_key) == 0
+    options = SearchOptions(k=5, candidates=5)
+    index, _, _ = catalogue.current_index()
+    normal = search(query, options, model=tiny_model, db=catalogue.db, index=index, model_key=catalogue.model_key)
+    from_files = search(query, options, model=tiny_model, db=older.db, index=older.current_index()[0],
+                        model_key=older.model_key)
+    assert [m.item_id for m in from_files.matches] == [m.item_id for m in normal.matches]
+    assert [m.head_score for m in from_files.matches] == pytest.approx([m.head_score for m in normal.matches], abs=2e-3)
+    assert older.index(tmp / "photos").described == 0  # once
+
+
+def test_describing_is_committed_batch_by_batch(indexed, tiny_model, tmp_path):
+    """A run that dies while describing keeps the batches it committed; the next run describes the rest."""
+    tmp, _, _, _ = indexed
+
+    class DiesOnSecondBatch(ModelStandIn):
+        batches = 0
+
+        def feature_maps(self, images):
+            self.batches += 1
+            if self.batches > 1:
+                raise RuntimeError("killed")
+            return self._model.feature_maps(images)
+
+    work = tmp_path / "copy"
+    shutil.copytree(tmp / "data", work / "data")
+    dying = catalogue_for(work, DiesOnSecondBatch(tiny_model), batch_size=8)
+    with dying.db.session() as session:
+        session.execute(update(Item).values(descriptors=None))
+    with pytest.raises(RuntimeError, match="killed"):
+        dying.index(tmp / "photos")
+    with dying.db.session() as session:
+        assert crud.count_undescribed(session, dying.model_key) == N + 1 - 8
+    assert catalogue_for(work, tiny_model).index(tmp / "photos").described == N + 1 - 8
 
 
 def test_explanations_write_overlay_pngs(indexed, tmp_path):
@@ -169,7 +229,7 @@ def test_explanations_come_from_stored_descriptions(indexed, tiny_model, tmp_pat
             np.testing.assert_allclose(getattr(m.explanation, name), getattr(reference, name), atol=0.02, err_msg=name)
 
 
-def test_more_like_a_catalogue_item_decodes_nothing(indexed, tiny_model):
+def test_more_like_a_catalogue_item_decodes_nothing(indexed, tiny_model, tmp_path):
     """Searching with a catalogue item uses its stored embedding and description: the same matches,
     scores and maps as searching with its file, without decoding it or running the backbone."""
     _, catalogue, paths, copy = indexed
@@ -197,8 +257,14 @@ def test_more_like_a_catalogue_item_decodes_nothing(indexed, tiny_model):
         for name in ("factual_a", "factual_b", "counterfactual_a", "counterfactual_b"):
             np.testing.assert_allclose(getattr(mine.explanation, name), getattr(theirs.explanation, name), atol=0.02)
     assert by_item.to_dict()["query_item"] == own_id and by_file.to_dict()["query_item"] is None
-    unembedded = search_item(own_id, SearchOptions(k=3, candidates=6), model=tiny_model, db=catalogue.db, index=index,
-                             model_key="another model's key")  # nothing stored for it: the files are decoded
+    work = tmp_path / "copy"
+    shutil.copytree(indexed[0] / "data", work / "data")  # a private copy, where the item loses its embedding
+    forgetful = catalogue_for(work, tiny_model)
+    with forgetful.db.session() as session:
+        crud.clear_embeddings(session, ids=[own_id])
+        crud.bump_version(session)
+    unembedded = search_item(own_id, SearchOptions(k=3, candidates=6), model=tiny_model, db=forgetful.db, index=index,
+                             model_key=catalogue.model_key)  # nothing stored for it: its file is decoded
     assert [m.item_id for m in unembedded.matches] == [m.item_id for m in by_file.matches]
     kept = catalogue.search_item(own_id, k=1, exclude_self=False)
     assert kept.matches[0].item_id in (own_id, by_item.matches[0].item_id) and kept.excluded == []

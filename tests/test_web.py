@@ -103,9 +103,9 @@ def server(catalogue):
     import uvicorn
 
     from api.app import create_app
-    from engine.config import Settings
+    from api.settings import ApiSettings
 
-    settings = Settings(data_dir=catalogue.data_dir, database_url=catalogue.database_url, api_token=TOKEN, api_workers=2)
+    settings = ApiSettings(_env_file=None, api_token=TOKEN, api_workers=2)
     config = uvicorn.Config(create_app(settings, catalogue=catalogue), host="127.0.0.1", port=_free_port(), log_level="warning")
     uvicorn_server = uvicorn.Server(config)
     thread = threading.Thread(target=uvicorn_server.run, daemon=True)

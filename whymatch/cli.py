@@ -6,16 +6,16 @@ import click
 
 from api.cli import COMMANDS as API_COMMANDS
 from engine.cli import compare_command, eval_command, train_command
-from engine.config import Settings
 from indexer.cli import COMMANDS as INDEXER_COMMANDS
 from whymatch.demo import demo_command
+from whymatch.settings import Settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """whymatch — image similarity search that says why two images match."""
-    ctx.obj = Settings()
+    ctx.obj = Settings.from_environment()
 
 
 for command in (demo_command, train_command, compare_command, eval_command, *INDEXER_COMMANDS, *API_COMMANDS):

@@ -1,5 +1,6 @@
-"""The main job on an embedded default: a small demo catalogue, the shipped model, explained pairs,
-then the catalogue pipeline on it (index, dedup, explained search) and, with ``--serve``, the web page.
+"""The main job on an embedded default: a small demo catalogue indexed with the shipped model, its best
+and worst pairs explained, its duplicates, an explained search and, with ``--serve``, the web page. It
+goes through the ``Catalogue`` alone, as the API does.
 
 The catalogue is a sample of ``../shared/data/airbnb`` when it is there, else photos that
 scikit-image ships with generated edits (crop, mirror, exposure, rotation) as known near-duplicates,
@@ -11,12 +12,18 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from engine.data import list_images, load_labelled_images
+from api.cli import serve_command
+from engine.data import load_labelled_images
+from engine.errors import WeightsNotInstalledError
+
+if TYPE_CHECKING:  # the catalogue draws in FAISS
+    from indexer import Catalogue
 
 SHARED_AIRBNB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "airbnb"
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "retina", "immunohistochemistry", "camera", "hubble_deep_field")
@@ -86,71 +93,56 @@ def demo_catalogue(data_dir: Path, catalogue: Path | None) -> Path:
 @click.option("--port", type=int, default=8000, show_default=True, help="Port for --serve (on 127.0.0.1).")
 @click.pass_context
 def demo_command(ctx: click.Context, catalogue: Path | None, out_dir: Path, pairs: int, serve: bool, port: int) -> None:
-    """Explain the best and worst matching pairs of a demo catalogue, then index it, find its duplicates
-    and run an explained search."""
-    import torch
-
-    from engine.eval.evaluate import embedding_similarities
-    from engine.explain.pairs import explain_fmaps
-    from engine.explain.figures import pair_figure
-    from engine.inference import load_model
+    """Index a demo catalogue and explain its best and worst matching pairs, then find its duplicates and
+    run an explained search."""
+    from indexer import Catalogue  # defers torch and FAISS: `whymatch --help` stays instant
 
     settings = ctx.obj
-    model = load_model(settings.model_path, threads=settings.threads, batch_size=settings.backbone_batch)
-    root = demo_catalogue(settings.data_dir, catalogue).resolve()
-    paths = list_images(root)
-    if len(paths) < 2:
-        raise click.ClickException(f"the demo catalogue {root} needs at least two images")
-    click.echo(f"catalogue: {root} ({len(paths)} images); model: {model.config.preset}/{model.config.backbone}")
-    fmaps = model.feature_maps(paths)
-    emb = model.embed_fmaps(fmaps)
-    sims = embedding_similarities(model.net, torch.from_numpy(emb), torch.from_numpy(emb)).numpy()
-    i, j = np.triu_indices(len(paths), k=1)
-    order = np.argsort(-sims[i, j])
-    candidates = np.concatenate([order[: 4 * pairs], order[-1:]])
-    head = model.score_fmaps(fmaps[i[candidates]], fmaps[j[candidates]])
-    ranked = [candidates[k] for k in np.argsort(-head[: 4 * pairs])[:pairs]] + [candidates[-1]]
+    photos = Catalogue.from_settings(settings.storage, settings.model, log=None)
+    try:
+        model = photos.model_summary()
+    except (FileNotFoundError, WeightsNotInstalledError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    root = demo_catalogue(photos.data_dir, catalogue).resolve()
+    indexed = photos.index(root, progress=False)
+    click.echo(f"catalogue: {root} ({indexed.scanned} images); model: {model.preset}/{model.backbone}")
+    click.echo(f"indexed into {photos.data_dir}: " + indexed.summary().replace("\n", "; "))
+    best, worst = photos.extreme_pairs(pairs, 1, origin=root)
+    if not worst:
+        raise click.ClickException(f"the demo catalogue {root} needs at least two readable images")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = []
-    for rank, pair in enumerate(ranked):
-        a, b = int(i[pair]), int(j[pair])
-        explanation = explain_fmaps(model.net, fmaps[a : a + 1], fmaps[b : b + 1], model.threshold)[0]
-        kind = "best" if rank < len(ranked) - 1 else "worst"
+    for rank, (kind, pair) in enumerate([*(("best", p) for p in best), *(("worst", p) for p in worst)]):
         figure = out_dir / f"{kind}-{rank + 1}.png"
-        pictures = model.load([paths[a], paths[b]])
-        pair_figure(pictures[0], pictures[1], explanation, figure, titles=(paths[a].name, paths[b].name))
+        explanation = photos.compare(pair.item_a, pair.item_b, figure=figure)
         decision = "match" if explanation.is_match else "no match"
-        click.echo(f"{kind:>5}  {explanation.similarity:.3f}  {decision:<8}  {paths[a].relative_to(root)}  ~  {paths[b].relative_to(root)}  → {figure}")
-        report.append({"kind": kind, "a": str(paths[a]), "b": str(paths[b]), "similarity": explanation.similarity,
+        click.echo(f"{kind:>5}  {explanation.similarity:.3f}  {decision:<8}  {Path(pair.source_a).relative_to(root)}  ~  "
+                   f"{Path(pair.source_b).relative_to(root)}  → {figure}")
+        report.append({"kind": kind, "a": pair.source_a, "b": pair.source_b, "similarity": explanation.similarity,
                        "is_match": explanation.is_match, "figure": str(figure)})
-    summary = {"pairs": report, **catalogue_tour(settings, model, root, out_dir)}
+    summary = {"pairs": report, "indexed": indexed.to_dict(),
+               **catalogue_tour(photos, root, out_dir, fallback_query=Path((best or worst)[0].source_a))}
     (out_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     if serve:
-        from api.cli import serve_command
-
-        ctx.invoke(serve_command, host="127.0.0.1", port=port, log_level="warning")
+        ctx.invoke(serve_command, host="127.0.0.1", port=port, log_level="info", quiet=False)
 
 
-def catalogue_tour(settings, model, root: Path, out_dir: Path) -> dict:
-    """Index the demo catalogue (incrementally), find its duplicates, and run one explained search."""
-    from indexer import Catalogue
-    from indexer.cli import explanation_lines
+def catalogue_tour(photos: Catalogue, root: Path, out_dir: Path, fallback_query: Path) -> dict:
+    """Find the indexed demo catalogue's duplicates, and search with one of them (else ``fallback_query``),
+    explained."""
+    from engine.explain.text import explanation_lines  # defers torch: the explain layer runs on it
 
-    catalogue = Catalogue.from_settings(settings, model=model, log=None)
-    indexed = catalogue.index(root, progress=False)
-    click.echo(f"indexed into {settings.data_dir}: {indexed.added} added, {indexed.unchanged} unchanged, "
-               f"{len(indexed.skipped)} skipped; {indexed.ntotal} vectors")
     labels = root / "groups.csv"
-    duplicates = catalogue.dedup(labels=labels if labels.is_file() else None, precision=0.9 if labels.is_file() else None)
+    duplicates = photos.dedup(labels=labels if labels.is_file() else None, precision=0.9 if labels.is_file() else None)
     click.echo(f"dedup: {len(duplicates.pairs)} duplicate pairs in {len(duplicates.groups)} groups "
                f"(threshold {duplicates.threshold:.3f}, {duplicates.threshold_source})")
-    query = Path(duplicates.pairs[0].source_a) if duplicates.pairs else list_images(root)[0]
-    found = catalogue.search(query, k=5, explain_dir=out_dir / "search", concepts=True)
+    query = Path(duplicates.pairs[0].source_a) if duplicates.pairs else fallback_query
+    found = photos.search(query, k=5, explain_dir=out_dir / "search", concepts=True)
     click.echo(f"search {query.relative_to(root)}: overlays in {out_dir / 'search'}")
     for match in found.matches:
         click.echo(f"  {match.rank_after}. {match.head_score:.3f} (index rank {match.rank_before})  "
                    f"{Path(match.source).relative_to(root)}")
-        for line in explanation_lines(match.explanation):
+        for line in explanation_lines(match.explanation, names=("the query", "the match"), regions=False):
             click.echo(f"       {line}")
-    return {"indexed": indexed.to_dict(), "duplicate_pairs": len(duplicates.pairs), "duplicate_groups": len(duplicates.groups),
+    return {"duplicate_pairs": len(duplicates.pairs), "duplicate_groups": len(duplicates.groups),
             "dedup_threshold": duplicates.threshold, "search": found.to_dict()}

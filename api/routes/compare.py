@@ -15,13 +15,23 @@ from api.explanations import (
     item_identity,
     overlay_urls,
     pair_key,
+    png_url,
     upload_identity,
 )
+from api.routes.items import item_image_url
 from api.schemas import CompareResponse
-from api.uploads import decode_upload, display_copy, label_of, one_line, read_upload
-from engine.errors import ImageLoadError
-from engine.images import image_size, load_image
+from api.uploads import (
+    Upload,
+    decode_for_model,
+    display_copy,
+    label_of,
+    one_line,
+    read_upload,
+)
+from engine.images import image_size
 from indexer import crud
+from indexer.search import UnknownItemError
+from indexer.service import ItemImageError
 
 router = APIRouter(tags=["compare"], dependencies=[ReadAccess])
 
@@ -38,68 +48,63 @@ class _Side:
 
 @dataclass
 class _Resolved:
+    """A side checked: a decoded upload, or a catalogue item that exists (read only when the model needs it)."""
+
     identity: str
     picture: Picture
-    image: Image.Image | None = None  # uploads: decoded at once; items: read only when the model needs them
-    item_id: int | None = None
-    source: str | None = None
-    upload_sha256: str | None = None
-    size: tuple[int, int] | None = None  # (width, height) of the original image: correspondence boxes are in its pixels
+    upload: Upload | None = None
+    size: tuple[int, int] | None = None  # an upload's original (width, height): it is decoded at reduced size
+
+    @property
+    def subject(self) -> Image.Image | int:
+        """What ``Catalogue.compare`` takes for this side: the decoded upload, or the item id."""
+        return self.upload.image if self.upload is not None else self.picture.item_id
 
 
 def _resolve(state: ApiState, side: _Side) -> _Resolved:
     """Uploads are checked and decoded; items are looked up (404 when unknown) but not read yet."""
-    catalogue = state.catalogue
     if side.data is not None:
-        upload = decode_upload(side.data, label=side.label, max_pixels=state.settings.max_pixels,
-                               target_size=int(catalogue.model.config.input_size))
-        return _Resolved(upload_identity(upload.sha256), Picture(upload_sha256=upload.sha256), image=upload.image,
-                         upload_sha256=upload.sha256, size=image_size(side.data))
-    with catalogue.db.session() as session:
+        upload = decode_for_model(state, side.data, side.label)
+        return _Resolved(upload_identity(upload.sha256), Picture(upload_sha256=upload.sha256), upload,
+                         image_size(side.data))
+    with state.catalogue.db.session() as session:
         item = crud.get_item(session, side.item_id)
         if item is None:
             raise HTTPException(404, f"item_{side.name}: no catalogue item {side.item_id}")
-        return _Resolved(item_identity(item.id, item.sha256), Picture(item_id=item.id), item_id=item.id,
-                         source=item.source, size=(item.width, item.height))
+        return _Resolved(item_identity(item.id, item.sha256), Picture(item_id=item.id))
 
 
-def _read_item(state: ApiState, side: _Side, resolved: _Resolved) -> Image.Image:
-    try:
-        return load_image(resolved.source, target_size=int(state.catalogue.model.config.input_size),
-                          max_pixels=state.settings.max_pixels)
-    except ImageLoadError as exc:
-        if str(exc).startswith("file not found"):
-            raise HTTPException(404, f"item_{side.name}: the image file of item {side.item_id} is missing") from exc
-        raise HTTPException(422, f"item_{side.name}: the image of item {side.item_id} cannot be read: "
-                                 f"{one_line(str(exc))}") from exc
-
-
-def _compare(state: ApiState, side_a: _Side, side_b: _Side, base: str) -> dict:
+def _compare(state: ApiState, side_a: _Side, side_b: _Side, base: str) -> CompareResponse:
     """Explain the pair, or take it from the cache; runs in the model pool."""
     catalogue, store = state.catalogue, state.explanations
     a, b = _resolve(state, side_a), _resolve(state, side_b)
     key = pair_key(catalogue.model_key, a.identity, b.identity)
     stored = store.get(key)
-    cached = stored is not None and all(r.upload_sha256 is None or r.upload_sha256 in store.uploads for r in (a, b))
+    cached = stored is not None and all(r.upload is None or r.upload.sha256 in store.uploads for r in (a, b))
     if not cached:
-        for side, resolved in ((side_a, a), (side_b, b)):
-            if resolved.image is None:
-                resolved.image = _read_item(state, side, resolved)
-            if resolved.upload_sha256 is not None:
-                store.remember_upload(resolved.upload_sha256, display_copy(resolved.image))
-        explanation = catalogue.model.explain(a.image, [b.image], effects=True, correspondences=True, concepts=True,
-                                              sizes=[a.size, b.size])[0]
+        for resolved in (a, b):
+            if resolved.upload is not None:
+                store.remember_upload(resolved.upload.sha256, display_copy(resolved.upload.image))
+        try:
+            explanation = catalogue.compare(a.subject, b.subject, sizes=(a.size, b.size))
+        except UnknownItemError as exc:  # removed since it was looked up
+            raise HTTPException(404, str(exc)) from exc
+        except ItemImageError as exc:
+            name = side_a.name if exc.item_id == a.picture.item_id else side_b.name
+            if exc.missing:
+                raise HTTPException(404, f"item_{name}: the image file of item {exc.item_id} is missing") from exc
+            raise HTTPException(422, f"item_{name}: the image of item {exc.item_id} cannot be read: "
+                                     f"{one_line(exc.reason)}") from exc
         stored = StoredExplanation(explanation, a.picture, b.picture)
         store.put(key, stored)
 
-    def image_url(resolved: _Resolved, name: str) -> str:
-        if resolved.item_id is not None:
-            return f"{base}/items/{resolved.item_id}/image"
-        return f"{base}/explanations/{key}/{name}.png"
+    def image_url(resolved: _Resolved, which: str) -> str:
+        item_id = resolved.picture.item_id
+        return item_image_url(base, item_id) if item_id is not None else png_url(base, key, which)
 
-    return {**stored.explanation.to_dict(), "explanation_key": key, "item_a": a.item_id, "item_b": b.item_id,
-            "image_a_url": image_url(a, "image_a"), "image_b_url": image_url(b, "image_b"),
-            "overlays": overlay_urls(base, key), "cached": cached}
+    return CompareResponse(**stored.explanation.to_dict(), explanation_key=key, overlays=overlay_urls(base, key),
+                           item_a=a.picture.item_id, item_b=b.picture.item_id, image_a_url=image_url(a, "image_a"),
+                           image_b_url=image_url(b, "image_b"), cached=cached)
 
 
 async def _side(name: str, upload: UploadFile | None, item_id: int | None, max_bytes: int) -> _Side:
@@ -119,7 +124,7 @@ async def compare(
     image_b: Annotated[UploadFile | None, File(description="Second image (or give item_b).")] = None,
     item_a: Annotated[int | None, Form(ge=1, description="Catalogue item id instead of image_a.")] = None,
     item_b: Annotated[int | None, Form(ge=1, description="Catalogue item id instead of image_b.")] = None,
-) -> dict:
+) -> CompareResponse:
     """The head's similarity, the decision at the model's threshold, the four Grad-CAM maps and overlay URLs,
     the measured effect of masking each map's region, region correspondences and the concepts in words.
     Each side is an upload or a catalogue item (any mix). The same pair explained again comes from the cache."""

@@ -10,11 +10,10 @@ from PIL import Image
 from api.deps import ApiState, ReadAccess, State, api_base
 from api.explanations import KEY_PATTERN, Picture, StoredExplanation, overlay_urls
 from api.explanations import render_png as render
-from api.schemas import Explanation
+from api.schemas import ExplanationWithOverlays
 from api.uploads import DISPLAY_SIZE, display_copy
-from engine.errors import ImageLoadError
-from engine.images import load_image
-from indexer import crud
+from indexer.search import UnknownItemError
+from indexer.service import ItemImageError
 
 router = APIRouter(tags=["explanations"], dependencies=[ReadAccess])
 
@@ -30,15 +29,11 @@ def _stored(state: ApiState, key: str) -> StoredExplanation:
     return stored
 
 
-class ExplanationWithOverlays(Explanation):
-    explanation_key: str
-    overlays: dict[str, str]
-
-
 @router.get("/explanations/{key}", response_model=ExplanationWithOverlays, summary="A cached explanation")
-def get_explanation(request: Request, state: State, key: Key) -> dict:
+def get_explanation(request: Request, state: State, key: Key) -> ExplanationWithOverlays:
     stored = _stored(state, key)
-    return {**stored.explanation.to_dict(), "explanation_key": key, "overlays": overlay_urls(api_base(request), key)}
+    return ExplanationWithOverlays(**stored.explanation.to_dict(), explanation_key=key,
+                                   overlays=overlay_urls(api_base(request), key))
 
 
 def _picture(state: ApiState, picture: Picture) -> Image.Image:
@@ -47,14 +42,11 @@ def _picture(state: ApiState, picture: Picture) -> Image.Image:
         if image is None:
             raise HTTPException(404, _GONE)
         return image
-    with state.catalogue.db.session() as session:
-        item = crud.get_item(session, picture.item_id)
-        source = item.source if item is not None else None
-    if source is None:
-        raise HTTPException(404, f"catalogue item {picture.item_id} no longer exists")
     try:
-        return display_copy(load_image(source, target_size=DISPLAY_SIZE, max_pixels=state.settings.max_pixels))
-    except ImageLoadError as exc:
+        return display_copy(Image.fromarray(state.catalogue.item_image(picture.item_id, size=DISPLAY_SIZE)))
+    except UnknownItemError as exc:
+        raise HTTPException(404, f"catalogue item {picture.item_id} no longer exists") from exc
+    except ItemImageError as exc:
         raise HTTPException(404, f"the image of catalogue item {picture.item_id} cannot be read") from exc
 
 

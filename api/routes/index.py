@@ -17,16 +17,18 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 
 from api.deps import ApiState, State, WriteAccess, api_base
-from api.schemas import IndexResponse
+from api.routes.items import item_image_url
+from api.schemas import IndexReportOut, IndexResponse, StoredUpload, Unreadable
 from api.uploads import (
     INDEXABLE_SUFFIXES,
     Upload,
-    decode_upload,
+    decode_for_model,
     filename_of,
     label_of,
     read_upload,
 )
 from indexer import crud
+from indexer.service import catalogue_path
 
 router = APIRouter(tags=["index"], dependencies=[WriteAccess])
 
@@ -37,14 +39,13 @@ LISTING_PATTERN = rf"^{_PART}(/{_PART}){{0,3}}$"
 
 def upload_dir(state: ApiState) -> Path:
     settings = state.settings
-    return Path(os.path.abspath(settings.upload_dir or settings.data_dir / "uploads"))
+    return Path(os.path.abspath(settings.upload_dir or state.catalogue.data_dir / "uploads"))
 
 
 def _check(state: ApiState, files: list[tuple[str, bytes]]) -> list[Upload]:
-    target = int(state.catalogue.model.config.input_size)
     uploads = []
     for label, data in files:
-        upload = decode_upload(data, label=label, max_pixels=state.settings.max_pixels, target_size=target)
+        upload = decode_for_model(state, data, label)
         if upload.format not in INDEXABLE_SUFFIXES:
             raise HTTPException(415, f"{label}: {upload.format} images cannot be indexed: upload JPEG, PNG or WebP")
         uploads.append(upload)
@@ -69,7 +70,7 @@ def _write_once(path: Path, data: bytes) -> bool:
 
 
 def _store_and_index(state: ApiState, uploads: list[Upload], names: list[str | None], listing: str | None,
-                     base: str) -> dict:
+                     base: str) -> IndexResponse:
     root = upload_dir(state)
     folder = root.joinpath(*listing.split("/")) if listing else root
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,12 +81,13 @@ def _store_and_index(state: ApiState, uploads: list[Upload], names: list[str | N
     report = state.catalogue.index(root, progress=False)
     with state.catalogue.db.session() as session:
         ids = crud.item_ids_by_source(session, [str(path) for _, path, _ in written])
-    stored = [{
-        "filename": name, "sha256": upload.sha256, "path": str(path), "listing": listing,
-        "item_id": ids.get(str(path)), "new_file": new,
-        "image_url": f"{base}/items/{ids[str(path)]}/image" if str(path) in ids else None,
-    } for (upload, path, new), name in zip(written, names)]
-    return {"stored": stored, "report": report.to_dict()}
+    stored = [StoredUpload(
+        filename=name, sha256=upload.sha256, path=catalogue_path(str(path), str(root)), listing=listing,
+        item_id=ids.get(str(path)), new_file=new,
+        image_url=item_image_url(base, ids[str(path)]) if str(path) in ids else None,
+    ) for (upload, path, new), name in zip(written, names)]
+    skipped = [Unreadable(source=catalogue_path(s.source, str(root)), reason=s.reason) for s in report.skipped]
+    return IndexResponse(stored=stored, report=IndexReportOut(**{**report.to_dict(), "source": root.name, "skipped": skipped}))
 
 
 @router.post("/index", response_model=IndexResponse, summary="Add images to the catalogue")
@@ -94,7 +96,7 @@ async def index_images(
     state: State,
     images: Annotated[list[UploadFile], File(description="One or more JPEG, PNG or WebP images.")],
     listing: Annotated[str | None, Form(pattern=LISTING_PATTERN, description="Listing key (a folder name).")] = None,
-) -> dict:
+) -> IndexResponse:
     """Store the images in the upload folder and index them (incremental: only new files are embedded).
     Returns where each was stored, its catalogue item id and the indexing report."""
     settings = state.settings

@@ -18,14 +18,14 @@ from indexer.models import MatchReview, as_utc
 router = APIRouter(tags=["reviews"])
 
 
-def review_out(review: MatchReview) -> dict:
-    return {"id": review.id, "item_a": review.item_a_id, "item_b": review.item_b_id, "decision": review.decision,
-            "note": review.note, "reviewer": review.reviewer, "created_at": as_utc(review.created_at)}
+def review_out(review: MatchReview) -> Review:
+    return Review(id=review.id, item_a=review.item_a_id, item_b=review.item_b_id, decision=review.decision,
+                  note=review.note, reviewer=review.reviewer, created_at=as_utc(review.created_at))
 
 
 @router.post("/reviews", response_model=Review, status_code=201, dependencies=[WriteAccess],
              summary="Record a decision on a pair")
-def add_review(state: State, body: ReviewCreate) -> dict:
+def add_review(state: State, body: ReviewCreate) -> Review:
     """Accept or reject a pair (any two catalogue items), with an optional note; stored with the time."""
     with state.catalogue.db.session() as session:
         found = crud.items_by_ids(session, [body.item_a, body.item_b])
@@ -42,7 +42,7 @@ def list_reviews(
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     item: Annotated[int | None, Query(ge=1, description="Only reviews of pairs containing this item.")] = None,
-) -> dict:
+) -> ReviewPage:
     with state.catalogue.db.session() as session:
         total, reviews = crud.list_reviews(session, offset, limit, item)
-        return {"offset": offset, "limit": limit, "total": total, "reviews": [review_out(r) for r in reviews]}
+        return ReviewPage(offset=offset, limit=limit, total=total, reviews=[review_out(r) for r in reviews])

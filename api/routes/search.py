@@ -15,9 +15,10 @@ from api.explanations import (
     pair_key,
     upload_identity,
 )
-from api.schemas import SearchResponse
+from api.routes.items import item_image_url
+from api.schemas import Explanation, SearchMatch, SearchResponse, Unreadable
 from api.uploads import (
-    decode_upload,
+    decode_for_model,
     display_copy,
     filename_of,
     label_of,
@@ -32,22 +33,20 @@ router = APIRouter(tags=["search"], dependencies=[ReadAccess])
 
 
 def _search(state: ApiState, data: bytes, label: str, name: str, k: int, explain: bool, base: str,
-            effects: bool = False, concepts: bool = False) -> dict:
+            effects: bool = False, concepts: bool = False) -> SearchResponse:
     """Decode, search and (optionally) remember the explanations; runs in the model pool."""
-    catalogue = state.catalogue
-    upload = decode_upload(data, label=label, max_pixels=state.settings.max_pixels,
-                           target_size=int(catalogue.model.config.input_size))
+    upload = decode_for_model(state, data, label)
     try:
-        result = catalogue.search(upload.data, k=k, explain=explain, effects=effects, concepts=concepts)
+        result = state.catalogue.search(upload.data, k=k, explain=explain, effects=effects, concepts=concepts)
     except ImageLoadError as exc:  # e.g. a pixel limit above the engine's default
         raise HTTPException(status_for(exc), f"{label}: {one_line(str(exc))}") from exc
     if explain and result.matches:
         state.explanations.remember_upload(upload.sha256, display_copy(upload.image))
-    response = _response(state, result, upload_identity(upload.sha256), Picture(upload_sha256=upload.sha256), base)
-    return {**response, "query": name, "query_sha256": upload.sha256, "query_image_url": None}
+    return _response(state, result, name, upload_identity(upload.sha256), Picture(upload_sha256=upload.sha256), base)
 
 
-def _search_item(state: ApiState, item_id: int, k: int, explain: bool, base: str, effects: bool, concepts: bool) -> dict:
+def _search_item(state: ApiState, item_id: int, k: int, explain: bool, base: str, effects: bool,
+                 concepts: bool) -> SearchResponse:
     """More like a catalogue item, from its stored embedding and description; runs in the model pool."""
     try:
         result = state.catalogue.search_item(item_id, k=k, explain=explain, effects=effects, concepts=concepts)
@@ -55,23 +54,34 @@ def _search_item(state: ApiState, item_id: int, k: int, explain: bool, base: str
         raise HTTPException(404, f"item: {exc}") from exc
     except ImageLoadError as exc:  # concepts and effects read the item's file
         raise HTTPException(422, f"item: the image of item {item_id} cannot be read: {one_line(str(exc))}") from exc
-    response = _response(state, result, item_identity(item_id, result.query_sha256), Picture(item_id=item_id), base)
-    return {**response, "query_image_url": f"{base}/items/{item_id}/image"}
+    return _response(state, result, None, item_identity(item_id, result.query_sha256), Picture(item_id=item_id), base)
 
 
-def _response(state: ApiState, result: SearchResult, query_identity: str, query_picture: Picture, base: str) -> dict:
-    """The result as JSON, each match with its image URL and, when explained, its cached explanation's key and overlays."""
-    response = result.to_dict()
-    for match, out in zip(result.matches, response["matches"]):
-        out["image_url"] = f"{base}/items/{match.item_id}/image"
+def _response(state: ApiState, result: SearchResult, upload_name: str | None, query_identity: str,
+              query_picture: Picture, base: str) -> SearchResponse:
+    """The result with catalogue-relative sources, each match with its image URL and, when explained, its
+    cached explanation's key and overlays. ``upload_name`` names an upload query; an item query is its source."""
+    shown = state.catalogue.relative_sources([*(m.source for m in result.matches), *(s.source for s in result.unreadable),
+                                              *([result.query] if result.query_item is not None else [])])
+    matches = []
+    for match in result.matches:
+        key, overlays, explanation = None, {}, None
         if match.explanation is not None:
             key = pair_key(state.catalogue.model_key, query_identity, item_identity(match.item_id, match.sha256))
             state.explanations.put(key, StoredExplanation(match.explanation, query_picture, Picture(item_id=match.item_id)))
-            out["explanation_key"] = key
-            out["overlays"] = overlay_urls(base, key)
-        else:
-            out.pop("overlays", None)
-    return response
+            overlays, explanation = overlay_urls(base, key), Explanation(**match.explanation.to_dict())
+        matches.append(SearchMatch(
+            item_id=match.item_id, source=shown[match.source], listing=match.listing, sha256=match.sha256,
+            index_similarity=match.index_similarity, head_score=match.head_score, is_match=match.is_match,
+            rank_before=match.rank_before, rank_after=match.rank_after, image_url=item_image_url(base, match.item_id),
+            explanation=explanation, explanation_key=key, overlays=overlays))
+    item = result.query_item
+    return SearchResponse(
+        query=upload_name if item is None else shown[result.query], query_item=item, query_sha256=result.query_sha256,
+        query_image_url=None if item is None else item_image_url(base, item), k=result.k, threshold=result.threshold,
+        n_candidates=result.n_candidates, index_size=result.index_size, excluded=result.excluded,
+        generation=result.generation, stale_index=result.stale_index,
+        unreadable=[Unreadable(source=shown[s.source], reason=s.reason) for s in result.unreadable], matches=matches)
 
 
 @router.post("/search", response_model=SearchResponse, summary="Search the catalogue by image")
@@ -88,7 +98,7 @@ async def search(
                                                "(implies explain; one backbone pass over the matches).")] = False,
     effects: Annotated[bool, Form(description="Also measure how the score moves when each map's region is masked "
                                               "(implies explain; four more backbone passes per match).")] = False,
-) -> dict:
+) -> SearchResponse:
     """The ``k`` best matches of an upload (``image``) or of a catalogue item (``item``): FAISS candidates
     re-scored by the Siamese head, with both ranks. Catalogue items with the upload's exact bytes, or the item
     itself, are left out (``excluded``). With ``explain`` each match carries its maps and the URLs of overlay

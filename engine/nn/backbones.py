@@ -8,7 +8,6 @@ from that map, and its input normalisation. Weights come from files on disk only
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from engine.nn.efficientnet_lite import LITE0_MEAN, LITE0_STD, EfficientNetLite0, efficientnet_lite0_weights_path
 from engine.errors import WeightsNotInstalledError
+from engine.images import file_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -147,14 +147,6 @@ class _LayerTracer(fx.Tracer):
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, attribute = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attribute, new)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _load_state(path: Path) -> dict[str, Tensor]:
