@@ -1,7 +1,7 @@
 """The catalogue's tables as SQLAlchemy 2 typed ORM classes.
 
 The schema itself is created only by the Alembic migrations in ``migrations/`` (which must match
-these classes; ``tests/test_indexer_db.py`` compares them). The database is the source of truth:
+these classes; ``tests/indexer/test_db.py`` compares them). The database is the source of truth:
 each item keeps its embedding (float32 bytes), so the FAISS file can always be rebuilt from it, and
 the head's description of it, so re-scoring needs neither the file nor the backbone.
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+pytest_plugins = ["tests.catalogues"]
+
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 

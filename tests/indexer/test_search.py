@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from indexer_fixtures import _one_torch_thread, catalogue_for, edited, tiles, tiny_checkpoint, write_catalogue  # noqa: F401
+from tests.catalogues import catalogue_for, edited, tiles, write_catalogue
 from PIL import Image
 from sqlalchemy import update
 

@@ -31,7 +31,7 @@ from tests.conftest import shared_or_skip
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOKEN = "web-test-token"
 GROUPS = ("living-room/boston_5661892", "kitchen/boston_1369349", "bedroom/berlin_16014791")
 LISTING_REGEX = r"^([^/]+/[^_]+_\d+)"

@@ -17,13 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from indexer_fixtures import (  # noqa: F401
-    _one_torch_thread,
-    catalogue_for,
-    edited,
-    tiles,
-    write_catalogue,
-)
+from tests.catalogues import catalogue_for, edited, tiles, write_catalogue
 from PIL import Image
 
 from api import create_app

@@ -6,7 +6,6 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
-from indexer_fixtures import database_url  # noqa: F401 - fixture
 from sqlalchemy import inspect, select
 from sqlalchemy.exc import IntegrityError
 

@@ -1,4 +1,5 @@
-"""Fixtures and helpers for the indexer tests: distinct small photos, database URLs (SQLite and PostgreSQL)."""
+"""Fixtures and helpers for the catalogue tests (indexer, API, web): distinct small photos, database URLs
+(SQLite and PostgreSQL), a tiny checkpoint; registered for every test by ``tests/conftest.py``."""
 
 from __future__ import annotations
 
@@ -101,8 +102,8 @@ def catalogue_for(tmp_path: Path, model, database_url: str | None = None, **kwar
     return Catalogue(tmp_path / "data", database_url=database_url, model=model, **kwargs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
+@pytest.fixture(scope="module")
+def one_torch_thread():
     """The indexer tests push tiny batches of 128-px images through the network: one thread does that
     several times faster than two on a shared 2-core machine (no OpenMP barrier waits)."""
     import torch

@@ -12,12 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from indexer_fixtures import _one_torch_thread, catalogue_for, edited, tiles, tiny_checkpoint, write_catalogue  # noqa: F401
+from tests.catalogues import catalogue_for, edited, tiles, write_catalogue
 
 from indexer import crud
 from indexer import faiss_index as fx
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KILLS = 3
 
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from indexer_fixtures import _one_torch_thread, catalogue_for, tiny_checkpoint  # noqa: F401
+from tests.catalogues import catalogue_for
 
 from indexer import crud
 from tests.conftest import shared_or_skip

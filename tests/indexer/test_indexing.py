@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from indexer_fixtures import _one_torch_thread, catalogue_for, database_url, tiles, tiny_checkpoint, write_catalogue  # noqa: F401
+from tests.catalogues import catalogue_for, tiles, write_catalogue
 from PIL import Image
 from sqlalchemy import select
 

@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import pytest
 from click.testing import CliRunner
-from indexer_fixtures import _one_torch_thread, catalogue_for, database_url, edited, tiles, tiny_checkpoint, write_catalogue  # noqa: F401
+from tests.catalogues import catalogue_for, edited, tiles, write_catalogue
 from sqlalchemy import func, select
 
 from indexer import crud
