@@ -13,9 +13,13 @@
    so the precision is that of what dedup outputs. A calibration is stored per model and used by
    later runs that give neither; without any, the model's duplicate threshold (best F1 over every pair
    of its inner validation split; ``ModelConfig.duplicate_threshold``), else its decision threshold.
-4. **Groups** are the connected components of the kept pairs; the **listing report** says which
-   listings share photos, how many, strongest evidence first. Everything is stored in the database
-   (``dedup_runs``, ``duplicate_groups``, ``duplicate_pairs``) for review.
+4. **Groups** that cannot chain (``anchored_groups``): each is anchored on one photo, every member
+   matches the anchor and at least half of the group's other members, so one weak link never merges
+   two listings (connected components of the kept pairs chained a whole catalogue of rooms into one
+   group). Only the pairs inside a group are reported; the **listing report** is built from those,
+   so it follows the same rule: which listings share photos, how many, strongest evidence first.
+   Everything is stored in the database (``dedup_runs``, ``duplicate_groups``, ``duplicate_pairs``)
+   for review.
 """
 
 from __future__ import annotations
@@ -29,8 +33,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from sqlalchemy.orm import Session
 
 from engine.eval.metrics import threshold_for_precision
@@ -51,6 +53,8 @@ class DedupOptions:
     precision: float | None = None
     labels: str | os.PathLike | None = None  # CSV path,group (relative paths: to the CSV's folder)
     min_index_similarity: float | None = None  # skip candidate pairs below this before re-scoring
+    # A group member matches its anchor and at least this fraction of the members before it (``anchored_groups``).
+    min_links: float = 0.5
     pair_batch: int = 256
     max_cache_bytes: int = 1 << 30
 
@@ -309,9 +313,10 @@ def find_duplicates(*, model: CatalogueModel, db: Database, index: faiss.Index, 
             threshold = float(model.duplicate_threshold)
             how = "model duplicates" if model.config.duplicate_threshold is not None else "model"
 
-    kept = sorted((p for p, score in scores.items() if score >= threshold), key=lambda p: (-scores[p], p))
-    groups = _components(kept)
+    above = {p: score for p, score in scores.items() if score >= threshold}
+    groups = anchored_groups(above, options.min_links)
     group_of = {item: n for n, members in enumerate(groups) for item in members}
+    kept = sorted((p for p in above if group_of.get(p[0], -1) == group_of.get(p[1], -2)), key=lambda p: (-scores[p], p))
     pairs = [PairResult(a, b, sources[a], sources[b], listings[a], listings[b], candidates[(a, b)], scores[(a, b)],
                         sha_of[a] == sha_of[b], group_of[a], reviews.get((a, b))) for a, b in kept]
     pairs_of: dict[int, list[PairResult]] = defaultdict(list)
@@ -330,19 +335,34 @@ def find_duplicates(*, model: CatalogueModel, db: Database, index: faiss.Index, 
     return report
 
 
-def _components(pairs: list[tuple[int, int]]) -> list[set[int]]:
-    """The connected components of the pairs' graph, in the order of their first pair (the strongest,
-    as the pairs are given)."""
-    if not pairs:
-        return []
-    items, ends = np.unique(np.asarray(pairs, dtype=np.int64).ravel(), return_inverse=True)
-    ends = ends.reshape(-1, 2)
-    graph = coo_matrix((np.ones(len(ends)), (ends[:, 0], ends[:, 1])), shape=(len(items), len(items)))
-    _, component = connected_components(graph, directed=False)
-    members: dict[int, set[int]] = {}  # keeps the order of first appearance
-    for (a, b), label in zip(pairs, component[ends[:, 0]].tolist()):
-        members.setdefault(label, set()).update((a, b))
-    return list(members.values())
+def anchored_groups(scores: dict[tuple[int, int], float], min_links: float = 0.5) -> list[set[int]]:
+    """Groups of the items linked by ``scores`` ((a, b) → score of a kept pair) that cannot chain.
+
+    Anchors are taken in order of their links (most first, then the highest summed score, then the
+    smallest id); each unassigned anchor gathers its unassigned neighbours, strongest link first, a
+    neighbour joining when it is linked to at least ``min_links`` of the members so far (the anchor
+    always among them). Every member is one link from its anchor, so a group never grows along a chain
+    of pairwise links; an item left alone is in no group. Groups come strongest first (their highest
+    score)."""
+    neighbours: dict[int, dict[int, float]] = defaultdict(dict)
+    for (a, b), score in scores.items():
+        neighbours[a][b] = neighbours[b][a] = score
+    order = sorted(neighbours, key=lambda i: (-len(neighbours[i]), -sum(neighbours[i].values()), i))
+    assigned: set[int] = set()
+    groups: list[tuple[float, set[int]]] = []
+    for anchor in order:
+        if anchor in assigned:
+            continue
+        members = [anchor]
+        for other, _ in sorted(neighbours[anchor].items(), key=lambda link: (-link[1], link[0])):
+            if other not in assigned and sum(m in neighbours[other] for m in members) >= min_links * len(members):
+                members.append(other)
+        if len(members) > 1:
+            assigned.update(members)
+            strongest = max(neighbours[a][b] for a in members for b in members if b in neighbours[a])
+            groups.append((strongest, set(members)))
+    groups.sort(key=lambda group: (-group[0], min(group[1])))
+    return [members for _, members in groups]
 
 
 def listing_report(pairs: list[PairResult]) -> list[ListingShare]:

@@ -14,7 +14,7 @@ from tests.catalogues import catalogue_for, edited, tiles, write_catalogue
 from sqlalchemy import func, select
 
 from indexer import crud
-from indexer.dedup import DedupOptions, exact_pairs, knn_candidates
+from indexer.dedup import DedupOptions, anchored_groups, exact_pairs, knn_candidates
 from indexer.indexing import model_fingerprint
 from indexer.models import DedupCalibration, DedupRun, DuplicateGroup, DuplicatePair
 from whymatch.cli import main
@@ -215,3 +215,32 @@ def test_dedup_command_csv_and_json(tmp_path, tiny_model, tiny_checkpoint):  # n
     assert mixed.exit_code == 2 and "-k" in mixed.output
     without_model = CliRunner().invoke(main, ["dedup", "--last", "--json"], env={**env, "WHYMATCH_MODEL_PATH": str(tmp_path / "gone")})
     assert without_model.exit_code == 0 and json.loads(without_model.stdout) == stored  # read back, no model loaded
+
+
+def _chain(n: int, score: float = 0.95) -> dict[tuple[int, int], float]:
+    return {(i, i + 1): score for i in range(1, n)}
+
+
+def test_groups_do_not_chain():
+    """Pairwise links along a chain of 12 photos never make one group: each member is one link from
+    its anchor, and a group past three members needs links among them."""
+    groups = anchored_groups(_chain(12))
+    assert groups and max(len(g) for g in groups) <= 3
+    assert all(len(g) >= 2 for g in groups)
+    assert len(set().union(*groups)) == sum(len(g) for g in groups)  # no photo in two groups
+
+
+def test_a_weak_link_does_not_merge_two_listings():
+    clique_a = {(a, b): 0.99 for a in range(1, 5) for b in range(a + 1, 5)}
+    clique_b = {(a, b): 0.98 for a in range(5, 9) for b in range(a + 1, 9)}
+    groups = anchored_groups({**clique_a, **clique_b, (4, 5): 0.91})
+    assert sorted(map(sorted, groups)) == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+def test_a_group_member_needs_links_beyond_the_anchor():
+    """A hub linked to five photos that match nothing else gathers two of them (its strongest links),
+    not all five; a photo that also matches a member joins."""
+    star = {(0, leaf): 0.9 + leaf / 100 for leaf in range(1, 6)}
+    groups = anchored_groups(star)
+    assert groups[0] == {0, 5, 4}
+    assert anchored_groups({**star, (5, 3): 0.95, (4, 3): 0.95})[0] == {0, 3, 4, 5}
