@@ -27,8 +27,10 @@ function sideName(side) {
 }
 
 const FILLED = { blur: "blurred", mean: "filled with its mean colour" };
+// The smallest move of the evidence (logit units) worth saying when the similarity does not show it (engine.explain.masking.EVIDENCE_STEP).
+const EVIDENCE_STEP = 0.05;
 
-// The masking effect of one map in words, as engine.faithfulness.effect_sentences says it, e.g.
+// The masking effect of one map in words, as engine.explain.masking.effect_sentences says it, e.g.
 // "Masking the factual region of image B (20% of its area, blurred) lowers the similarity from 0.91 to 0.37."
 function effectSentence(mapName, effects, explanation) {
   const entry = effects[mapName];
@@ -42,9 +44,17 @@ function effectSentence(mapName, effects, explanation) {
   const region = `Masking the ${role} region of image ${side}${details ? ` (${details})` : ""}`;
   const before = explanation.similarity;
   const after = entry.masked_similarity;
-  const verb = Math.abs(after - before) < 0.005
-    ? `leaves the similarity at ${formatScore(before)}`
-    : `${after > before ? "raises" : "lowers"} the similarity from ${formatScore(before)} to ${formatScore(after)}`;
+  const evidenceMoves = Number.isFinite(entry.evidence_change) && Math.abs(entry.evidence_change) >= EVIDENCE_STEP;
+  let verb;
+  if (Math.abs(after - before) >= 0.005) {
+    verb = `${after > before ? "raises" : "lowers"} the similarity from ${formatScore(before)} to ${formatScore(after)}`;
+  } else if (evidenceMoves) {
+    // A saturated similarity hides the move; the evidence (its logit) shows it.
+    verb = `leaves the similarity at ${formatScore(before)} but ${entry.evidence_change > 0 ? "raises" : "lowers"} the head's `
+      + `evidence (its logit) from ${effects.evidence.toFixed(1)} to ${entry.masked_evidence.toFixed(1)}`;
+  } else {
+    verb = `leaves the similarity at ${formatScore(before)}`;
+  }
   const flip = entry.flips ? `, which flips the decision to ${explanation.is_match ? "no match" : "match"}` : "";
   return `${region} ${verb}${flip}.`;
 }

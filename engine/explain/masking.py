@@ -33,6 +33,8 @@ DEFAULT_AREA = 0.2
 BLUR_SIGMA = 1 / 32
 BLUR_REDUCTION = 4
 TIE_BREAK = 1e-4
+# The smallest move of the evidence (logit units) worth saying when the similarity does not show it.
+EVIDENCE_STEP = 0.05
 
 
 class PixelScorer(Protocol):
@@ -118,8 +120,14 @@ def _masked(variants: Variants, v: int) -> Tensor:
 
 
 def score_variants(model: PixelScorer, variants: Variants) -> np.ndarray:
-    """Pair scores of all variants: ``model.batch_size`` masked images per backbone pass, then every
-    pair scored by the head at once, each unmasked partner described once."""
+    """Pair scores of all variants (see ``evidence_variants``)."""
+    with torch.inference_mode():
+        return model.net.score_from_evidence(torch.from_numpy(evidence_variants(model, variants))).numpy().astype(np.float32)
+
+
+def evidence_variants(model: PixelScorer, variants: Variants) -> np.ndarray:
+    """The head's evidence (the score's logit) of all variants: ``model.batch_size`` masked images per
+    backbone pass, then every pair scored by the head at once, each unmasked partner described once."""
     n = len(variants.source)
     if not n:
         return np.zeros(0, np.float32)
@@ -132,7 +140,7 @@ def score_variants(model: PixelScorer, variants: Variants) -> np.ndarray:
     pairs = [(v, n + p) if is_a else (n + p, v) for v, (p, is_a) in enumerate(zip(variants.partner, variants.masked_is_a))]
     rows_a, rows_b = (list(rows) for rows in zip(*pairs))
     with torch.inference_mode():
-        return model.net.score_pairs(described, rows_a, described, rows_b).numpy().astype(np.float32)
+        return model.net.evidence_pairs(described, rows_a, described, rows_b).numpy().astype(np.float32)
 
 
 
@@ -170,13 +178,19 @@ def effects_from_tensors(
         variants.source.append(0 if is_a else 1 + i)
         variants.partner.append(1 + i if is_a else 0)
         variants.masked_is_a.append(is_a)
-    scores = score_variants(model, variants)
-    results = [{"fill": fill, "area": area, **dict.fromkeys(MAP_NAMES)} for _ in explanations]
-    for (i, name), masked in zip(entries, scores):
+    evidence = evidence_variants(model, variants)
+    with torch.inference_mode():
+        scores = model.net.score_from_evidence(torch.from_numpy(evidence)).numpy()
+        sig_a, sig_b = signatures(model.net, fmap_a), signatures(model.net, fmaps_b)
+        originals = model.net.evidence_pairs(sig_a, [0] * len(fmaps_b), sig_b, list(range(len(fmaps_b)))).tolist()
+    results = [{"fill": fill, "area": area, "evidence": original, **dict.fromkeys(MAP_NAMES)} for original in originals]
+    for (i, name), masked, masked_evidence in zip(entries, scores, evidence):
         explanation = explanations[i]
         results[i][name] = {
             "masked_similarity": float(masked),
             "change": float(masked) - explanation.similarity,
+            "masked_evidence": float(masked_evidence),
+            "evidence_change": float(masked_evidence) - originals[i],
             "flips": bool(masked >= explanation.threshold) != explanation.is_match,
         }
     for explanation, result in zip(explanations, results):
@@ -201,7 +215,12 @@ def effect_sentences(explanation: PairExplanation, names: tuple[str, str] = ("im
             sentences.append(f"the {role} map of {image} is empty: nothing to mask")
             continue
         before, after = explanation.similarity, entry["masked_similarity"]
-        if abs(after - before) < 0.005:
+        if abs(after - before) < 0.005 and abs(entry.get("evidence_change", 0.0)) >= EVIDENCE_STEP:
+            # A saturated similarity hides the move; the evidence (its logit) shows it.
+            was, now = effects["evidence"], entry["masked_evidence"]
+            verb = (f"leaves the similarity at {before:.2f} but {'raises' if now > was else 'lowers'} the head's evidence "
+                    f"(its logit) from {was:.1f} to {now:.1f}")
+        elif abs(after - before) < 0.005:
             verb = f"leaves the similarity at {before:.2f}"
         else:
             verb = f"{'raises' if after > before else 'lowers'} the similarity from {before:.2f} to {after:.2f}"

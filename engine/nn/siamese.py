@@ -96,8 +96,13 @@ class SiameseNet(nn.Module):
     def score_pairs(self, sig_a: tuple[Tensor, ...], rows_a: Sequence[int], sig_b: tuple[Tensor, ...],
                     rows_b: Sequence[int]) -> Tensor:
         """Scores of the pairs (row ``rows_a[n]`` of ``sig_a``, row ``rows_b[n]`` of ``sig_b``), ``PAIR_CHUNK`` at a time."""
-        parts = [self.score_signatures(tuple(part[rows_a[s : s + PAIR_CHUNK]] for part in sig_a),
-                                       tuple(part[rows_b[s : s + PAIR_CHUNK]] for part in sig_b))
+        return self.score_from_evidence(self.evidence_pairs(sig_a, rows_a, sig_b, rows_b))
+
+    def evidence_pairs(self, sig_a: tuple[Tensor, ...], rows_a: Sequence[int], sig_b: tuple[Tensor, ...],
+                       rows_b: Sequence[int]) -> Tensor:
+        """The evidence (the score's logit, see ``evidence_fmaps``) of the pairs ``score_pairs`` scores."""
+        parts = [self.signature_logit(tuple(part[rows_a[s : s + PAIR_CHUNK]] for part in sig_a),
+                                      tuple(part[rows_b[s : s + PAIR_CHUNK]] for part in sig_b))
                  for s in range(0, len(rows_a), PAIR_CHUNK)]
         return torch.cat(parts) if parts else torch.zeros(0)
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from engine.eval import faithfulness as fa
 from engine.explain import masking
-from engine.explain.pairs import MAP_NAMES
+from engine.explain.pairs import MAP_NAMES, PairExplanation
 from tests.conftest import make_model
 from whymatch.cli import main
 
@@ -198,11 +198,15 @@ def test_effects_keys_values_and_one_backbone_pass(model, photos, monkeypatch):
     assert calls == [4 - len(explanation.empty_maps)]
     effects = explanation.effects
     assert effects["fill"] == "blur" and effects["area"] == masking.DEFAULT_AREA
+    to_score = model.net.score_from_evidence
+    assert float(to_score(torch.tensor(effects["evidence"]))) == pytest.approx(explanation.similarity, abs=1e-5)
     for name in MAP_NAMES:
         entry = effects[name]
-        assert set(entry) == {"masked_similarity", "change", "flips"}
+        assert set(entry) == {"masked_similarity", "change", "masked_evidence", "evidence_change", "flips"}
         assert 0.0 <= entry["masked_similarity"] <= 1.0
         assert entry["change"] == pytest.approx(entry["masked_similarity"] - explanation.similarity)
+        assert float(to_score(torch.tensor(entry["masked_evidence"]))) == pytest.approx(entry["masked_similarity"], abs=1e-5)
+        assert entry["evidence_change"] == pytest.approx(entry["masked_evidence"] - effects["evidence"])
         assert entry["flips"] == ((entry["masked_similarity"] >= explanation.threshold) != explanation.is_match)
     assert json.loads(json.dumps(explanation.to_dict()))["effects"] == effects
 
@@ -294,3 +298,13 @@ def test_cli_eval_explanations_and_compare_effects(tmp_path, groups_folder):
     result = CliRunner().invoke(main, ["compare", str(images[0]), str(images[1]), "--model", str(tmp_path / "model")], env=env)
     assert result.exit_code == 0, result.output
     assert "masking the factual region of image a" in result.output
+
+
+def test_effect_sentences_say_how_much_a_saturated_score_moves():
+    """Where the similarity reads 1.00 before and after, the sentence gives the evidence (logit) it lost."""
+    zeros = np.zeros((2, 2), np.float32)
+    explanation = PairExplanation(0.9999, True, 0.9, zeros, zeros, zeros, zeros)
+    entry = {"masked_similarity": 0.9990, "change": -0.0009, "masked_evidence": 6.9, "evidence_change": -2.3, "flips": False}
+    explanation.effects = {"fill": "blur", "area": 0.2, "evidence": 9.2, **dict.fromkeys(MAP_NAMES, entry)}
+    sentence = masking.effect_sentences(explanation)[0]
+    assert "leaves the similarity at 1.00 but lowers the head's evidence (its logit) from 9.2 to 6.9" in sentence
