@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("engine", "indexer", "api", "whymatch")
 LAYERS = (
     ("engine.errors", "engine.images", "engine.config"),
-    ("engine.data",),
+    ("engine.data", "engine.verify"),
     ("engine.nn",),
     ("engine.explain",),
     ("engine.inference",),
