@@ -158,11 +158,14 @@ class DedupRunInfo(BaseModel):
     n_candidates: int
     n_pairs: int
     n_groups: int
+    expected_false_pairs: float | None = Field(
+        None, description="False pairs expected at the threshold: the model's per-pair false-match rate × the catalogue's pairs.")
 
 
 class DedupRequest(BaseModel):
-    """How to run dedup: a threshold, or a precision target calibrated on the reviewers' decisions so far;
-    neither = the stored calibration of this model, else the model's duplicate threshold."""
+    """How to run dedup: a threshold, or a precision target (calibrated on the reviewers' decisions so far,
+    else placed by the model's per-pair false-match rate for the catalogue's size); neither = the stored
+    calibration of this model, else the false-match rate for precision 0.9."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -37,6 +37,10 @@ class ModelConfig:
     # Duplicate detection across a catalogue, where duplicates are rare: best F1 over every pair of
     # the inner validation split (duplicate groups only; None: use ``threshold``).
     duplicate_threshold: float | None = None
+    # Per-pair false-match rates measured on the inner validation split's dissimilar pairs and the lowest
+    # threshold reaching each, [[rate, threshold], ...], rates falling: dedup places its default threshold
+    # on it for the size of the catalogue it runs on (expected false pairs = rate × the catalogue's pairs).
+    false_match_table: list[list[float]] | None = None
     bf16: bool = True
     provenance: dict[str, Any] = field(default_factory=dict)
 

@@ -150,7 +150,8 @@ def search_command(ctx: click.Context, query: Path | None, item_id: int | None, 
 @click.command("dedup")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Keep pairs whose head score is at least this.")
 @click.option("--precision", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Calibrate the threshold for this precision on labelled pairs (--labels and/or reviews); stored per model.")
+              help="Aim at this precision: calibrated on labelled pairs (--labels and/or reviews; stored per model), else placed "
+                   "by the model's per-pair false-match rate for the catalogue's size. Default: a stored calibration, else 0.9 that way.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="CSV path,group of known duplicate groups (paths relative to the CSV), for --precision.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per item in the candidate graph.")

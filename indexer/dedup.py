@@ -11,8 +11,13 @@
    (a ``path,group`` CSV such as ``groups.csv``, and reviewers' accept/reject decisions, which take
    precedence) with ``engine.eval.metrics.threshold_for_precision`` on the candidate pairs themselves —
    so the precision is that of what dedup outputs. A calibration is stored per model and used by
-   later runs that give neither; without any, the model's duplicate threshold (best F1 over every pair
-   of its inner validation split; ``ModelConfig.duplicate_threshold``), else its decision threshold.
+   later runs that give neither. Without one, the threshold holds at the catalogue's size
+   (``threshold_for_catalogue``): unrelated pairs grow as N² and duplicates as N, so a threshold
+   placed on a few hundred photos lets in more false pairs the larger the catalogue. The model's
+   per-pair false-match rates (``ModelConfig.false_match_table``) give the false pairs expected at each
+   threshold among the catalogue's N(N−1)/2 pairs; the lowest threshold whose expected false pairs are at
+   most 1 − ``precision`` (default ``DEFAULT_PRECISION``) of the pairs it keeps is taken, never below
+   the model's decision threshold. A model without the table falls back to its duplicate threshold.
 4. **Groups** that cannot chain (``anchored_groups``): each is anchored on one photo, every member
    matches the anchor and at least half of the group's other members, so one weak link never merges
    two listings (connected components of the kept pairs chained a whole catalogue of rooms into one
@@ -42,6 +47,8 @@ from indexer.db import Database
 from indexer.model import CatalogueModel
 from indexer.models import as_utc
 
+# The precision dedup aims at when nothing else says (no threshold, labels or stored calibration).
+DEFAULT_PRECISION = 0.9
 MAX_EXACT_CLIQUE = 50  # larger sets of identical files are linked as a star, not every pair
 SUMMARY_GROUPS = 20  # duplicate groups the text summary lists (all are in --json / --csv)
 
@@ -108,6 +115,7 @@ class DedupReport:
     groups: list[GroupResult]
     listings: list[ListingShare]
     calibration: dict | None = None
+    expected_false_pairs: float | None = None  # at the threshold, from the model's per-pair false-match rate
     run_id: int | None = None
     seconds: float | None = 0.0  # None for a run read back from the database (``stored_report``)
     created_at: str | None = None  # ISO 8601, UTC
@@ -121,6 +129,10 @@ class DedupReport:
             f"({self.threshold_source}); {len(self.pairs)} duplicate pairs in {len(self.groups)} groups "
             f"(run {self.run_id}{f', {self.seconds:.1f} s' if self.seconds is not None else f' of {self.created_at}, stored'})",
         ]
+        if self.expected_false_pairs is not None:
+            lines.append(f"aims at precision {self.precision_target:g}: {self.expected_false_pairs:.1f} false pairs expected "
+                         f"among the {self.n_items * (self.n_items - 1) // 2} pairs of {self.n_items} items "
+                         f"(the model's false-match rate per pair at this threshold)")
         if self.calibration:
             c = self.calibration
             lines.append(f"calibrated for precision {c['precision_target']:g} on {c['n_pairs']} labelled pairs "
@@ -296,22 +308,29 @@ def find_duplicates(*, model: CatalogueModel, db: Database, index: faiss.Index, 
     scores = {p: 1.0 for p in candidates if sha_of[p[0]] == sha_of[p[1]]}
     scores.update(head)
 
-    calibration = None
+    calibration = expected_false = None
+    precision = options.precision
+    table = model.config.false_match_table
+    stored = None
+    if options.threshold is None and options.precision is None:
+        with db.session() as session:
+            stored = crud.latest_calibration(session, model_key)
     if options.threshold is not None:
         threshold, how = float(options.threshold), "given"
-    elif options.precision is not None:
+    elif options.precision is not None and (options.labels or reviews or not table):
         labels = read_labels(options.labels, sources) if options.labels else {}
         calibration = calibrate(scores, labels, reviews, options.precision)
         calibration["labels"] = os.path.abspath(options.labels) if options.labels else None
         threshold, how = calibration["threshold"], "calibrated"
-    else:
-        with db.session() as session:
-            stored = crud.latest_calibration(session, model_key)
-        if stored is not None:
-            threshold, how = stored.threshold, "stored calibration"
-        else:  # the model's duplicate threshold, which falls back to its decision threshold
-            threshold = float(model.duplicate_threshold)
-            how = "model duplicates" if model.config.duplicate_threshold is not None else "model"
+    elif stored is not None:
+        threshold, how = stored.threshold, "stored calibration"
+    elif table:
+        precision = precision if precision is not None else DEFAULT_PRECISION
+        threshold, expected_false = threshold_for_catalogue(table, list(scores.values()), len(rows), float(model.threshold), precision)
+        how = "false-match rate"
+    else:  # the model's duplicate threshold, which falls back to its decision threshold
+        threshold = float(model.duplicate_threshold)
+        how = "model duplicates" if model.config.duplicate_threshold is not None else "model"
 
     above = {p: score for p, score in scores.items() if score >= threshold}
     groups = anchored_groups(above, options.min_links)
@@ -328,11 +347,30 @@ def find_duplicates(*, model: CatalogueModel, db: Database, index: faiss.Index, 
         group_results.append(GroupResult(sorted(members), [sources[i] for i in sorted(members)],
                                          sorted({listings[i] for i in members if listings[i] is not None}),
                                          max(p.head_score for p in member_pairs), len(member_pairs)))
-    report = DedupReport(threshold, how, options.precision, options.k, len(rows), len(candidates), pairs, group_results,
-                         listing_report(pairs), calibration)
+    report = DedupReport(threshold, how, precision, options.k, len(rows), len(candidates), pairs, group_results,
+                         listing_report(pairs), calibration, expected_false)
     _store(db, report, model_key, generation_id)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def threshold_for_catalogue(table: list[list[float]], scores: list[float], n_items: int, floor: float,
+                            precision: float) -> tuple[float, float]:
+    """(threshold, false pairs expected there) for a catalogue of ``n_items``: the lowest threshold of
+    ``table`` ([[per-pair false-match rate, threshold], ...]) at which the expected false pairs, rate ×
+    N(N−1)/2, are at most 1 − ``precision`` of the candidate pairs (``scores``) it keeps; never below
+    ``floor`` (the model's decision threshold: what dedup reports, compare calls a match). When no row
+    reaches the precision, the strictest."""
+    n_pairs = n_items * (n_items - 1) / 2
+    values = np.sort(np.asarray(scores, np.float64))
+    rows = sorted(table, key=lambda row: row[1])
+    for rate, threshold in rows:
+        threshold = max(float(threshold), floor)
+        kept = len(values) - int(np.searchsorted(values, threshold, side="left"))
+        if kept and rate * n_pairs <= (1 - precision) * kept:
+            return threshold, rate * n_pairs
+    rate, threshold = rows[-1]
+    return max(float(threshold), floor), rate * n_pairs
 
 
 def anchored_groups(scores: dict[tuple[int, int], float], min_links: float = 0.5) -> list[set[int]]:
@@ -393,7 +431,8 @@ def _store(db: Database, report: DedupReport, model_key: str, generation_id: int
         run, group_ids = crud.add_dedup_run(
             session, groups, pairs, generation_id=generation_id, model_key=model_key, threshold=report.threshold,
             threshold_source=report.threshold_source, precision_target=report.precision_target, k=report.k,
-            n_items=report.n_items, n_candidates=report.n_candidates, n_pairs=len(report.pairs), n_groups=len(report.groups))
+            n_items=report.n_items, n_candidates=report.n_candidates, n_pairs=len(report.pairs), n_groups=len(report.groups),
+            expected_false_pairs=report.expected_false_pairs)
         for group, group_id in zip(report.groups, group_ids):
             group.id = group_id
         report.run_id = run.id
@@ -413,7 +452,7 @@ def stored_report(db: Database, run_id: int | None = None) -> DedupReport | None
         group_order = [group.id for group in crud.dedup_groups(session, run.id)]
         rows = crud.stored_pair_rows(session, run.id)
         report = DedupReport(run.threshold, run.threshold_source, run.precision_target, run.k, run.n_items, run.n_candidates,
-                             [], [], [], run_id=run.id, seconds=None, created_at=as_utc(run.created_at).isoformat(timespec="seconds"))
+                             [], [], [], expected_false_pairs=run.expected_false_pairs, run_id=run.id, seconds=None, created_at=as_utc(run.created_at).isoformat(timespec="seconds"))
     present = {group_id for group_id, *_ in rows}
     position = {group_id: n for n, group_id in enumerate(g for g in group_order if g in present)}
     report.pairs = [PairResult(*fields, position[group_id], reviews.get((fields[0], fields[1]))) for group_id, *fields in rows]

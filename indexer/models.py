@@ -149,12 +149,14 @@ class DedupRun(Base):
     n_candidates: Mapped[int] = mapped_column(Integer, default=0)
     n_pairs: Mapped[int] = mapped_column(Integer, default=0)
     n_groups: Mapped[int] = mapped_column(Integer, default=0)
+    # False pairs expected at the threshold: the model's per-pair false-match rate × the catalogue's pairs.
+    expected_false_pairs: Mapped[float | None] = mapped_column(Float)
 
     groups: Mapped[list[DuplicateGroup]] = relationship(back_populates="run", cascade="all, delete-orphan", passive_deletes=True)
 
 
 class DuplicateGroup(Base):
-    """A connected component of kept pairs."""
+    """A group of kept pairs that cannot chain (``indexer.dedup.anchored_groups``)."""
 
     __tablename__ = "duplicate_groups"
 

@@ -59,7 +59,8 @@ def _brief(item: Item, base: str) -> ItemBrief:
 def _run_info(run: DedupRun) -> DedupRunInfo:
     return DedupRunInfo(id=run.id, created_at=as_utc(run.created_at), threshold=run.threshold,
                         threshold_source=run.threshold_source, precision_target=run.precision_target, k=run.k,
-                        n_items=run.n_items, n_candidates=run.n_candidates, n_pairs=run.n_pairs, n_groups=run.n_groups)
+                        n_items=run.n_items, n_candidates=run.n_candidates, n_pairs=run.n_pairs, n_groups=run.n_groups,
+                        expected_false_pairs=run.expected_false_pairs)
 
 
 @router.get("/duplicates", response_model=DuplicatePage, summary="Duplicate pairs to review, strongest first")

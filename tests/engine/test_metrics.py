@@ -234,3 +234,18 @@ def test_threshold_for_precision_groups_tied_scores():
     labels = np.array([1, 1, 0, 0])
     assert threshold_for_precision(sims, labels, 1.0) == pytest.approx(0.9)
     assert threshold_for_precision(sims, labels, 0.6) == pytest.approx(0.8)
+
+
+def test_false_match_table_gives_each_rate_its_threshold():
+    from engine.eval.metrics import false_match_table
+
+    rng = np.random.default_rng(0)
+    scores, labels = rng.random(20_000), np.zeros(20_000, int)
+    labels[:5] = 1
+    table = false_match_table(scores, labels)
+    rates = [rate for rate, _ in table]
+    assert rates[0] == 0.1 and rates == sorted(rates, reverse=True) and rates[-1] * 19_995 >= 1
+    negatives = scores[labels == 0]
+    for rate, threshold in table:
+        assert (negatives >= threshold).mean() <= rate
+    assert [t for _, t in table] == sorted(t for _, t in table)

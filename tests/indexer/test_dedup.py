@@ -14,7 +14,7 @@ from tests.catalogues import catalogue_for, edited, tiles, write_catalogue
 from sqlalchemy import func, select
 
 from indexer import crud
-from indexer.dedup import DedupOptions, anchored_groups, exact_pairs, knn_candidates
+from indexer.dedup import DedupOptions, DedupReport, anchored_groups, exact_pairs, knn_candidates, threshold_for_catalogue
 from indexer.indexing import model_fingerprint
 from indexer.models import DedupCalibration, DedupRun, DuplicateGroup, DuplicatePair
 from whymatch.cli import main
@@ -244,3 +244,28 @@ def test_a_group_member_needs_links_beyond_the_anchor():
     groups = anchored_groups(star)
     assert groups[0] == {0, 5, 4}
     assert anchored_groups({**star, (5, 3): 0.95, (4, 3): 0.95})[0] == {0, 3, 4, 5}
+
+
+TABLE = [[1e-2, 0.5], [1e-3, 0.6], [1e-4, 0.7], [1e-5, 0.8]]
+SCORES = [0.9] * 50 + [0.65] * 100  # 50 duplicates, 100 weaker candidates
+
+
+def test_the_threshold_rises_with_the_catalogue_size():
+    """Expected false pairs = rate × N(N−1)/2: ten times the photos, a hundred times the unrelated pairs."""
+    small, expected_small = threshold_for_catalogue(TABLE, SCORES, 100, floor=0.0, precision=0.9)
+    large, expected_large = threshold_for_catalogue(TABLE, SCORES, 1000, floor=0.0, precision=0.9)
+    assert (small, large) == (0.6, 0.8)
+    assert expected_small == pytest.approx(1e-3 * 4950) and expected_small <= 0.1 * 150
+    assert expected_large == pytest.approx(1e-5 * 499500) and expected_large <= 0.1 * 50
+
+
+def test_the_catalogue_threshold_never_falls_below_the_decision():
+    assert threshold_for_catalogue(TABLE, SCORES, 100, floor=0.62, precision=0.9)[0] == 0.62
+    # Out of reach: the strictest row, with the false pairs it still expects.
+    threshold, expected = threshold_for_catalogue(TABLE, SCORES, 100_000, floor=0.0, precision=0.9)
+    assert threshold == 0.8 and expected == pytest.approx(1e-5 * 100_000 * 99_999 / 2)
+
+
+def test_the_summary_says_the_precision_aimed_at_and_the_false_pairs_expected():
+    report = DedupReport(0.8, "false-match rate", 0.9, 10, 1000, 4000, [], [], [], expected_false_pairs=5.0)
+    assert "aims at precision 0.9: 5.0 false pairs expected among the 499500 pairs of 1000 items" in report.summary()
