@@ -15,6 +15,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from indexer.models import Decision, PairStatus, ReviewStatus
 
 Map = list[list[float]]
+DecidedBy = Literal["head", "geometry", "head and geometry"]
+DECIDED_BY = ("Which evidence makes the pair a match: 'head' (similarity ≥ threshold), 'geometry' (verified), "
+              "'head and geometry'; null for no match.")
+
+
+class Verification(BaseModel):
+    """The geometric verification of a pair (engine.explain.decision): SIFT matches one homography explains."""
+
+    model: str = Field(description="The geometric model fitted ('homography').")
+    inliers: int = Field(description="Tentative matches the fitted model explains: the evidence.")
+    matches: int = Field(description="Tentative matches (ratio test, mutual nearest neighbours) it was fitted to.")
+    mirrored: bool = Field(description="The matches were found between a mirror image of A and B.")
+    verified: bool = Field(description="inliers ≥ min_inliers: the pair is a match whatever its similarity.")
+    min_inliers: int
+    lines: list[list[float]] = Field(description="For a verified pair, up to 30 inlier matches [xa, ya, xb, yb] in "
+                                                 "each original image's pixels, spread over A; empty otherwise.")
 
 
 class Explanation(BaseModel):
@@ -23,9 +39,11 @@ class Explanation(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     similarity: float = Field(description="The Siamese head's calibrated similarity in (0, 1).")
-    is_match: bool
+    is_match: bool = Field(description="The decision: similarity ≥ threshold, or geometrically verified.")
     threshold: float
     decision: str = Field(description="'match' or 'no match'.")
+    decided_by: DecidedBy | None = Field(None, description=DECIDED_BY)
+    verification: Verification | None = Field(None, description="The geometric verification, when one was run.")
     empty_maps: list[str] = Field(description="Maps that carry no evidence at all (returned as zeros).")
     factual_a: Map = Field(description="h×w in [0, 1] at feature resolution; a = the query / first image.")
     factual_b: Map
@@ -58,7 +76,9 @@ class SearchMatch(BaseModel):
     sha256: str
     index_similarity: float = Field(description="Cosine of the embeddings (negated L2 distance for the paper preset).")
     head_score: float = Field(description="The head's calibrated similarity: what the matches are ranked by.")
-    is_match: bool
+    is_match: bool = Field(description="head_score ≥ threshold, or (with verify) geometrically verified.")
+    decided_by: DecidedBy | None = Field(None, description=DECIDED_BY)
+    verification: Verification | None = Field(None, description="The geometric verification (with verify), else null.")
     rank_before: int = Field(description="1-based rank by index similarity among the candidates.")
     rank_after: int = Field(description="1-based rank by head score.")
     image_url: str

@@ -20,6 +20,7 @@ from engine.nn.backbones import backbone_spec, create_backbone
 from engine.explain.concepts import attach_concepts
 from engine.config import BACKBONE_BATCH, ModelConfig
 from engine.explain.correspondences import attach_correspondences
+from engine.explain.decision import pair_verification
 from engine.explain.pairs import PairExplanation, explain_projections
 from engine.explain.masking import DEFAULT_AREA, DEFAULT_FILL, effects_from_tensors
 from engine.images import ImageSource, image_size, load_pixels, to_tensor
@@ -161,7 +162,8 @@ class SimilarityModel:
 
     def explain(self, image_a: ImageSource, images_b: Sequence[ImageSource] | ImageSource, method: str = "gradcam",
                 *, effects: bool = False, correspondences: bool = False, concepts: bool = False,
-                sizes: Sequence[tuple[int, int]] | None = None) -> list[PairExplanation]:
+                sizes: Sequence[tuple[int, int]] | None = None,
+                verifications: Sequence[dict | None] | None = None) -> list[PairExplanation]:
         """Explain image a against each of images_b: one batched forward + backward for all pairs.
 
         ``effects=True`` also fills ``explanation.effects`` (see ``add_effects``), reusing the decoded
@@ -169,10 +171,11 @@ class SimilarityModel:
         ``correspondences`` / ``concepts`` also fill those fields (see ``explain_feature_maps``); boxes
         are in the pixels of the original images, whose (width, height) are read from the sources
         unless ``sizes`` gives them (needed when the images are passed already decoded at reduced size).
+        ``verifications`` (one per image b, or None: ``engine.explain.decision``) take part in the decision.
         """
         if not isinstance(images_b, (list, tuple)):
             images_b = [images_b]
-        details = {"correspondences": correspondences, "concepts": concepts,
+        details = {"correspondences": correspondences, "concepts": concepts, "verifications": verifications,
                    "sizes": (sizes or [image_size(image) for image in (image_a, *images_b)]) if correspondences else None}
         if not effects:
             fmaps = self.feature_maps([image_a, *images_b])
@@ -185,21 +188,28 @@ class SimilarityModel:
         return explanations
 
     def compare(self, image_a: ImageSource, image_b: ImageSource, *, method: str = "gradcam", effects: bool = True,
-                correspondences: bool = True, concepts: bool = True,
+                correspondences: bool = True, concepts: bool = True, verify: bool = True,
                 sizes: tuple[tuple[int, int], tuple[int, int]] | None = None, figure: str | Path | None = None,
                 titles: tuple[str, str] = ("image A", "image B")) -> PairExplanation:
         """Score one pair and say why, with everything the engine can tell of it unless told otherwise: the
-        four maps, the measured effects, the corresponding regions and the concepts (``explain``).
+        geometric verification, the four maps, the measured effects, the corresponding regions and the
+        concepts (``explain``).
 
-        Correspondence boxes are in the original images' pixels, whose (width, height) are read from the
-        sources unless ``sizes`` gives them (images passed already decoded at reduced size). ``figure``
-        also writes the pair figure there (``engine.explain.figures.pair_figure``, ``titles`` over the
-        two images), drawn from the pixels decoded once for both."""
-        if correspondences and sizes is None:
+        ``verify`` (~160 ms on 2 cores: SIFT on both images, a tried mirrored, and a homography fit;
+        ``engine.explain.decision``) fills ``explanation.verification``, and a verified pair is a match
+        whatever its similarity (``explanation.decided_by`` says which evidence decided). It reads the
+        images as given (a file or bytes at up to 512 px, however small the model's input), so pass the
+        sources rather than copies decoded at reduced size where you can.
+        Correspondence boxes and inlier lines are in the original images' pixels, whose (width, height) are
+        read from the sources unless ``sizes`` gives them (images passed already decoded at reduced size).
+        ``figure`` also writes the pair figure there (``engine.explain.figures.pair_figure``, ``titles``
+        over the two images), drawn from the pixels decoded once for both."""
+        if (correspondences or verify) and sizes is None:
             sizes = (image_size(image_a), image_size(image_b))
+        verification = pair_verification(image_a, image_b, sizes) if verify else None
         pictures = self.load([image_a, image_b])
         explanation = self.explain(pictures[0], [pictures[1]], method, effects=effects, correspondences=correspondences,
-                                   concepts=concepts, sizes=sizes)[0]
+                                   concepts=concepts, sizes=sizes, verifications=[verification])[0]
         if figure is not None:
             from engine.explain.figures import pair_figure  # defers matplotlib: only figures need it
 
@@ -207,7 +217,8 @@ class SimilarityModel:
         return explanation
 
     def explain_feature_maps(self, fmap_a: Tensor, fmaps_b: Tensor, method: str = "gradcam", *, correspondences: bool = False,
-                             concepts: bool = False, sizes: Sequence[tuple[int, int]] | None = None) -> list[PairExplanation]:
+                             concepts: bool = False, sizes: Sequence[tuple[int, int]] | None = None,
+                             verifications: Sequence[dict | None] | None = None) -> list[PairExplanation]:
         """Explain from feature maps already computed (e.g. for re-scoring): only the head runs,
         one forward and one backward pass for all pairs.
 
@@ -215,28 +226,32 @@ class SimilarityModel:
         boxes in the pixels of the original images, whose (width, height) ``sizes`` lists, image a
         first (``engine.images.image_size``). ``concepts=True`` fills ``explanation.concepts``
         (``engine.explain.concepts``). Both work from the feature maps alone (milliseconds per pair).
+        ``verifications``: one per image b (or None where none was run; ``engine.explain.decision``), part
+        of each decision and of its explanation.
         """
         with torch.no_grad():
             proj_a, projs_b = self.net.project(fmap_a), self.net.project(fmaps_b)
-        explanations = self._explain_projections(proj_a, projs_b, method, correspondences, sizes)
+        explanations = self._explain_projections(proj_a, projs_b, method, correspondences, sizes, verifications)
         if concepts:
             attach_concepts(self.net.backbone, explanations, fmap_a, fmaps_b)
         return explanations
 
     def explain_described(self, packed_a: bytes, packed_b: Sequence[bytes], method: str = "gradcam", *,
-                          correspondences: bool = False, sizes: Sequence[tuple[int, int]] | None = None) -> list[PairExplanation]:
+                          correspondences: bool = False, sizes: Sequence[tuple[int, int]] | None = None,
+                          verifications: Sequence[dict | None] | None = None) -> list[PairExplanation]:
         """Explain from packed descriptions (``describe_fmaps`` / ``encode``, as the index stores them):
         no image is decoded and no backbone runs, and the maps are still exactly Grad-CAM of the
         backbone's layer (of the float16-stored projections). Concepts and effects need the feature
-        maps or pixels (``explain_feature_maps``, ``add_effects``)."""
+        maps or pixels (``explain_feature_maps``, ``add_effects``); ``verifications`` as there."""
         if not len(packed_b):
             raise ValueError("explain_described needs at least one description b")
         (proj_a,), (projs_b,) = unpack_descriptions([packed_a]), unpack_descriptions(packed_b)
-        return self._explain_projections(proj_a, projs_b, method, correspondences, sizes)
+        return self._explain_projections(proj_a, projs_b, method, correspondences, sizes, verifications)
 
     def _explain_projections(self, proj_a: Tensor, projs_b: Tensor, method: str, correspondences: bool,
-                             sizes: Sequence[tuple[int, int]] | None) -> list[PairExplanation]:
-        explanations = explain_projections(self.net, proj_a, projs_b, self.threshold, method)
+                             sizes: Sequence[tuple[int, int]] | None,
+                             verifications: Sequence[dict | None] | None = None) -> list[PairExplanation]:
+        explanations = explain_projections(self.net, proj_a, projs_b, self.threshold, method, verifications)
         if correspondences:
             if sizes is None or len(sizes) != 1 + len(projs_b):
                 raise ValueError("correspondences need the (width, height) of image a and of each image b (sizes)")

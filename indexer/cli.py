@@ -107,12 +107,14 @@ def index_command(ctx: click.Context, source: Path, rebuild: bool, index_factory
 @click.option("--concepts", is_flag=True, help="With --explain: name the ImageNet concepts each match rests on (one backbone pass over the matches).")
 @click.option("--effects", is_flag=True, help="With --explain: measure how the score moves when each map's region is masked.")
 @click.option("--include-self", is_flag=True, help="Keep the query's own catalogue item in the results.")
+@click.option("--verify", is_flag=True, help="Verify each match geometrically (SIFT + homography inliers; decodes the query "
+              "and every match: ~45 ms a match): a verified match is a match whatever its head score.")
 @click.option("--json", "as_json", is_flag=True)
 @_model_option
 @click.pass_context
 def search_command(ctx: click.Context, query: Path | None, item_id: int | None, k: int, candidates: int | None,
-                   explain_dir: Path | None, method: str, concepts: bool, effects: bool, include_self: bool, as_json: bool,
-                   model_path: Path | None) -> None:
+                   explain_dir: Path | None, method: str, concepts: bool, effects: bool, include_self: bool, verify: bool,
+                   as_json: bool, model_path: Path | None) -> None:
     """Find the catalogue images most similar to QUERY (or to catalogue item --item), re-scored by the Siamese head."""
     from engine.explain.text import explanation_lines  # defers torch: the explain layer runs on it
     from indexer.search import UnknownItemError  # defers torch and matplotlib
@@ -123,7 +125,7 @@ def search_command(ctx: click.Context, query: Path | None, item_id: int | None, 
         raise click.UsageError("--concepts and --effects describe explanations: give --explain DIR too")
     catalogue = _indexed_catalogue(ctx, model_path)
     options = dict(k=k, candidates=candidates, exclude_self=not include_self, explain_dir=explain_dir, method=method,
-                   effects=effects, concepts=concepts)
+                   effects=effects, concepts=concepts, verify=verify)
     try:
         result = catalogue.search(query, **options) if query is not None else catalogue.search_item(item_id, **options)
     except (ImageLoadError, UnknownItemError, UndescribedItemsError) as exc:
@@ -136,9 +138,13 @@ def search_command(ctx: click.Context, query: Path | None, item_id: int | None, 
     queried = result.query if result.query_item is None else f"item {result.query_item} ({result.query})"
     click.echo(f"{len(result.matches)} matches for {queried} (head threshold {result.threshold:.3f}, "
                f"{result.n_candidates} candidates re-scored{', index is stale' if result.stale_index else ''})")
-    click.echo(f"{'rank':>4} {'was':>4} {'head':>7} {'index':>7}  match  listing / source")
+    geometry = f" {'inliers':>8}" if verify else ""
+    click.echo(f"{'rank':>4} {'was':>4} {'head':>7} {'index':>7}{geometry}  match  listing / source")
     for m in result.matches:
-        click.echo(f"{m.rank_after:>4} {m.rank_before:>4} {m.head_score:7.4f} {m.index_similarity:7.4f}  "
+        if verify:  # e.g. "57 ✓": homography inliers, and whether they verify the match
+            v = m.verification
+            geometry = f" {'-':>8}" if v is None else f" {v['inliers']:>6} {'✓' if v['verified'] else ' '}"
+        click.echo(f"{m.rank_after:>4} {m.rank_before:>4} {m.head_score:7.4f} {m.index_similarity:7.4f}{geometry}  "
                    f"{'yes' if m.is_match else 'no ':5}  {m.listing or '-'}  {m.source}")
         if m.explanation is not None:
             for line in explanation_lines(m.explanation, names=("the query", "the match"), regions=False):

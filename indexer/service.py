@@ -192,25 +192,26 @@ class Catalogue:
 
     def search(self, query, *, k: int = 10, candidates: int | None = None, exclude_self: bool = True,
                explain: bool = False, explain_dir: str | os.PathLike | None = None, method: str = "gradcam",
-               effects: bool = False, concepts: bool = False) -> SearchResult:
-        """The ``k`` best matches of an image (path, bytes, PIL image or array); see ``indexer.search``."""
+               effects: bool = False, concepts: bool = False, verify: bool = False) -> SearchResult:
+        """The ``k`` best matches of an image (path, bytes, PIL image or array); see ``indexer.search``.
+        ``verify`` also verifies them geometrically (part of each decision; ~45 ms a match)."""
         from indexer.search import SearchOptions, search  # defers torch and matplotlib
 
         options = SearchOptions(k=k, candidates=candidates, explain=explain, explain_dir=explain_dir, method=method,
-                                effects=effects, concepts=concepts, exclude_self=exclude_self)
+                                effects=effects, concepts=concepts, exclude_self=exclude_self, verify=verify)
         index, generation, stale = self.current_index()
         return search(query, options, model=self.model, db=self.db, index=index, model_key=self.model_key,
                       generation=generation, stale_index=stale)
 
     def search_item(self, item_id: int, *, k: int = 10, candidates: int | None = None, exclude_self: bool = True,
                     explain: bool = False, explain_dir: str | os.PathLike | None = None, method: str = "gradcam",
-                    effects: bool = False, concepts: bool = False) -> SearchResult:
+                    effects: bool = False, concepts: bool = False, verify: bool = False) -> SearchResult:
         """More like catalogue item ``item_id``, from what the catalogue stores of it (``UnknownItemError`` for an
-        unknown id); the options are those of ``search``."""
+        unknown id); the options are those of ``search`` (``verify`` reads the item's file)."""
         from indexer.search import SearchOptions, search_item  # defers torch and matplotlib
 
         options = SearchOptions(k=k, candidates=candidates, explain=explain, explain_dir=explain_dir, method=method,
-                                effects=effects, concepts=concepts, exclude_self=exclude_self)
+                                effects=effects, concepts=concepts, exclude_self=exclude_self, verify=verify)
         index, generation, stale = self.current_index()
         return search_item(item_id, options, model=self.model, db=self.db, index=index, model_key=self.model_key,
                            generation=generation, stale_index=stale)
@@ -230,22 +231,25 @@ class Catalogue:
         return stored_report(self.db, run_id)
 
     def compare(self, a: ImageSource | int, b: ImageSource | int, *, method: str = "gradcam", effects: bool = True,
-                correspondences: bool = True, concepts: bool = True,
+                correspondences: bool = True, concepts: bool = True, verify: bool = True,
                 sizes: Sequence[tuple[int, int] | None] = (None, None), figure: str | os.PathLike | None = None,
                 titles: tuple[str, str] | None = None) -> PairExplanation:
-        """Score and explain two images as ``SimilarityModel.compare`` does; each side is an image (path,
-        bytes, PIL image or array) or the id of a catalogue item, read from its stored file.
+        """Score and explain two images as ``SimilarityModel.compare`` does, geometric verification
+        included unless ``verify=False`` (a verified pair is a match whatever its similarity; ~0.16 s);
+        each side is an image (path, bytes, PIL image or array) or the id of a catalogue item, read from
+        its stored file (decoded once, at the model's input size, for both the head and the verification).
 
-        Correspondence boxes are in the original images' pixels: an item's size is the one the catalogue
-        stored; an image's is its entry in ``sizes`` (give it for an image already decoded at reduced
-        size), else read from its header. ``figure`` also writes the pair figure there, titled ``titles``
-        (default: each side's file name). Raises ``UnknownItemError`` for an id the catalogue lacks and
-        ``ItemImageError`` when an item's file is missing or no longer decodes."""
+        Correspondence boxes and inlier lines are in the original images' pixels: an item's size is the one
+        the catalogue stored; an image's is its entry in ``sizes`` (give it for an image already decoded at
+        reduced size), else read from its header. ``figure`` also writes the pair figure there, titled
+        ``titles`` (default: each side's file name). Raises ``UnknownItemError`` for an id the catalogue
+        lacks and ``ItemImageError`` when an item's file is missing or no longer decodes."""
+        sized = correspondences or verify
         (image_a, size_a, name_a), (image_b, size_b, name_b) = (
-            self._side(side, size, correspondences, title)
+            self._side(side, size, sized, title)
             for side, size, title in zip((a, b), sizes, ("image A", "image B")))
         return self.model.compare(image_a, image_b, method=method, effects=effects, correspondences=correspondences,
-                                  concepts=concepts, sizes=(size_a, size_b) if correspondences else None,
+                                  concepts=concepts, verify=verify, sizes=(size_a, size_b) if sized else None,
                                   figure=figure, titles=titles or (name_a, name_b))
 
     def _side(self, side: ImageSource | int, size: tuple[int, int] | None, sized: bool,

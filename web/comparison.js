@@ -1,6 +1,7 @@
 // The explained comparison: two photos side by side, each with its Grad-CAM map drawn over it
 // (factual or counterfactual), an opacity slider, the decision in words, and — when the API sends
-// them — the masking effects, the shared concepts and numbered correspondence boxes.
+// them — the geometric verification (its verified point matches drawn as lines from photo A to
+// photo B), the masking effects, the shared concepts and numbered correspondence boxes.
 
 import { colourGradient, drawHeatmap, isValidMap } from "./heatmap.js";
 import { setStatus } from "./status.js";
@@ -20,6 +21,25 @@ export function decisionWords(explanation) {
   const match = explanation.is_match ?? explanation.similarity >= explanation.threshold;
   return `${match ? "Match" : "No match"} — similarity ${formatScore(explanation.similarity)} `
     + `(threshold ${formatScore(explanation.threshold)})`;
+}
+
+// The geometric verification in words, next to the decision: "verified: 57 inlier matches" (and, when the
+// head alone would not have called it a match, that geometry decided), or why it does not verify.
+export function verificationWords(explanation) {
+  const v = explanation.verification;
+  if (!v || !Number.isFinite(v.inliers)) return "";
+  const mirrored = v.mirrored ? ", one photo mirrored" : "";
+  if (v.verified) {
+    const decided = explanation.decided_by === "geometry" ? " — geometry decided the match" : "";
+    return `verified: ${v.inliers} inlier matches${mirrored}${decided}`;
+  }
+  return `not verified: ${v.inliers} inlier match${v.inliers === 1 ? "" : "es"} (${v.min_inliers ?? 8} needed)`;
+}
+
+function verifiedLines(explanation) {
+  const v = explanation?.verification;
+  if (!v?.verified || !Array.isArray(v.lines)) return [];
+  return v.lines.filter((line) => Array.isArray(line) && line.length === 4 && line.every(Number.isFinite));
 }
 
 function sideName(side) {
@@ -69,6 +89,7 @@ export class Comparison {
     this.explanation = null;
     this.loads = 0; // setImages calls so far: a slow image of an earlier pair must not replace a newer one
     this.verdict = this.root.querySelector(".verdict");
+    this.verification = this.root.querySelector(".verification");
     this.state = this.root.querySelector(".state");
     this.caption = this.root.querySelector(".mode-caption");
     this.controls = this.root.querySelector(".controls");
@@ -76,11 +97,15 @@ export class Comparison {
     this.sliderValue = this.root.querySelector(".opacity output");
     this.boxesToggle = this.root.querySelector(".boxes-toggle");
     this.boxesInput = this.boxesToggle.querySelector("input");
+    this.linesToggle = this.root.querySelector(".lines-toggle");
+    this.linesInput = this.linesToggle.querySelector("input");
     this.effects = this.root.querySelector(".effects");
     this.concepts = this.root.querySelector(".concepts");
     this.root.querySelector(".legend-bar").style.background = colourGradient();
     const sideTemplate = document.getElementById("comparison-side-template");
     const pair = this.root.querySelector(".pair");
+    this.pair = pair;
+    this.lines = pair.querySelector("svg.inlier-lines");
     this.sides = Object.fromEntries(SIDES.map((side) => {
       const figure = pair.appendChild(sideTemplate.content.firstElementChild.cloneNode(true));
       figure.dataset.side = side;
@@ -102,9 +127,12 @@ export class Comparison {
     }
     this.slider.addEventListener("input", () => this.setOpacity(Number(this.slider.value) / 100));
     this.boxesInput.addEventListener("change", () => this.renderBoxes());
+    this.linesInput.addEventListener("change", () => this.renderLines());
     for (const side of SIDES) {
       this.sides[side].img.addEventListener("load", () => this.renderSide(side));
     }
+    // The lines join points of two photos laid out by CSS: draw them again whenever the layout changes.
+    if (typeof ResizeObserver === "function") new ResizeObserver(() => this.renderLines()).observe(pair);
     this.reset();
   }
 
@@ -134,6 +162,10 @@ export class Comparison {
     this.root.classList.remove("is-explained");
     this.verdict.textContent = "";
     this.verdict.className = "verdict";
+    this.verification.textContent = "";
+    this.verification.className = "verification";
+    this.linesToggle.hidden = true;
+    this.lines.replaceChildren();
     setStatus(this.state, "done", "");
     this.controls.hidden = true;
     this.caption.textContent = "";
@@ -164,9 +196,12 @@ export class Comparison {
     this.root.classList.add("is-explained");
     this.verdict.textContent = decisionWords(explanation);
     this.verdict.className = `verdict ${explanation.is_match ? "is-match" : "is-no-match"}`;
+    this.verification.textContent = verificationWords(explanation);
+    this.verification.className = `verification${explanation.verification?.verified ? " is-verified" : ""}`;
     this.controls.hidden = false;
     const correspondences = explanation.correspondences || [];
     this.boxesToggle.hidden = correspondences.length === 0;
+    this.linesToggle.hidden = verifiedLines(explanation).length === 0;
     this.renderConcepts(explanation.concepts || []);
     this.setMode(this.mode);
   }
@@ -207,6 +242,35 @@ export class Comparison {
     if (!empty) drawHeatmap(parts.canvas, rows, parts.img.naturalWidth / parts.img.naturalHeight);
     parts.canvas.dataset.map = name;
     this.renderBoxes();
+    this.renderLines();
+  }
+
+  // The verified point matches (original-image pixels) as lines from photo A to photo B, drawn in the pair's
+  // own CSS pixels: each end is placed where its photo is shown now, whatever the layout (side by side or stacked).
+  renderLines() {
+    const lines = this.linesInput.checked ? verifiedLines(this.explanation) : [];
+    const shown = SIDES.map((side) => this.sides[side].img);
+    this.lines.replaceChildren();
+    if (lines.length === 0 || shown.some((img) => !img.naturalWidth)) return;
+    const origin = this.pair.getBoundingClientRect();
+    const [place, placeB] = shown.map((img) => {
+      const box = img.getBoundingClientRect();
+      const sx = box.width / img.naturalWidth;
+      const sy = box.height / img.naturalHeight;
+      return (x, y) => [box.left - origin.left + x * sx, box.top - origin.top + y * sy];
+    });
+    for (const [xa, ya, xb, yb] of lines) {
+      const [x1, y1] = place(xa, ya);
+      const [x2, y2] = placeB(xb, yb);
+      const line = document.createElementNS(SVG, "line");
+      Object.entries({ x1, y1, x2, y2 }).forEach(([k, v]) => line.setAttribute(k, v.toFixed(1)));
+      this.lines.append(line);
+      for (const [cx, cy] of [[x1, y1], [x2, y2]]) {
+        const dot = document.createElementNS(SVG, "circle");
+        Object.entries({ cx: cx.toFixed(1), cy: cy.toFixed(1), r: 2 }).forEach(([k, v]) => dot.setAttribute(k, v));
+        this.lines.append(dot);
+      }
+    }
   }
 
   renderEffects() {

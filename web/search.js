@@ -12,6 +12,7 @@ const dropzone = document.getElementById("dropzone");
 const preview = document.getElementById("query-preview");
 const kSelect = document.getElementById("k");
 const explainBox = document.getElementById("explain");
+const verifyBox = document.getElementById("verify");
 const status = document.getElementById("search-status");
 const results = document.getElementById("results");
 const dialog = document.getElementById("compare-dialog");
@@ -72,10 +73,12 @@ function element(tag, className, text) {
 function resultCard(match, threshold) {
   const move = reranking(match);
   const verdict = match.is_match ? "match" : "no match";
+  const verified = match.verification?.verified;
+  const geometry = verified ? `, verified by ${match.verification.inliers} inlier matches` : "";
   const button = element("button", "result-button");
   button.type = "button";
   button.setAttribute("aria-label", `Rank ${match.rank_after}: item ${match.item_id}, head score ${formatScore(match.head_score)}, `
-    + `${verdict}, ${move.words}. Open the explanation.`);
+    + `${verdict}${geometry}, ${move.words}. Open the explanation.`);
 
   const thumb = element("span", "thumb");
   const img = element("img");
@@ -88,6 +91,12 @@ function resultCard(match, threshold) {
   moveBadge.title = `rank ${match.rank_before} by index similarity → ${match.rank_after} by the head`;
   top.append(element("span", "rank", `#${match.rank_after}`), moveBadge,
     element("span", `badge ${match.is_match ? "is-match" : "is-no-match"}`, verdict));
+  if (verified) {
+    const badge = element("span", "verified-badge", "✓ verified");
+    badge.title = `${match.verification.inliers} point matches one homography explains`
+      + (match.decided_by === "geometry" ? ": geometry decided the match" : "");
+    top.append(badge);
+  }
 
   const bar = element("span", "score-bar");
   bar.style.setProperty("--score", String(Math.max(0, Math.min(1, match.head_score))));
@@ -130,12 +139,13 @@ async function runSearch() {
   }
   const run = ++latestRun;
   const explain = explainBox.checked;
+  const verify = verifyBox.checked;
   results.setAttribute("aria-busy", "true");
-  setStatus(status, "loading", explain
+  setStatus(status, "loading", explain || verify
     ? "Searching and explaining on CPU, this takes a few seconds…"
     : "Searching…");
   try {
-    const body = await postForm("api/search", { ...queryFields("item", "image"), k: kSelect.value, explain });
+    const body = await postForm("api/search", { ...queryFields("item", "image"), k: kSelect.value, explain, verify });
     if (run !== latestRun) return;
     render(body);
   } catch (error) {
@@ -179,6 +189,7 @@ export function initSearch(isActive) {
   });
   kSelect.addEventListener("change", () => query && runSearch());
   explainBox.addEventListener("change", () => query && runSearch());
+  verifyBox.addEventListener("change", () => query && runSearch());
   for (const type of ["dragenter", "dragover"]) {
     dropzone.addEventListener(type, (event) => {
       event.preventDefault();

@@ -33,11 +33,12 @@ router = APIRouter(tags=["search"], dependencies=[ReadAccess])
 
 
 def _search(state: ApiState, data: bytes, label: str, name: str, k: int, explain: bool, base: str,
-            effects: bool = False, concepts: bool = False) -> SearchResponse:
+            effects: bool = False, concepts: bool = False, verify: bool = False) -> SearchResponse:
     """Decode, search and (optionally) remember the explanations; runs in the model pool."""
     upload = decode_for_model(state, data, label)
     try:
-        result = state.catalogue.search(upload.data, k=k, explain=explain, effects=effects, concepts=concepts)
+        result = state.catalogue.search(upload.data, k=k, explain=explain, effects=effects, concepts=concepts,
+                                        verify=verify)
     except ImageLoadError as exc:  # e.g. a pixel limit above the engine's default
         raise HTTPException(status_for(exc), f"{label}: {one_line(str(exc))}") from exc
     if explain and result.matches:
@@ -46,13 +47,14 @@ def _search(state: ApiState, data: bytes, label: str, name: str, k: int, explain
 
 
 def _search_item(state: ApiState, item_id: int, k: int, explain: bool, base: str, effects: bool,
-                 concepts: bool) -> SearchResponse:
+                 concepts: bool, verify: bool = False) -> SearchResponse:
     """More like a catalogue item, from its stored embedding and description; runs in the model pool."""
     try:
-        result = state.catalogue.search_item(item_id, k=k, explain=explain, effects=effects, concepts=concepts)
+        result = state.catalogue.search_item(item_id, k=k, explain=explain, effects=effects, concepts=concepts,
+                                             verify=verify)
     except UnknownItemError as exc:
         raise HTTPException(404, f"item: {exc}") from exc
-    except ImageLoadError as exc:  # concepts and effects read the item's file
+    except ImageLoadError as exc:  # concepts, effects and verify read the item's file
         raise HTTPException(422, f"item: the image of item {item_id} cannot be read: {one_line(str(exc))}") from exc
     return _response(state, result, None, item_identity(item_id, result.query_sha256), Picture(item_id=item_id), base)
 
@@ -73,7 +75,7 @@ def _response(state: ApiState, result: SearchResult, upload_name: str | None, qu
         matches.append(SearchMatch(
             item_id=match.item_id, source=shown[match.source], listing=match.listing, sha256=match.sha256,
             index_similarity=match.index_similarity, head_score=match.head_score, is_match=match.is_match,
-            rank_before=match.rank_before, rank_after=match.rank_after, image_url=item_image_url(base, match.item_id),
+            decided_by=match.decided_by, verification=match.verification, rank_before=match.rank_before, rank_after=match.rank_after, image_url=item_image_url(base, match.item_id),
             explanation=explanation, explanation_key=key, overlays=overlays))
     item = result.query_item
     return SearchResponse(
@@ -98,17 +100,21 @@ async def search(
                                                "(implies explain; one backbone pass over the matches).")] = False,
     effects: Annotated[bool, Form(description="Also measure how the score moves when each map's region is masked "
                                               "(implies explain; four more backbone passes per match).")] = False,
+    verify: Annotated[bool, Form(description="Also verify each match geometrically (SIFT + homography inliers: "
+                                             "decodes the query and each match, ~45 ms a match); a verified match is "
+                                             "a match whatever its head score.")] = False,
 ) -> SearchResponse:
     """The ``k`` best matches of an upload (``image``) or of a catalogue item (``item``): FAISS candidates
     re-scored by the Siamese head, with both ranks. Catalogue items with the upload's exact bytes, or the item
     itself, are left out (``excluded``). With ``explain`` each match carries its maps and the URLs of overlay
     PNGs (``a`` = the query, ``b`` = the match) and region correspondences; ``concepts`` and ``effects`` add
-    those."""
+    those. With ``verify`` each match carries its ``verification`` and ``decided_by``, and ``is_match`` is the
+    tier rule's (head score ≥ threshold or geometrically verified)."""
     if (image is None) == (item is None):
         raise HTTPException(422, "give exactly one of image (an upload) and item (a catalogue item id)")
     explain = explain or effects or concepts
     if item is not None:
-        return await state.run_model(_search_item, state, item, k, explain, api_base(request), effects, concepts)
+        return await state.run_model(_search_item, state, item, k, explain, api_base(request), effects, concepts, verify)
     data = await read_upload(image, field="image", max_bytes=state.settings.max_upload_bytes)
     return await state.run_model(_search, state, data, label_of(image, "image"), filename_of(image) or "<upload>", k,
-                                 explain, api_base(request), effects, concepts)
+                                 explain, api_base(request), effects, concepts, verify)

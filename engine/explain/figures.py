@@ -14,6 +14,7 @@ from matplotlib.patches import ConnectionPatch, Rectangle
 from PIL import Image
 
 from engine.explain.concepts import describe_concepts
+from engine.explain.decision import verification_sentence
 from engine.explain.pairs import PairExplanation
 
 
@@ -39,9 +40,12 @@ def pair_figure(
     """A figure like the paper's: for each image the original, the factual and the counterfactual map.
 
     When the explanation carries them, the correspondences are drawn as numbered boxes joined by
-    lines on the originals and the concepts are written under the title. Boxes are in the pixels of
-    the original images, whose (width, height) ``sizes`` gives when the pictures were decoded smaller.
+    lines on the originals, the verified inlier matches (``explanation.verification``) as thin lines
+    between the originals with a dot at each end, and the verification and the concepts are written
+    under the title. Boxes and points are in the pixels of the original images, whose (width, height)
+    ``sizes`` gives when the pictures were decoded smaller.
     """
+    by = explanation.decided_by
     decision = "match" if explanation.is_match else "no match"
     fig, axes = plt.subplots(2, 3, figsize=(9, 6.2))
     rows = [
@@ -55,15 +59,24 @@ def pair_figure(
             ax.imshow(picture)
             ax.set_title(label, fontsize=9)
             ax.axis("off")
+    shown = [_size(image_a), _size(image_b)]
+    scales = [(p[0] / s[0], p[1] / s[1]) for p, s in zip(shown, sizes or shown)]
+    if explanation.verification and explanation.verification.get("lines"):
+        draw_verification(fig, axes[0][0], axes[1][0], explanation.verification, scales)
     if explanation.correspondences:
-        shown = [_size(image_a), _size(image_b)]
-        scales = [(p[0] / s[0], p[1] / s[1]) for p, s in zip(shown, sizes or shown)]
         draw_correspondences(fig, axes[0][0], axes[1][0], explanation.correspondences, scales)
-    fig.suptitle(f"similarity {explanation.similarity:.3f} — {decision} (threshold {explanation.threshold:.2f})", fontsize=11)
+    decided = "" if by in (None, "head") else f" by {by}"
+    fig.suptitle(f"similarity {explanation.similarity:.3f} — {decision}{decided} (threshold {explanation.threshold:.2f})",
+                 fontsize=11)
+    notes = []
+    if explanation.verification is not None:
+        notes.append(verification_sentence(explanation.verification))
     if explanation.concepts is not None:
         label = "what both show" if explanation.is_match else "what differs"
-        fig.text(0.5, 0.925, f"{label}: {describe_concepts(explanation.concepts)}", ha="center", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.93 if explanation.concepts is not None else 1))
+        notes.append(f"{label}: {describe_concepts(explanation.concepts)}")
+    for n, note in enumerate(notes):
+        fig.text(0.5, 0.925 - 0.027 * n, note, ha="center", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.93 - 0.027 * max(len(notes) - 1, 0) if notes else 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -81,6 +94,32 @@ def effect_label(explanation: PairExplanation, name: str) -> str:
     if entry is None:
         return ""
     return f"\nmasked: {explanation.similarity:.2f} → {entry['masked_similarity']:.2f}"
+
+
+VERIFICATION_COLOUR = "#39ff14"
+"""The inlier lines' colour: neon green, apart from the correspondence boxes' tab10 colours."""
+
+
+def draw_verification(fig: plt.Figure, ax_a: plt.Axes, ax_b: plt.Axes, verification: dict,
+                      scales: list[tuple[float, float]]) -> list[ConnectionPatch]:
+    """The verified inlier matches (``verification["lines"]``: [xa, ya, xb, yb] in original pixels) as thin
+    lines from image a to image b, a dot at each end; returns the lines (gid ``"verification"``)."""
+    lines = np.asarray(verification["lines"], dtype=np.float64).reshape(-1, 4)
+    (sxa, sya), (sxb, syb) = scales
+    a, b = lines[:, :2] * (sxa, sya), lines[:, 2:] * (sxb, syb)
+    style = {"color": VERIFICATION_COLOUR, "alpha": 0.8}
+    for ax, points in ((ax_a, a), (ax_b, b)):
+        limits = ax.get_xlim(), ax.get_ylim()
+        ax.scatter(points[:, 0], points[:, 1], s=5, zorder=3, **style)
+        ax.set_xlim(limits[0])
+        ax.set_ylim(limits[1])  # the photo's extent, as imshow set it
+    drawn = []
+    for start, end in zip(a, b):
+        patch = ConnectionPatch(tuple(start), tuple(end), "data", "data", axesA=ax_a, axesB=ax_b, linewidth=0.5, **style)
+        patch.set_gid("verification")
+        fig.add_artist(patch)
+        drawn.append(patch)
+    return drawn
 
 
 def draw_correspondences(fig: plt.Figure, ax_a: plt.Axes, ax_b: plt.Axes, correspondences: list[dict],

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from engine.explain.decision import decided_by
 from engine.explain.pairs import MAP_NAMES, PairExplanation
 from engine.nn.siamese import SiameseNet, signatures
 
@@ -191,7 +192,9 @@ def effects_from_tensors(
             "change": float(masked) - explanation.similarity,
             "masked_evidence": float(masked_evidence),
             "evidence_change": float(masked_evidence) - originals[i],
-            "flips": bool(masked >= explanation.threshold) != explanation.is_match,
+            # The final decision with the geometry held as measured: masking moves the head's score only.
+            "flips": (decided_by(float(masked), explanation.threshold, explanation.verification) is not None)
+                     != explanation.is_match,
         }
     for explanation, result in zip(explanations, results):
         explanation.effects = result

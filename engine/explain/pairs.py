@@ -1,14 +1,17 @@
 """Factual and counterfactual explanations of pair decisions.
 
-For a pair the model decides *match* (similarity ≥ threshold) or *no match*. The **factual** map of
-an image shows where the evidence for the decision made lies (Grad-CAM of the similarity for a match,
-of 1 − similarity otherwise); the **counterfactual** map shows what argues for the opposite decision.
+For a pair the model decides *match* (similarity ≥ threshold, or the pair geometrically verified where
+that was measured: ``engine.explain.decision``) or *no match*. The **factual** map of an image shows where
+the evidence for the decision made lies (Grad-CAM of the similarity for a match, of 1 − similarity
+otherwise); the **counterfactual** map shows what argues for the opposite decision. A match that geometry
+alone decides is explained the same way: its factual maps are the head's evidence for similarity.
 Each image's maps come from its own gradients. Maps are normalised to [0, 1] by their maximum; a map
 whose maximum is zero is returned as zeros and flagged, never divided by zero.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor
 
 from engine.explain.cam import CAM_METHODS, dissimilarity, similarity
+from engine.explain.decision import decided_by
 from engine.nn.siamese import SiameseNet
 
 
@@ -35,6 +39,14 @@ class PairExplanation:
     correspondences: list[dict] | None = None
     concepts: list[dict] | None = None
     effects: dict | None = None
+    # The geometric verification of the pair (engine.explain.decision.summarise), when one was run: part of
+    # the decision (a verified pair is a match whatever its similarity) and of its explanation (the lines).
+    verification: dict | None = None
+
+    @property
+    def decided_by(self) -> str | None:
+        """Which evidence makes the pair a match: "head", "geometry", "head and geometry"; None for no match."""
+        return decided_by(self.similarity, self.threshold, self.verification)
 
     def to_dict(self) -> dict:
         """JSON-ready form (maps as nested lists)."""
@@ -43,6 +55,7 @@ class PairExplanation:
             "is_match": self.is_match,
             "threshold": self.threshold,
             "decision": "match" if self.is_match else "no match",
+            "decided_by": self.decided_by,
             "empty_maps": self.empty_maps,
             **{name: getattr(self, name).round(4).tolist() for name in MAP_NAMES},
             **{name: getattr(self, name) for name in DETAIL_NAMES if getattr(self, name) is not None},
@@ -50,7 +63,7 @@ class PairExplanation:
 
 
 MAP_NAMES = ("factual_a", "factual_b", "counterfactual_a", "counterfactual_b")
-DETAIL_NAMES = ("correspondences", "concepts", "effects")
+DETAIL_NAMES = ("correspondences", "concepts", "effects", "verification")
 
 
 def normalise_map(raw: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -62,26 +75,34 @@ def normalise_map(raw: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 def explain_fmaps(
-    net: SiameseNet, fmap_a: Tensor, fmaps_b: Tensor, threshold: float, method: str = "gradcam"
+    net: SiameseNet, fmap_a: Tensor, fmaps_b: Tensor, threshold: float, method: str = "gradcam",
+    verifications: Sequence[dict | None] | None = None,
 ) -> list[PairExplanation]:
     """Explain image a (1×C×h×w) against k images (k×C×h×w) in one forward and one backward pass."""
     with torch.no_grad():
-        return explain_projections(net, net.project(fmap_a), net.project(fmaps_b), threshold, method)
+        return explain_projections(net, net.project(fmap_a), net.project(fmaps_b), threshold, method, verifications)
 
 
 def explain_projections(
-    net: SiameseNet, proj_a: Tensor, projs_b: Tensor, threshold: float, method: str = "gradcam"
+    net: SiameseNet, proj_a: Tensor, projs_b: Tensor, threshold: float, method: str = "gradcam",
+    verifications: Sequence[dict | None] | None = None,
 ) -> list[PairExplanation]:
     """Explain from the images' projections (``SiameseNet.project``, what the index stores): the maps
     are those of the Grad-CAM layer exactly (see ``engine.nn.siamese``), at a fraction of the cost, since
-    image a is projected once and no gradient flows back through the projection."""
+    image a is projected once and no gradient flows back through the projection.
+
+    ``verifications`` (one per image b, None where none was run: ``engine.explain.decision``) take part in
+    the decision, so the maps are those of the final decision."""
     k = projs_b.shape[0]
+    if verifications is not None and len(verifications) != k:
+        raise ValueError(f"explain needs one verification (or None) per image b ({len(verifications)} != {k})")
     cam = CAM_METHODS[method](net.evidence_projections, net.score_from_evidence)
     cams = cam(proj_a.expand(k, -1, -1, -1), projs_b, targets=[similarity, dissimilarity])
     explanations = []
     for i in range(k):
         score = float(cams.scores[i])
-        is_match = score >= threshold
+        verification = verifications[i] if verifications is not None else None
+        is_match = decided_by(score, threshold, verification) is not None
         fact, counter = (0, 1) if is_match else (1, 0)
         raw = {
             "factual_a": cams.maps_a[fact][i],
@@ -94,5 +115,5 @@ def explain_projections(
             maps[name], is_empty = normalise_map(tensor.numpy())
             if is_empty:
                 empty.append(name)
-        explanations.append(PairExplanation(score, is_match, threshold, empty_maps=empty, **maps))
+        explanations.append(PairExplanation(score, is_match, threshold, empty_maps=empty, verification=verification, **maps))
     return explanations

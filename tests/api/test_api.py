@@ -326,6 +326,30 @@ def test_compare_two_uploads_then_from_the_cache(client):
     assert again["similarity"] == body["similarity"]
 
 
+def test_compare_and_search_carry_the_geometric_verification(client):
+    """compare verifies by default, search on request; a verified pair is a match, its lines in the photos' pixels."""
+    files = {"image_a": ("a.jpg", jpeg(tiles()[1])), "image_b": ("b.jpg", jpeg(edited(tiles()[1])))}
+    body = client.post("/api/compare", files=files).json()
+    verification = body["verification"]
+    assert verification["model"] == "homography" and verification["verified"] and verification["inliers"] >= 8
+    assert body["is_match"] and body["decided_by"] in ("geometry", "head and geometry")
+    assert 8 <= len(verification["lines"]) <= 30
+    assert all(0 <= xa <= 150 and 0 <= ya <= 120 and 0 <= xb <= 150 and 0 <= yb <= 120
+               for xa, ya, xb, yb in verification["lines"])
+    unverified = client.post("/api/compare", data={"item_a": 1, "item_b": 5, "verify": "false"}).json()
+    assert unverified["verification"] is None and unverified["decided_by"] == ("head" if unverified["is_match"] else None)
+    different = client.post("/api/compare", data={"item_a": 1, "item_b": 5}).json()  # made again: now verified
+    assert not different["cached"] and different["verification"] == {**different["verification"], "verified": False, "lines": []}
+
+    plain = search(client, query_bytes(1), k=3, explain="true").json()
+    assert all(m["verification"] is None for m in plain["matches"])
+    verified = search(client, query_bytes(1), k=3, verify="true", explain="true").json()
+    top, *others = verified["matches"]
+    assert top["source"] == "listing_1/photo_001.jpg" and top["verification"]["verified"] and top["is_match"]
+    assert top["decided_by"] in ("geometry", "head and geometry") and top["explanation"]["verification"] == top["verification"]
+    assert all(not m["verification"]["verified"] and m["decided_by"] in ("head", None) for m in others)
+
+
 def test_compare_catalogue_items_and_mixed(client, catalogue):
     by_items = client.post("/api/compare", data={"item_a": 1, "item_b": 5}).json()
     assert by_items["item_a"] == 1 and by_items["item_b"] == 5

@@ -332,3 +332,57 @@ def test_search_command(tmp_path, tiny_checkpoint):  # noqa: F811
     failed = CliRunner().invoke(main, ["search", str(bad)], env=env)
     assert failed.exit_code != 0 and "not an image" in failed.output
     assert np.isfinite(payload["matches"][0]["head_score"])
+
+
+def test_verify_decides_an_edited_copy_by_geometry(indexed, tiny_model, tmp_path, monkeypatch):
+    """With verify the top k are verified geometrically: an edited copy is a match even where the head says
+    no (a threshold no pair reaches), different photos stay no match, and explanations explain that decision."""
+    _, catalogue, paths, _ = indexed
+    from engine.errors import ImageLoadError
+    from indexer import search as search_module
+    from indexer.search import SearchOptions, search
+
+    query = tmp_path / "query.jpg"
+    edited(tiles()[0]).save(query, quality=90)
+    index, _, _ = catalogue.current_index()
+    key = catalogue.model_key
+    monkeypatch.setattr(tiny_model.config, "threshold", 0.999)  # no pair reaches it: the head alone says no match
+    run = lambda **options: search(query, SearchOptions(k=3, candidates=6, verify=True, **options), model=tiny_model,
+                                   db=catalogue.db, index=index, model_key=key)
+    result = run(explain=True)
+    top, *others = result.matches
+    assert top.source == str(paths[0]) and top.head_score < 0.999
+    assert top.verification["verified"] and top.is_match and top.decided_by == "geometry"
+    assert top.explanation.is_match and top.explanation.decided_by == "geometry"
+    assert top.explanation.verification == top.verification
+    assert len(top.verification["lines"]) >= 8 and all(0 <= x <= 150 and 0 <= y <= 120 for line in top.verification["lines"]
+                                                        for x, y in (line[:2], line[2:]))
+    assert all(not m.verification["verified"] and not m.is_match and m.decided_by is None for m in others)
+    payload = json.loads(json.dumps(result.to_dict()))
+    assert payload["matches"][0]["decided_by"] == "geometry" and payload["matches"][0]["verification"]["verified"]
+    assert payload["matches"][0]["explanation"]["verification"]["inliers"] == top.verification["inliers"]
+    plain = search(query, SearchOptions(k=3, candidates=6), model=tiny_model, db=catalogue.db, index=index, model_key=key)
+    # off by default: the head decides alone
+    assert all(m.verification is None and m.decided_by == ("head" if m.is_match else None) for m in plain.matches)
+
+    real = search_module.extract
+    monkeypatch.setattr(search_module, "extract", lambda source, **kw: (
+        (_ for _ in ()).throw(ImageLoadError(f"cannot decode {source}")) if source == str(paths[0]) else real(source, **kw)))
+    broken = run()
+    assert broken.matches[0].verification is None and not broken.matches[0].is_match  # left unverified, noted
+    assert [(s.source, s.reason) for s in broken.unreadable] == [(str(paths[0]), f"cannot decode {paths[0]}")]
+    assert all(m.verification is not None for m in broken.matches[1:])
+
+
+def test_search_command_verifies_on_request(indexed, tmp_path, tiny_checkpoint):  # noqa: F811
+    tmp, catalogue, paths, _ = indexed
+    env = {"WHYMATCH_DATA_DIR": str(tmp / "data"), "WHYMATCH_MODEL_PATH": str(tiny_checkpoint)}
+    query = tmp_path / "query.jpg"
+    edited(tiles()[0]).save(query, quality=90)
+    text = CliRunner().invoke(main, ["search", str(query), "-k", "2", "--verify"], env=env)
+    assert text.exit_code == 0, text.output
+    header, first = text.stdout.splitlines()[1:3]
+    assert "inliers" in header and "✓" in first and "yes" in first and str(paths[0]) in first
+    payload = json.loads(CliRunner().invoke(main, ["search", str(query), "-k", "2", "--verify", "--json"], env=env).stdout)
+    assert payload["matches"][0]["verification"]["verified"]
+    assert "inliers" not in CliRunner().invoke(main, ["search", str(query), "-k", "2"], env=env).stdout

@@ -432,3 +432,42 @@ def test_an_empty_dedup_run_is_named_not_mistaken_for_no_run(page, catalogue):
     finally:
         with catalogue.db.session() as session:
             session.delete(session.get(DedupRun, run_id))
+
+
+def test_verified_point_matches_are_drawn_between_the_photos(page, photos, screenshots):
+    """With "Verify geometry" the search verifies its matches: a verified one says so on its card and, opened,
+    next to the decision, with its inlier matches drawn as lines from photo A to photo B (a toggle hides them)."""
+    query = photos["queries"][GROUPS[1]]  # a kitchen whose other photos re-show it: several verify
+    page.goto("/")
+    page.get_by_label("Verify geometry").check()
+    with page.expect_response("**/api/search") as answered:
+        page.set_input_files("#query-file", str(query))
+    body = answered.value.json()
+    assert all(m["verification"] is not None for m in body["matches"])  # the page asked for verification
+    verified = [n for n, m in enumerate(body["matches"]) if m["verification"] and m["verification"]["verified"]]
+    assert verified, "the kitchen's own photos should verify"
+    assert all(body["matches"][n]["is_match"] for n in verified)
+    cards = page.locator("#results .result")
+    expect(cards.locator(".verified-badge")).to_have_count(len(verified))
+    match = body["matches"][verified[0]]
+    cards.nth(verified[0]).locator(".result-button").click()
+    dialog = page.locator("#compare-dialog")
+    expect(dialog.locator(".verdict")).to_have_text(re.compile(r"^Match — similarity"))
+    note = dialog.locator(".comparison-head .verification")
+    expect(note).to_have_text(re.compile(rf"^verified: {match['verification']['inliers']} inlier matches"))
+    lines = dialog.locator("svg.inlier-lines line")
+    expect(lines).to_have_count(len(match["verification"]["lines"]))
+    pair = dialog.locator(".pair").bounding_box()
+    side_a = dialog.locator('.side[data-side="a"] img').bounding_box()
+    side_b = dialog.locator('.side[data-side="b"] img').bounding_box()
+    for n in range(lines.count()):  # each line runs from a point on photo A to one on photo B
+        x1, y1, x2, y2 = (float(lines.nth(n).get_attribute(k)) for k in ("x1", "y1", "x2", "y2"))
+        assert side_a["x"] - 1 <= pair["x"] + x1 <= side_a["x"] + side_a["width"] + 1
+        assert side_a["y"] - 1 <= pair["y"] + y1 <= side_a["y"] + side_a["height"] + 1
+        assert side_b["x"] - 1 <= pair["x"] + x2 <= side_b["x"] + side_b["width"] + 1
+        assert side_b["y"] - 1 <= pair["y"] + y2 <= side_b["y"] + side_b["height"] + 1
+    page.screenshot(path=str(screenshots / "web-verification.png"))
+    dialog.get_by_label("Verified point matches").uncheck()
+    expect(lines).to_have_count(0)
+    dialog.get_by_label("Verified point matches").check()
+    expect(lines).to_have_count(len(match["verification"]["lines"]))
