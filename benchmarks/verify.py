@@ -13,8 +13,8 @@ model (fundamental matrix, homography, affine map; all with the mirror tried as 
 * the cost: keypoint extraction per image (once per image) and one verification (matching + fit) per pair.
 
 Nothing is trained or tuned by this script; the pairs are drawn with a fixed seed. The table is printed and saved to
-``/tmp/verify_benchmark.md`` (not recorded in docs/benchmarks.md), every pair's inlier counts to
-``/tmp/verify_benchmark_pairs.csv``.
+``/tmp/verify_benchmark.md`` and, for a run with the default sizes, recorded in docs/benchmarks.md; every
+pair's inlier counts go to ``/tmp/verify_benchmark_pairs.csv``.
 
     .venv/bin/python benchmarks/verify.py               # ~300 pairs per stratum, a few minutes on 2 cores
     .venv/bin/python benchmarks/verify.py --pairs 30    # smoke run
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from common import SHARED_DATA, command_line, cpu_model, markdown_table
+from common import SHARED_DATA, command_line, cpu_model, markdown_table, record
 
 from engine.images import IMAGE_SUFFIXES, file_sha256, load_image
 from engine.verify import (
@@ -239,6 +239,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=300, help="pairs per stratum of different photos")
     parser.add_argument("--edit-photos", type=int, default=25, help="photos per domain that are edited")
     args = parser.parse_args()
+    full_run = (args.pairs, args.edit_photos) == (parser.get_default("pairs"), parser.get_default("edit_photos"))
     if not all((SHARED_DATA / name).is_dir() for name in ("flowers", "skin-cancer", "airbnb")):
         print(f"benchmark data not found in {SHARED_DATA} (see ../shared/data/README.md): nothing measured")
         return
@@ -382,6 +383,8 @@ def main() -> None:
     text = "\n".join(out) + "\n"
     print(text)
     OUTPUT.write_text(text)
+    if full_run:
+        record("verification", command_line(), "\n".join(out[1:]))
     with open(PAIRS_CSV, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["stratum", "pair", *MODELS, *(f"{m} without mirror" for m in MODELS)])
