@@ -73,13 +73,31 @@ def _load(ctx: click.Context, model_path: Path | None):
 @click.option("--crop-min", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Train on random windows of the cached feature maps covering at least this fraction of their area (1: whole maps).")
 @click.option("--augment-views", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               help="Also cache N augmented copies of each training image (random crop, mirror, colour jitter) through the frozen blocks; each step draws one of them, the original or its mirror.")
+@click.option("--also", "extras", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True,
+              help="A class-folder set whose kept split (--holdout, --seed) joins the training data with every photo its "
+                   "own group (same class is not a match); repeatable. Needs --copies: a photo's positives are its copies.")
+@click.option("--also-limit", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Use at most N kept photos of each --also set (a seeded draw, each class keeping its share).")
+@click.option("--copies", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Add N edited copies (crop, rescale, mirror, rotation, colour, greyscale, blur, text, shapes, border, JPEG; "
+                   "several per copy, seeded) of every kept photo to its group, written once below the cache folder.")
+@click.option("--false-match-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, metavar="RATE",
+              help="Place the decision threshold where this fraction of all dissimilar inner-validation pairs score at or "
+                   "above it (default: best accuracy on balanced pairs).")
+@click.option("--duplicate-false-match-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, metavar="RATE",
+              help="The same for the duplicate threshold dedup uses (default: best F1 over all inner-validation pairs).")
+@click.option("--val-pairs", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Per-epoch validation scores at most N pairs for its pair AUC (every similar pair and a fixed draw of "
+                   "the others; 0: all); the final thresholds and metrics use all pairs.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/resume.pt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the inner-validation metrics as JSON.")
 @click.pass_context
 def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_csv: Path | None, out_dir: Path, preset: str,
                   backbone: str | None, backbone_weights: str | None, input_size: int | None, embed_dim: int | None,
                   tuned_blocks: int | None, holdout: float, seed: int, epochs: int, patience: int, lr: float, lr_decay: float,
-                  crop_min: float, augment_views: int, resume: bool, as_json: bool) -> None:
+                  crop_min: float, augment_views: int, extras: tuple[Path, ...], also_limit: int | None, copies: int,
+                  false_match_rate: float | None, duplicate_false_match_rate: float | None, val_pairs: int, resume: bool,
+                  as_json: bool) -> None:
     """Train a Siamese model (frozen backbone but for its last --tuned-blocks, cached features) and save it to OUT."""
     from engine.train.trainer import TrainOptions, train  # defers torch
 
@@ -92,10 +110,27 @@ def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_c
                                     embed_dim=embed_dim, tuned_blocks=tuned_blocks)
     data = _labelled_images(data_dir, form, groups_csv, config.input_size, holdout, seed)
     command = "whymatch " + " ".join(sys.argv[1:])
+    extra: dict = {"command": command, "holdout": holdout, "seed": seed}
+    if extras and not copies:
+        raise click.ClickException("--also needs --copies 1 or more: each of its photos is its own group, and its copies are its only positives")
+    if also_limit is not None and not extras:
+        raise click.ClickException("--also-limit limits the --also sets: give at least one")
+    if extras or copies:
+        from engine.train.assembly import assemble  # defers torchvision (the copies are made with it)
+
+        cache = Path(settings.feature_cache) if settings.feature_cache else Path(".cache/whymatch/features")
+        try:
+            assembly = assemble(data, extras, holdout=holdout, seed=seed, copies=copies, copy_dir=cache.parent / "copies",
+                                extra_limit=also_limit, input_size=config.input_size)
+        except (FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        data = assembly.data
+        extra.update(assembly.provenance())
     try:
         options = TrainOptions(epochs=epochs, patience=patience, learning_rate=lr, lr_decay=lr_decay, crop_min=crop_min,
                                augment_views=augment_views, seed=seed, resume=resume, cache_dir=settings.feature_cache,
-                               extra={"command": command, "holdout": holdout, "seed": seed})
+                               false_match_rate=false_match_rate, duplicate_false_match_rate=duplicate_false_match_rate,
+                               val_pairs=val_pairs, extra=extra)
         _, metrics = train(config, data, out_dir, options)
     except (WeightsNotInstalledError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -114,24 +149,26 @@ def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_c
 @click.option("--json", "as_json", is_flag=True, help="Print score, decision, the four maps, correspondences and concepts as JSON.")
 @click.option("--effects/--no-effects", default=True, show_default=True,
               help="Re-score the pair with each map's top 20% of its image blurred, and say what that does.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Verify the pair geometrically (SIFT + homography inliers, ~0.16 s): a verified pair is a match "
+                   "whatever its similarity, and its inlier matches are drawn.")
 @click.pass_context
 def compare_command(ctx: click.Context, image_a: Path, image_b: Path, out: Path | None, model_path: Path | None, method: str, as_json: bool,
-                    effects: bool) -> None:
+                    effects: bool, verify: bool) -> None:
     """Score two images and explain the decision with factual and counterfactual Grad-CAM maps,
-    the corresponding regions of both images and the concepts the decision rests on."""
-    from engine.explain.text import explanation_lines  # defers torch: the explain layer runs on it
+    the verified point matches, the corresponding regions of both images and the concepts the decision rests on."""
+    from engine.explain.text import decision_line, explanation_lines  # defers torch: the explain layer runs on it
 
     model = _load(ctx, model_path)
     try:
-        explanation = model.compare(image_a, image_b, method=method, effects=effects, figure=out,
+        explanation = model.compare(image_a, image_b, method=method, effects=effects, verify=verify, figure=out,
                                     titles=(image_a.name, image_b.name))
     except ImageLoadError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps({"image_a": str(image_a), "image_b": str(image_b), **explanation.to_dict(), "figure": str(out) if out else None}))
         return
-    decision = "match" if explanation.is_match else "no match"
-    click.echo(f"similarity {explanation.similarity:.4f} → {decision} (threshold {explanation.threshold:.3f})")
+    click.echo(decision_line(explanation))
     if explanation.empty_maps:
         click.echo("maps without any evidence: " + ", ".join(explanation.empty_maps))
     for line in explanation_lines(explanation):

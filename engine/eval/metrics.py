@@ -32,6 +32,9 @@ __all__ = [
     "best_threshold",
     "best_f1_threshold",
     "threshold_for_precision",
+    "threshold_for_false_match_rate",
+    "false_match_table",
+    "match_rates",
     "all_pairs",
 ]
 
@@ -266,6 +269,55 @@ def threshold_for_precision(
             f"(best achievable is {prec.max():.4g}); lower the target or improve the scores"
         )
     return float(values[ok[-1]])
+
+
+def threshold_for_false_match_rate(similarities: np.ndarray, labels: np.ndarray, rate: float) -> float:
+    """Lowest threshold that at most ``rate`` of the dissimilar pairs (label 0) reach: the upper
+    ``rate`` quantile of their scores, placed midway to the next score down as ``best_threshold``
+    places its own, so that it generalises to new pairs.
+
+    A decision threshold stated as an error rate per pair ("1 in 1000 pairs of different photos is
+    called a match") rather than a balance of two errors on pairs drawn half similar. Similar pairs
+    are ignored. Ties go together: when more than the allowed count share the top score, the
+    threshold lies just above it and nothing is a match. Raises ValueError without a dissimilar pair.
+    """
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"false-match rate must be in (0, 1), got {rate}")
+    s, y = _as_pairs(similarities, labels)
+    negatives = s[~y]
+    if negatives.size == 0:
+        raise ValueError("no dissimilar pair among these pairs: a false-match rate is undefined")
+    values, _, fp = _sorted_cumulative(negatives, np.zeros(negatives.size, dtype=bool))
+    allowed = int(np.floor(rate * negatives.size + 1e-9))
+    k = int(np.searchsorted(fp, allowed, side="right"))  # distinct values kept: their cumulative count ≤ allowed
+    if k == 0:
+        return float(np.nextafter(values[0], np.inf))
+    return _threshold_keeping(values, k)
+
+
+def false_match_table(similarities: np.ndarray, labels: np.ndarray, per_decade: int = 2) -> list[list[float]]:
+    """[[rate, threshold], ...] for per-pair false-match rates from 10⁻¹ down to the smallest the
+    dissimilar pairs can resolve (one in their number), ``per_decade`` rates per power of ten: what a
+    threshold costs in false pairs at any catalogue size (``indexer.dedup.threshold_for_catalogue``)."""
+    negatives = int((np.asarray(labels) == 0).sum())
+    if negatives == 0:
+        raise ValueError("no dissimilar pair among these pairs: a false-match rate is undefined")
+    steps = int(np.floor(np.log10(negatives) * per_decade))
+    rates = [10 ** (-1 - k / per_decade) for k in range(max(0, steps - per_decade + 1))]
+    return [[rate, threshold_for_false_match_rate(similarities, labels, rate)] for rate in rates if rate * negatives >= 1]
+
+
+def match_rates(similarities: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """At ``threshold`` (``similarity >= threshold`` is a match): the fraction of dissimilar pairs called
+    a match (false-match rate) and of similar pairs (true-match rate); NaN where a kind is absent."""
+    s, y = _as_pairs(similarities, labels)
+    hit = s >= threshold
+    return {
+        "false_match_rate": float(hit[~y].mean()) if (~y).any() else float("nan"),
+        "true_match_rate": float(hit[y].mean()) if y.any() else float("nan"),
+        "n_negative": int((~y).sum()),
+        "n_positive": int(y.sum()),
+    }
 
 
 def all_pairs(groups: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

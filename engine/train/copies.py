@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms.v2 import functional as F
 
 from engine.images import file_sha256, load_image
 
@@ -44,42 +45,32 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
 
 
 def _crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    from torchvision.transforms.v2 import functional as F  # defers torchvision: only copies need it
-
     width, height = img.size
     area = rng.uniform(*CROP_AREA)
     aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
-    w = int(round(min(width, max(8, width * np.sqrt(area * aspect)))))
-    h = int(round(min(height, max(8, height * area / (w / width)))))
+    w = round(min(width, max(8, width * np.sqrt(area * aspect))))
+    h = round(min(height, max(8, height * area / (w / width))))
     top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
     return F.crop(img, top, left, h, w)
 
 
 def _rescale(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    from torchvision.transforms.v2 import functional as F  # defers torchvision: only copies need it
-
     factor = rng.uniform(0.3, 0.8) if rng.random() < 0.7 else rng.uniform(1.2, 1.6)
     width, height = img.size
     return F.resize(img, [max(16, round(height * factor)), max(16, round(width * factor))], antialias=True)
 
 
 def _mirror(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    from torchvision.transforms.v2 import functional as F  # defers torchvision: only copies need it
-
     return F.horizontal_flip(img)
 
 
 def _rotate(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    from torchvision.transforms.v2 import functional as F  # defers torchvision: only copies need it
-
     angle = float(rng.uniform(3.0, MAX_ROTATION) * rng.choice([-1, 1]))
     return F.rotate(img, angle, interpolation=F.InterpolationMode.BILINEAR, expand=bool(rng.random() < 0.5),
                     fill=list(_colour(rng)))
 
 
 def _jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    from torchvision.transforms.v2 import functional as F  # defers torchvision: only copies need it
-
     img = F.adjust_brightness(img, rng.uniform(0.6, 1.4))
     img = F.adjust_contrast(img, rng.uniform(0.6, 1.4))
     img = F.adjust_saturation(img, rng.uniform(0.4, 1.6))
@@ -87,14 +78,10 @@ def _jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def _greyscale(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    from torchvision.transforms.v2 import functional as F  # defers torchvision: only copies need it
-
     return F.rgb_to_grayscale(img, num_output_channels=3)
 
 
 def _blur(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    from torchvision.transforms.v2 import functional as F  # defers torchvision: only copies need it
-
     sigma = float(rng.uniform(0.6, 2.0) * max(img.size) / 300)
     kernel = 2 * int(np.ceil(3 * sigma)) + 1
     return F.gaussian_blur(img, [kernel, kernel], [sigma, sigma])
@@ -135,8 +122,6 @@ def _overlay(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def _border(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    from torchvision.transforms.v2 import functional as F  # defers torchvision: only copies need it
-
     width, height = img.size
     if rng.random() < 0.5:  # an even frame
         side = int(min(width, height) * rng.uniform(0.03, 0.12))

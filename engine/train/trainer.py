@@ -36,8 +36,9 @@ from tqdm import tqdm
 from engine.config import ModelConfig
 from engine.data import LabelledImages, paper_pairs, split
 from engine.inference import WEIGHTS_FILE, SimilarityModel, build_model, save_checkpoint
-from engine.eval.evaluate import evaluate_fmaps, pair_scores
-from engine.eval.metrics import all_pairs, best_f1_threshold, best_threshold
+from engine.eval.evaluate import RERANK_K, embedding_similarities, evaluate_fmaps, pair_scores
+from engine.eval.metrics import (all_pairs, best_f1_threshold, best_threshold, pair_metrics, retrieval_metrics,
+                                 false_match_table, threshold_for_false_match_rate)
 from engine.nn.siamese import MatchNet, PaperNet, SiameseNet
 
 RESUME_FILE = "resume.pt"
@@ -49,6 +50,8 @@ THRESHOLD_DRAWS = 20
 # weights no longer move (flowers: for the last 13 of 35 epochs the validation AUC changed in the
 # fifth decimal, and each such change restarted the patience).
 MIN_LR_FRACTION = 1e-3
+# Cached maps turned into float32 at a time (one 1280×14×14 map: 1 MB).
+EMBED_CHUNK = 256
 
 
 @dataclass
@@ -73,6 +76,18 @@ class TrainOptions:
     # Augmented copies of each image (random crop, mirror, colour jitter), computed once through the
     # frozen blocks and cached; each step draws one of them, the original or its mirror image.
     augment_views: int = 0
+    # Decision threshold placed so that this fraction of the inner validation split's dissimilar pairs
+    # (all of them) score at or above it (None: best accuracy on balanced draws of pairs, as before).
+    false_match_rate: float | None = None
+    # The same for the duplicate threshold, which meets every pair of a catalogue (None: best F1 over
+    # all inner-validation pairs, duplicate groups only, as before). At n images about
+    # rate × n² / 2 false duplicate pairs are to be expected, so it is set lower than the decision's.
+    duplicate_false_match_rate: float | None = None
+    # Per-epoch validation of duplicate groups scores at most this many pairs for its pair AUC: every
+    # similar pair and a fixed random draw of the others (0: all pairs). The head scores ~2,000 pairs/s
+    # on 2 cores, so all 600k pairs of a 1,100-image split would take minutes per epoch; the final
+    # thresholds and metrics still use all pairs.
+    val_pairs: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.crop_min <= 1:
@@ -81,6 +96,12 @@ class TrainOptions:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.augment_views < 0:
             raise ValueError(f"augment_views must be at least 0, got {self.augment_views}")
+        for name in ("false_match_rate", "duplicate_false_match_rate"):
+            rate = getattr(self, name)
+            if rate is not None and not 0 < rate < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {rate}")
+        if self.val_pairs < 0:
+            raise ValueError(f"val_pairs must be at least 0, got {self.val_pairs}")
 
 
 @dataclass
@@ -174,7 +195,8 @@ def _hard_batches(net: MatchNet, fmaps: Tensor, groups: list[str | None], option
     it under the current embeddings (hard negatives), filled up with random ones."""
     units = _units(groups, options.images_per_group, rng)
     with torch.inference_mode():
-        emb = net.embed_fmap(fmaps.float())
+        # In chunks: the float32 copy of thousands of cached maps at once would take gigabytes.
+        emb = torch.cat([net.embed_fmap(part.float()) for part in fmaps.split(EMBED_CHUNK)])
         centroids = F.normalize(torch.stack([emb[u].mean(0) for u in units]), dim=1)
         nearest = (centroids @ centroids.T).argsort(dim=1, descending=True).numpy()
     unused = set(range(len(units)))
@@ -216,7 +238,7 @@ def _paper_loss(net: PaperNet, fmaps_a: Tensor, fmaps_b: Tensor, labels: Tensor,
 
 def _pca_init(net: MatchNet, fmaps: Tensor) -> None:
     """Start the embedding projection at the principal components of the pooled features."""
-    pooled = fmaps.float().mean(dim=(2, 3))
+    pooled = torch.cat([part.float().mean(dim=(2, 3)) for part in fmaps.split(EMBED_CHUNK)])
     centred = pooled - pooled.mean(0)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
     k = min(net.embed_proj.out_features, v.shape[0])
@@ -271,7 +293,7 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        metrics = evaluate_fmaps(net, maps_from_frozen(net, val_frozen), val.groups, data.form, None, seed=options.seed)
+        metrics = _validate(net, maps_from_frozen(net, val_frozen), val.groups, data.form, None, options)
         score = metrics[criterion] + (metrics["pair_auc"] if criterion != "pair_auc" else 0)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
                         **{k: round(float(v), 4) for k, v in metrics.items()}})
@@ -289,16 +311,20 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
     best_model = _reload(out_dir, model)
     val_fmaps = maps_from_frozen(best_model.net, val_frozen)
     recipe.calibrate(best_model.net, val_fmaps, val.groups, options.seed)
-    config.threshold = best_threshold(*_threshold_pairs(best_model.net, val_fmaps, val.groups, options.seed))
-    if data.form == "groups":
-        i, j, labels = all_pairs(val.groups)
-        if labels.any():
-            config.duplicate_threshold = best_f1_threshold(pair_scores(best_model.net, val_fmaps, val_fmaps, i, j), labels)
-    final = evaluate_fmaps(best_model.net, val_fmaps, val.groups, data.form, config.threshold, seed=options.seed)
+    copies_folder = options.extra.get("assembly", {}).get("copies_folder")
+    originals = [not Path(p).is_relative_to(copies_folder) for p in val.paths] if copies_folder else None
+    placed = place_thresholds(best_model.net, config, val_fmaps, val.groups, data.form, options, classes=val.classes,
+                              originals=originals)
+    if placed.scored is not None and options.val_pairs:
+        final = _validate(best_model.net, val_fmaps, val.groups, data.form, config.threshold, options, scored=placed.scored)
+    else:
+        final = evaluate_fmaps(best_model.net, val_fmaps, val.groups, data.form, config.threshold, seed=options.seed)
+    config.provenance.update(placed.provenance)
     config.provenance.update({
         "data": str(data.root), "form": data.form, "images": len(data), "fit_images": len(fit), "inner_val_images": len(val),
         "best_epoch": best_epoch, "epochs_run": len(history), "crop_min": options.crop_min, "lr_decay": options.lr_decay,
         **({"augment_views": options.augment_views} if options.augment_views else {}),
+        **({"val_pairs": options.val_pairs} if options.val_pairs else {}),
         "feature_seconds": round(feature_seconds, 1),
         "train_seconds": round(time.time() - started, 1), "inner_val_metrics": {k: round(float(v), 4) for k, v in final.items()},
         **options.extra,
@@ -308,6 +334,145 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
     (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     resume_path.unlink(missing_ok=True)
     return best_model, final
+
+
+@dataclass
+class PlacedThresholds:
+    """What ``place_thresholds`` measured: every inner-validation pair's (i, j, label, score) when it
+    scored them all (for the final metrics), and the provenance of the rule."""
+
+    scored: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None
+    provenance: dict
+
+
+def place_thresholds(net: SiameseNet, config: ModelConfig, fmaps: Tensor, groups: list[str | None], form: str,
+                     options: TrainOptions, classes: list[str] | None = None,
+                     originals: list[bool] | None = None) -> PlacedThresholds:
+    """Set ``config.threshold`` and ``config.duplicate_threshold`` on the inner validation split.
+
+    Without rates, as before: the decision threshold at the best accuracy on ``THRESHOLD_DRAWS`` balanced
+    draws of pairs, the duplicate threshold (duplicate groups) at the best F1 over all pairs. With
+    ``options.false_match_rate`` (``duplicate_false_match_rate``) the threshold is the score that at
+    most that fraction of *all* the split's dissimilar pairs reach (``threshold_for_false_match_rate``):
+    a stated error rate per pair instead of a balance of two error kinds. The rates reached on the
+    split are recorded, overall and within and across the domains of ``classes`` (the part of a class
+    before its first ``/``: the data sets of an assembly), and, given ``originals`` (which images are
+    photos rather than edited copies), on pairs of two photos alone: what a benchmark of random pairs of
+    different photos measures (an edited copy scores lower against other photos, so pairs with copies
+    dilute the rate)."""
+    rate, duplicate_rate = options.false_match_rate, options.duplicate_false_match_rate
+    scored = None
+    if rate is not None or duplicate_rate is not None or form == "groups":
+        i, j, labels = all_pairs(groups)
+        if labels.any() or (rate is not None or duplicate_rate is not None) and labels.size:
+            scored = (i, j, labels, pair_scores(net, fmaps, fmaps, i, j))
+    if rate is None:
+        config.threshold = best_threshold(*_threshold_pairs(net, fmaps, groups, options.seed))
+    else:
+        if scored is None:
+            raise ValueError("placing a threshold by false-match rate needs similar and dissimilar pairs in the inner validation split")
+        config.threshold = threshold_for_false_match_rate(scored[3], scored[2], rate)
+    if duplicate_rate is not None:
+        if scored is None:
+            raise ValueError("placing a threshold by false-match rate needs similar and dissimilar pairs in the inner validation split")
+        config.duplicate_threshold = threshold_for_false_match_rate(scored[3], scored[2], duplicate_rate)
+    elif form == "groups" and scored is not None:
+        config.duplicate_threshold = best_f1_threshold(scored[3], scored[2])
+    provenance: dict = {}
+    if scored is not None and (scored[2] == 0).any():
+        config.false_match_table = false_match_table(scored[3], scored[2])
+    if rate is not None or duplicate_rate is not None:
+        i, j, labels, scores = scored
+        provenance = {
+            "threshold_rule": "false_match_rate" if rate is not None else "best_accuracy",
+            "false_match_rate": rate, "duplicate_false_match_rate": duplicate_rate,
+            "inner_val_pairs": int(labels.size), "inner_val_negative_pairs": int((labels == 0).sum()),
+            "inner_val_rates": _rates_by_stratum(scores, labels, i, j, classes, config.threshold, config.duplicate_threshold,
+                                                 originals),
+        }
+    return PlacedThresholds(scored, provenance)
+
+
+def _rates_by_stratum(scores: np.ndarray, labels: np.ndarray, i: np.ndarray, j: np.ndarray, classes: list[str] | None,
+                      threshold: float, duplicate_threshold: float | None, originals: list[bool] | None = None) -> dict:
+    """False-match rates (dissimilar pairs at or above each threshold) and true-match rates, overall and
+    per stratum of domains (``within <domain>``, ``across domains``); with ``originals``, each stratum
+    also on pairs of two photos (``… (photos)``: no edited copy in the pair)."""
+    strata = {"all": np.ones(labels.size, dtype=bool)}
+    if classes is not None:
+        domains = np.array([c.split("/", 1)[0] for c in classes])
+        if len(set(domains.tolist())) > 1:
+            same = domains[i] == domains[j]
+            strata.update({f"within {d}": same & (domains[i] == d) for d in sorted(set(domains.tolist()))})
+            strata["across domains"] = ~same
+    if originals is not None:
+        photo = np.asarray(originals, dtype=bool)
+        both = photo[i] & photo[j]
+        strata.update({f"{name} (photos)": mask & both for name, mask in list(strata.items())})
+    out = {}
+    for name, mask in strata.items():
+        negatives, positives = scores[mask & (labels == 0)], scores[mask & (labels == 1)]
+        entry = {"negative_pairs": int(negatives.size), "positive_pairs": int(positives.size)}
+        for key, t in (("threshold", threshold), ("duplicate_threshold", duplicate_threshold)):
+            if t is None:
+                continue
+            entry[f"false_match_rate@{key}"] = round(float((negatives >= t).mean()), 6) if negatives.size else None
+            entry[f"true_match_rate@{key}"] = round(float((positives >= t).mean()), 4) if positives.size else None
+        out[name] = entry
+    return out
+
+
+def _validate(net: SiameseNet, fmaps: Tensor, groups: list[str | None], form: str, threshold: float | None,
+              options: TrainOptions, scored: tuple[np.ndarray, ...] | None = None) -> dict[str, float]:
+    """``evaluate_fmaps`` on the inner validation split, but for duplicate groups with more than
+    ``options.val_pairs`` pairs the pair metrics cover every similar pair and a fixed draw of the
+    dissimilar ones (or the pairs of ``scored``: (i, j, labels, scores) of all pairs, already scored)."""
+    n = len(groups)
+    if form != "groups" or (scored is None and (not options.val_pairs or n * (n - 1) // 2 <= options.val_pairs)):
+        return evaluate_fmaps(net, fmaps, groups, form, threshold, seed=options.seed)
+    net.eval()
+    with torch.inference_mode():
+        emb = torch.cat([net.embed_fmap(part.float()) for part in fmaps.split(EMBED_CHUNK)])
+        sims = embedding_similarities(net, emb, emb).numpy()
+    ids = list(range(n))
+    vectors = emb.numpy()
+    plain = retrieval_metrics(vectors, groups, vectors, groups, query_ids=ids, gallery_ids=ids, scores=sims)
+    result = retrieval_metrics(vectors, groups, vectors, groups, query_ids=ids, gallery_ids=ids,
+                               scores=_reranked(net, fmaps, sims, RERANK_K))
+    if scored is None:
+        i, j, labels = _sampled_pairs(groups, options.val_pairs, options.seed)
+        scores = pair_scores(net, fmaps, fmaps, i, j)
+    else:
+        i, j, labels, scores = scored
+    result.update(pair_metrics(scores, labels, threshold))
+    result.update({f"embedding_{k}": v for k, v in plain.items() if k != "n_queries"})
+    result["embedding_pair_auc"] = pair_metrics(sims[i, j], labels)["pair_auc"]
+    return result
+
+
+def _sampled_pairs(groups: list[str | None], limit: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every similar pair of ``all_pairs(groups)`` and a fixed random draw of the dissimilar ones, ``limit`` in all."""
+    i, j, labels = all_pairs(groups)
+    if labels.size <= limit:
+        return i, j, labels
+    positive, negative = np.flatnonzero(labels), np.flatnonzero(labels == 0)
+    drawn = np.random.default_rng(seed).choice(negative, size=max(1, min(negative.size, limit - positive.size)), replace=False)
+    keep = np.sort(np.concatenate([positive, drawn]))
+    return i[keep], j[keep], labels[keep]
+
+
+def _reranked(net: SiameseNet, fmaps: Tensor, sims: np.ndarray, k: int) -> np.ndarray:
+    """Ranking scores as search ranks (``engine.eval.evaluate``): each query's top ``k`` by embedding
+    (itself excluded) re-scored by the head and put first."""
+    n = len(fmaps)
+    candidates = sims.copy()
+    candidates[np.arange(n), np.arange(n)] = -np.inf
+    k = min(k, n - 1)
+    top = np.argsort(-candidates, axis=1)[:, :k]
+    rows = np.repeat(np.arange(n), k)
+    out = sims.copy()
+    out[rows, top.ravel()] = np.abs(sims).max() + 2.0 + pair_scores(net, fmaps, fmaps, rows, top.ravel())
+    return out
 
 
 def _calibrate(net: MatchNet, fmaps: Tensor, groups: list[str | None], seed: int) -> None:
