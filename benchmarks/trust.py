@@ -219,9 +219,10 @@ def main() -> None:
     started = time.time()
     # One generator per part, so that each part's draw is the same whatever the others draw.
     copy_rng, strata_rng, replace_rng = (np.random.default_rng([SEED, part]) for part in range(3))
-    tmp = Path(tempfile.mkdtemp(prefix="trust-old-"))
-    old_dir, old_commit = old_model_dir(args.old_rev, tmp)
-    old, new = load_model(old_dir), load_model(args.new)
+    with tempfile.TemporaryDirectory(prefix="trust-old-") as tmp:
+        old_dir, old_commit = old_model_dir(args.old_rev, Path(tmp))
+        old = load_model(old_dir)
+    new = load_model(args.new)
     shared = ("backbone", "backbone_weights", "input_size", "bf16", "tuned_blocks")
     if any(getattr(old.config, k) != getattr(new.config, k) for k in shared) or new.config.tuned_blocks:
         sys.exit("this benchmark reuses one frozen backbone's feature maps for every model: the models must share it")
