@@ -20,7 +20,6 @@ from indexer.models import DedupCalibration, DedupRun, DuplicateGroup, Duplicate
 from whymatch.cli import main
 
 
-
 def _separating_threshold(model, group_2: set[str], group_5: set[str], root) -> float:
     """Midway between the planted duplicates' lowest head score and everything else's highest.
 
