@@ -48,7 +48,8 @@ def _load(ctx: click.Context, model_path: Path | None):
 
     settings: ModelSettings = ctx.obj.model
     try:
-        return load_model(model_path or settings.model_path, threads=settings.threads, batch_size=settings.backbone_batch)
+        return load_model(model_path or settings.model_path, threads=settings.threads, batch_size=settings.backbone_batch,
+                          device=settings.device)
     except (FileNotFoundError, WeightsNotInstalledError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -130,7 +131,7 @@ def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_c
         options = TrainOptions(epochs=epochs, patience=patience, learning_rate=lr, lr_decay=lr_decay, crop_min=crop_min,
                                augment_views=augment_views, seed=seed, resume=resume, cache_dir=settings.feature_cache,
                                false_match_rate=false_match_rate, duplicate_false_match_rate=duplicate_false_match_rate,
-                               val_pairs=val_pairs, extra=extra)
+                               val_pairs=val_pairs, device=settings.device, extra=extra)
         _, metrics = train(config, data, out_dir, options)
     except (WeightsNotInstalledError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 BACKBONE_BATCH = 2
 
 Preset = Literal["whymatch", "paper"]
+# Where the model runs: ``auto`` takes a CUDA GPU when torch sees one, else the CPU.
+Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass
@@ -81,6 +83,8 @@ class ModelSettings(BaseSettings):
     model_path: Path | None = None
     # torch threads; 0 leaves torch's default.
     threads: int = 0
+    # auto: a CUDA GPU when one is usable, else the CPU; cuda fails where there is none.
+    device: Device = "auto"
     # Images per backbone pass (see BACKBONE_BATCH).
     backbone_batch: int = Field(BACKBONE_BATCH, gt=0)
     # Where training caches backbone features; None: ``cache/features`` in the catalogue's data directory.

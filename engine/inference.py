@@ -1,8 +1,13 @@
 """The engine's public face: ``load_model()`` → ``SimilarityModel`` with ``embed``, ``score``, ``explain``.
 
 Images may be paths, bytes, PIL images or arrays. The frozen backbone runs under bf16 autocast with
-channels_last where the config allows it (2–4× faster on CPUs with AMX/AVX-512 BF16); the trained
-layers and all gradients for Grad-CAM run in float32.
+channels_last where the config allows it (2–4× faster on CPUs with AMX/AVX-512 BF16; on a GPU float16
+where it lacks bf16); the trained layers and all gradients for Grad-CAM run in float32.
+
+The model runs on one device (``load_model(device=...)``: the CPU or a CUDA GPU). Whatever it computes
+there comes back to the CPU as numpy arrays or CPU tensors (feature maps included; those computed from
+pixels come back where the pixels were), so callers never see the device; the methods that go on from
+images (``encode``, ``score``, ``explain``) keep their intermediates on the device.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch import Tensor
 
 from engine.nn.backbones import backbone_spec, create_backbone
 from engine.explain.concepts import attach_concepts
-from engine.config import BACKBONE_BATCH, ModelConfig
+from engine.config import BACKBONE_BATCH, Device, ModelConfig
 from engine.explain.correspondences import attach_correspondences
 from engine.explain.decision import pair_verification
 from engine.explain.pairs import PairExplanation, explain_projections
@@ -34,8 +39,11 @@ CONFIG_FILE = "config.json"
 class SimilarityModel:
     """A Siamese network ready for inference, with its config and decision threshold."""
 
-    def __init__(self, net: SiameseNet, config: ModelConfig, batch_size: int = BACKBONE_BATCH) -> None:
-        self.net = net.eval()
+    def __init__(self, net: SiameseNet, config: ModelConfig, batch_size: int = BACKBONE_BATCH,
+                 device: torch.device | str | None = None) -> None:
+        # None: where the net's parameters already are.
+        self.device = torch.device(device) if device is not None else next(net.parameters()).device
+        self.net = net.to(self.device).eval()
         self.config = config
         self.batch_size = batch_size
         spec = backbone_spec(config.backbone)
@@ -68,26 +76,40 @@ class SimilarityModel:
         return [load_pixels(img, target_size=self.config.input_size) for img in images]
 
     def pixels(self, images: Sequence[ImageSource]) -> Tensor:
-        """The normalised input batch of images."""
+        """The normalised input batch of images (on the CPU)."""
         return to_tensor(self.load(images), self.config.input_size, self.mean, self.std)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.config.bf16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        if not self.config.bf16:
+            return contextlib.nullcontext()
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def _on_device(self, tensor: Tensor) -> Tensor:
+        """``tensor`` where the model runs (itself when it is there already)."""
+        return tensor.to(self.device)
 
     @torch.inference_mode()
     def fmaps_from_pixels(self, pixels: Tensor) -> Tensor:
-        """Grad-CAM-layer activations (float32) of a preprocessed batch."""
-        return self._run(self.net.backbone.features, pixels)
+        """Grad-CAM-layer activations (float32) of a preprocessed batch, on the pixels' device (the CPU
+        for ``pixels()``)."""
+        return self._fmaps(pixels).to(pixels.device)
 
     @torch.inference_mode()
     def frozen_features(self, pixels: Tensor) -> Tensor:
-        """The frozen backbone blocks' output (float32) of a preprocessed batch: what training caches,
-        since only the blocks after it (``config.tuned_blocks``) and the head learn."""
-        return self._run(self.net.backbone_parts[0], pixels)
+        """The frozen backbone blocks' output (float32) of a preprocessed batch, on the pixels' device:
+        what training caches, since only the blocks after it (``config.tuned_blocks``) and the head learn."""
+        return self._run(self.net.backbone_parts[0], pixels).to(pixels.device)
+
+    @torch.inference_mode()
+    def _fmaps(self, pixels: Tensor) -> Tensor:
+        """``fmaps_from_pixels`` left on the device, for the methods that go on with them."""
+        return self._run(self.net.backbone.features, pixels)
 
     def _run(self, layers: Callable[[Tensor], Tensor], pixels: Tensor) -> Tensor:
+        pixels = self._on_device(pixels)
         if self.config.bf16:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         with self._autocast():
@@ -102,27 +124,31 @@ class SimilarityModel:
             yield self.pixels(chunk)
 
     def feature_maps(self, images: Sequence[ImageSource]) -> Tensor:
-        """Backbone feature maps of images, batched."""
+        """Backbone feature maps of images (on the CPU), batched."""
+        return self._feature_maps(images).cpu()
+
+    def _feature_maps(self, images: Sequence[ImageSource]) -> Tensor:
         if not len(images):
             raise ValueError("feature_maps needs at least one image")
-        return torch.cat([self.fmaps_from_pixels(batch) for batch in self.pixel_batches(images)])
+        return torch.cat([self._fmaps(batch) for batch in self.pixel_batches(images)])
 
     @torch.inference_mode()
     def embed_fmaps(self, fmaps: Tensor) -> np.ndarray:
-        return self.net.embed_fmap(fmaps).numpy().astype(np.float32)
+        return self.net.embed_fmap(fmaps).cpu().numpy().astype(np.float32)
 
     @torch.inference_mode()
     def describe_fmaps(self, fmaps: Tensor) -> list[bytes]:
         """Each image's head description (what ``score`` compares) packed as float16 bytes, so a stored
         item is re-scored against a query without decoding it or running the backbone again."""
-        parts = self.net.describe(fmaps)
+        # float16 before leaving the device: half the bytes to copy, and what packing stores anyway.
+        parts = tuple(part.to(torch.float16).cpu() for part in self.net.describe(fmaps))
         return [pack_description(tuple(part[i] for part in parts)) for i in range(len(fmaps))]
 
     def encode(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, list[bytes]]:
         """Embeddings (as ``embed``) and packed head descriptions (as ``describe_fmaps``) in one backbone pass."""
         vectors, packed = [], []
         for batch in self.pixel_batches(images):
-            fmaps = self.fmaps_from_pixels(batch)
+            fmaps = self._fmaps(batch)
             vectors.append(self.embed_fmaps(fmaps))
             packed.extend(self.describe_fmaps(fmaps))
         return (np.concatenate(vectors) if vectors else np.zeros((0, self.config.embed_dim), np.float32)), packed
@@ -141,22 +167,22 @@ class SimilarityModel:
         rows_b = [distinct.setdefault(bytes(blob), len(distinct)) for blob in packed_b]
         (projections,) = unpack_descriptions(list(distinct))
         signature = self.net.signature_from_projections(projections)
-        return self.net.score_pairs(signature, rows_a, signature, rows_b).numpy().astype(np.float32)
+        return self.net.score_pairs(signature, rows_a, signature, rows_b).cpu().numpy().astype(np.float32)
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
         """(n, d) float32 embeddings (unit length for the whymatch preset), as stored in the index."""
-        parts = [self.embed_fmaps(self.fmaps_from_pixels(batch)) for batch in self.pixel_batches(images)]
+        parts = [self.embed_fmaps(self._fmaps(batch)) for batch in self.pixel_batches(images)]
         return np.concatenate(parts) if parts else np.zeros((0, self.config.embed_dim), np.float32)
 
     @torch.inference_mode()
     def score_fmaps(self, fmaps_a: Tensor, fmaps_b: Tensor) -> np.ndarray:
-        return self.net.score_fmaps(fmaps_a, fmaps_b).numpy().astype(np.float32)
+        return self.net.score_fmaps(fmaps_a, fmaps_b).cpu().numpy().astype(np.float32)
 
     def score(self, images_a: Sequence[ImageSource], images_b: Sequence[ImageSource]) -> np.ndarray:
         """(n,) head similarities in (0, 1) of pairs (images_a[i], images_b[i])."""
         if len(images_a) != len(images_b):
             raise ValueError(f"score needs as many images in a as in b ({len(images_a)} != {len(images_b)})")
-        parts = [self.score_fmaps(self.feature_maps(a), self.feature_maps(b))
+        parts = [self.score_fmaps(self._feature_maps(a), self._feature_maps(b))
                  for a, b in zip(_chunks(images_a, self.batch_size), _chunks(images_b, self.batch_size))]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
@@ -178,11 +204,11 @@ class SimilarityModel:
         details = {"correspondences": correspondences, "concepts": concepts, "verifications": verifications,
                    "sizes": (sizes or [image_size(image) for image in (image_a, *images_b)]) if correspondences else None}
         if not effects:
-            fmaps = self.feature_maps([image_a, *images_b])
+            fmaps = self._feature_maps([image_a, *images_b])
             return self.explain_feature_maps(fmaps[:1], fmaps[1:], method, **details)
-        batches = list(self.pixel_batches([image_a, *images_b]))
+        batches = [self._on_device(batch) for batch in self.pixel_batches([image_a, *images_b])]
         pixels = torch.cat(batches)
-        fmaps = torch.cat([self.fmaps_from_pixels(batch) for batch in batches])
+        fmaps = torch.cat([self._fmaps(batch) for batch in batches])
         explanations = self.explain_feature_maps(fmaps[:1], fmaps[1:], method, **details)
         effects_from_tensors(self, pixels[:1], fmaps[:1], pixels[1:], fmaps[1:], explanations)
         return explanations
@@ -251,6 +277,7 @@ class SimilarityModel:
     def _explain_projections(self, proj_a: Tensor, projs_b: Tensor, method: str, correspondences: bool,
                              sizes: Sequence[tuple[int, int]] | None,
                              verifications: Sequence[dict | None] | None = None) -> list[PairExplanation]:
+        proj_a, projs_b = self._on_device(proj_a), self._on_device(projs_b)
         explanations = explain_projections(self.net, proj_a, projs_b, self.threshold, method, verifications)
         if correspondences:
             if sizes is None or len(sizes) != 1 + len(projs_b):
@@ -267,11 +294,12 @@ class SimilarityModel:
         batched backbone passes (``batch_size`` images each)."""
         if len(images_b) != len(explanations):
             raise ValueError(f"add_effects needs one explanation per image b ({len(explanations)} != {len(images_b)})")
-        pixels = self.pixels([image_a, *images_b])
-        if fmap_a is None:
-            fmap_a = self.fmaps_from_pixels(pixels[:1])
+        pixels = self._on_device(self.pixels([image_a, *images_b]))
+        fmap_a = self._fmaps(pixels[:1]) if fmap_a is None else self._on_device(fmap_a)
         if fmaps_b is None:
-            fmaps_b = torch.cat([self.fmaps_from_pixels(batch) for batch in pixels[1:].split(self.batch_size)])
+            fmaps_b = torch.cat([self._fmaps(batch) for batch in pixels[1:].split(self.batch_size)])
+        else:
+            fmaps_b = self._on_device(fmaps_b)
         effects_from_tensors(self, pixels[:1], fmap_a, pixels[1:], fmaps_b, explanations, fill=fill, area=area)
         return list(explanations)
 
@@ -283,7 +311,7 @@ class SimilarityModel:
 def pack_description(parts: tuple[Tensor, ...]) -> bytes:
     """One image's description tensors as float16 safetensors bytes (~150 KB for the default model:
     196 cells × 384 projections)."""
-    return save({str(n): part.detach().to(torch.float16).contiguous() for n, part in enumerate(parts)})
+    return save({str(n): part.detach().to(torch.float16).cpu().contiguous() for n, part in enumerate(parts)})
 
 
 def unpack_descriptions(blobs: Sequence[bytes]) -> tuple[Tensor, ...]:
@@ -300,20 +328,37 @@ def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 def save_checkpoint(net: SiameseNet, config: ModelConfig, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in net.trained_state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in net.trained_state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE))
     config.to_json(directory / CONFIG_FILE)
     return directory
 
 
-def build_model(config: ModelConfig, batch_size: int = BACKBONE_BATCH) -> SimilarityModel:
-    """A model with freshly initialised trained layers (the start of training)."""
+def resolve_device(device: Device) -> torch.device:
+    """The torch device a ``ModelSettings.device`` names: ``auto`` is CUDA when torch can use a GPU,
+    else the CPU; ``cuda`` without one is an error rather than a silent fall back to the CPU."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose from auto, cpu, cuda (WHYMATCH_DEVICE)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("WHYMATCH_DEVICE=cuda, but torch finds no usable CUDA GPU here (a CPU-only torch build, "
+                         "no driver or no device); set WHYMATCH_DEVICE=cpu or auto")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_model(config: ModelConfig, batch_size: int = BACKBONE_BATCH, device: Device = "cpu") -> SimilarityModel:
+    """A model with freshly initialised trained layers (the start of training), on ``device`` (``resolve_device``)."""
+    where = resolve_device(device)
     backbone = create_backbone(config.backbone, config.backbone_weights)
-    return SimilarityModel(build_net(config, backbone), config, batch_size)
+    return SimilarityModel(build_net(config, backbone), config, batch_size, where)
 
 
-def load_model(path: str | Path | None = None, *, threads: int = 0, batch_size: int = BACKBONE_BATCH) -> SimilarityModel:
-    """Load a checkpoint directory (``config.json`` + ``model.safetensors``); the shipped model by default."""
+def load_model(path: str | Path | None = None, *, threads: int = 0, batch_size: int = BACKBONE_BATCH,
+               device: Device = "cpu") -> SimilarityModel:
+    """Load a checkpoint directory (``config.json`` + ``model.safetensors``); the shipped model by default.
+    ``device``: where it runs (``resolve_device``). The CPU unless asked, so that a script or test that
+    loads a model measures what it says; the entry points pass ``ModelSettings.device`` (``auto``)."""
     directory = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if directory.is_file():
         directory = directory.parent
@@ -323,6 +368,6 @@ def load_model(path: str | Path | None = None, *, threads: int = 0, batch_size: 
     if threads > 0:
         torch.set_num_threads(threads)
     config = ModelConfig.from_json(config_path)
-    model = build_model(config, batch_size)
+    model = build_model(config, batch_size, device)
     model.net.load_trained_state_dict(load_file(str(weights_path)))
     return model

@@ -133,7 +133,8 @@ class Catalogue:
             from engine import load_model  # defers torch: reading stored runs needs no model
 
             settings = self.model_settings
-            self._model = load_model(settings.model_path, threads=settings.threads, batch_size=settings.backbone_batch)
+            self._model = load_model(settings.model_path, threads=settings.threads, batch_size=settings.backbone_batch,
+                                     device=settings.device)
         if self.model_settings.threads > 0:
             import torch
 

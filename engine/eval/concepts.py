@@ -66,7 +66,7 @@ def concept_masking_check(
     h, w = fmaps.shape[2:]
     count = max(1, round(area * h * w))
     rng = np.random.default_rng(seed)
-    regions = concept_maps(backbone, fmaps, [c["index"] for c in concepts], factual)
+    regions = concept_maps(backbone, fmaps, [c["index"] for c in concepts], factual).cpu()
 
     variants: list[Tensor] = []
     pairs: dict[tuple, tuple[int, int]] = {}  # key -> (side masked, index of the masked variant)

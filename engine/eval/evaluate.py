@@ -33,7 +33,7 @@ def pair_scores(net: SiameseNet, fmaps_a: Tensor, fmaps_b: Tensor, i: np.ndarray
     sig_a = signatures(net, fmaps_a)
     sig_b = sig_a if fmaps_b is fmaps_a else signatures(net, fmaps_b)
     with torch.inference_mode():
-        return net.score_pairs(sig_a, i, sig_b, j).numpy().astype(np.float32)
+        return net.score_pairs(sig_a, i, sig_b, j).cpu().numpy().astype(np.float32)
 
 
 def evaluate_fmaps(
@@ -58,7 +58,8 @@ def evaluate_fmaps(
     ids = list(range(len(all_fmaps)))
     with torch.inference_mode():
         emb = net.embed_fmap(all_fmaps.float())
-        sims = embedding_similarities(net, emb[:n], emb).numpy()
+        sims = embedding_similarities(net, emb[:n], emb).cpu().numpy()
+        emb = emb.cpu()
     plain = retrieval_metrics(emb[:n].numpy(), groups, emb.numpy(), gallery_groups, query_ids=ids[:n], gallery_ids=ids, scores=sims)
     reranked_sims = _rerank(net, fmaps, all_fmaps, sims, rerank_k)
     result = retrieval_metrics(emb[:n].numpy(), groups, emb.numpy(), gallery_groups, query_ids=ids[:n], gallery_ids=ids, scores=reranked_sims)

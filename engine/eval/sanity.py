@@ -30,8 +30,8 @@ TARGET_MAPS = ("similarity_a", "similarity_b", "dissimilarity_a", "dissimilarity
 def randomised_copy(model: SimilarityModel, *, backbone: bool = False, seed: int = 0) -> SimilarityModel:
     """A copy of ``model`` with its trained layers (tuned backbone blocks included) and, with
     ``backbone``, the backbone's last convolution and what follows it re-initialised; ``model``
-    itself is untouched."""
-    net = copy.deepcopy(model.net)
+    itself is untouched. The weights are drawn on the CPU, so a seed gives the same copy on any device."""
+    net = copy.deepcopy(model.net).cpu()
     modules = [m for name, m in net.named_modules() if not name.startswith("backbone")] + list(net.backbone_parts[1].modules())
     if backbone:
         layers = list(net.backbone.stem.modules())
@@ -42,7 +42,7 @@ def randomised_copy(model: SimilarityModel, *, backbone: bool = False, seed: int
         for module in modules:
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-    return SimilarityModel(net, model.config, model.batch_size)
+    return SimilarityModel(net, model.config, model.batch_size, model.device)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -62,10 +62,11 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 def target_maps(net: SiameseNet, fmap_a: Tensor, fmaps_b: Tensor, method: str = "gradcam") -> dict[str, np.ndarray]:
     """k×h×w maps of image a against each of k images b, per target (``TARGET_MAPS``)."""
     cam = CAM_METHODS[method](net.evidence_fmaps, net.score_from_evidence)
+    fmap_a, fmaps_b = fmap_a.to(net.head_device), fmaps_b.to(net.head_device)
     cams = cam(fmap_a.expand(len(fmaps_b), -1, -1, -1), fmaps_b, targets=[similarity, dissimilarity])
     return {
-        "similarity_a": cams.maps_a[0].numpy(), "similarity_b": cams.maps_b[0].numpy(),
-        "dissimilarity_a": cams.maps_a[1].numpy(), "dissimilarity_b": cams.maps_b[1].numpy(),
+        "similarity_a": cams.maps_a[0].cpu().numpy(), "similarity_b": cams.maps_b[0].cpu().numpy(),
+        "dissimilarity_a": cams.maps_a[1].cpu().numpy(), "dissimilarity_b": cams.maps_b[1].cpu().numpy(),
     }
 
 

@@ -58,6 +58,8 @@ class BasePairCAM:
         raise NotImplementedError
 
     def __call__(self, acts_a: Tensor, acts_b: Tensor, targets: Sequence[Target]) -> PairCams:
+        """Scores and maps of the pairs (acts_a[i], acts_b[i]), on the activations' device: the one the
+        evidence function computes on."""
         acts_a, acts_b = _leaf(acts_a), _leaf(acts_b)
         with torch.enable_grad():
             evidence = self.evidence_fn(acts_a, acts_b)

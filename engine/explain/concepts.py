@@ -48,11 +48,12 @@ def linear_classifier(backbone: Backbone) -> nn.Linear:
 
 
 def _weights(maps: Sequence[np.ndarray] | Tensor | None, fmaps: Tensor) -> Tensor:
-    """n×h×w non-negative cell weights; a missing or all-zero map weighs the whole image evenly."""
+    """n×h×w non-negative cell weights, on the feature maps' device; a missing or all-zero map weighs
+    the whole image evenly."""
     n, _, h, w = fmaps.shape
     if maps is None:
-        return torch.ones(n, h, w)
-    weights = torch.as_tensor(np.stack([np.asarray(m) for m in maps]), dtype=torch.float32).clamp(min=0)
+        return torch.ones(n, h, w, device=fmaps.device)
+    weights = torch.as_tensor(np.stack([np.asarray(m) for m in maps]), dtype=torch.float32, device=fmaps.device).clamp(min=0)
     empty = weights.sum(dim=(1, 2)) <= 0
     weights[empty] = 1.0
     return weights
@@ -60,7 +61,9 @@ def _weights(maps: Sequence[np.ndarray] | Tensor | None, fmaps: Tensor) -> Tenso
 
 @torch.no_grad()
 def concept_probabilities(backbone: Backbone, fmaps: Tensor, maps: Sequence[np.ndarray] | Tensor | None = None) -> Tensor:
-    """n×1000 softmax of the classifier on the map-weighted average of each feature map's cells."""
+    """n×1000 softmax of the classifier on the map-weighted average of each feature map's cells (on the
+    backbone's device)."""
+    fmaps = fmaps.to(linear_classifier(backbone).weight.device)
     weights = _weights(maps, fmaps)
     pooled = (fmaps.float() * weights.unsqueeze(1)).sum(dim=(2, 3)) / weights.sum(dim=(1, 2)).unsqueeze(1)
     return torch.softmax(backbone.classifier(pooled), dim=1)
@@ -69,8 +72,10 @@ def concept_probabilities(backbone: Backbone, fmaps: Tensor, maps: Sequence[np.n
 @torch.no_grad()
 def concept_maps(backbone: Backbone, fmaps: Tensor, indices: Sequence[int], maps: Sequence[np.ndarray] | Tensor | None = None) -> Tensor:
     """n×len(indices)×h×w regions of the given concepts: each cell's part of the concept's logit on the
-    map-weighted pooled features, relu(m_i · w_c · f_i) (with no maps, the class activation map)."""
+    map-weighted pooled features, relu(m_i · w_c · f_i) (with no maps, the class activation map), on
+    the backbone's device."""
     directions = linear_classifier(backbone).weight[list(indices)]
+    fmaps = fmaps.to(directions.device)
     cams = torch.einsum("kc,nchw->nkhw", directions, fmaps.float())
     return torch.relu(cams * _weights(maps, fmaps).unsqueeze(1))
 
@@ -90,8 +95,8 @@ def explain_concepts(
     ``[{"name", "index", "share", "present_in", "score_a", "score_b"}, ...]`` sorted by share;
     concepts with a share below ``min_share`` are left out."""
     k = fmaps_b.shape[0]
-    probs_a = concept_probabilities(backbone, fmaps_a.expand(k, -1, -1, -1), maps_a).numpy()
-    probs_b = concept_probabilities(backbone, fmaps_b, maps_b).numpy()
+    probs_a = concept_probabilities(backbone, fmaps_a.expand(k, -1, -1, -1), maps_a).cpu().numpy()
+    probs_b = concept_probabilities(backbone, fmaps_b, maps_b).cpu().numpy()
     return [_shared(pa, pb, top, min_share) if match else _differing(pa, pb, top, min_share)
             for pa, pb, match in zip(probs_a, probs_b, is_match)]
 

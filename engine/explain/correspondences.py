@@ -44,8 +44,9 @@ Size = tuple[int, int]
 @torch.no_grad()
 def pair_contributions(net: SiameseNet, projs_a: Tensor, projs_b: Tensor) -> Tensor:
     """Contribution of every pair of cells to each pair's similarity, k×N_a×N_b (projs_a: 1 or k images'
-    ``net.project`` output, projs_b: k): ``SiameseNet.cell_contributions``."""
-    return net.cell_contributions(projs_a.float().expand(projs_b.shape[0], -1, -1, -1), projs_b.float())
+    ``net.project`` output, projs_b: k): ``SiameseNet.cell_contributions``, on the net's device."""
+    projs_a, projs_b = projs_a.to(net.head_device).float(), projs_b.to(net.head_device).float()
+    return net.cell_contributions(projs_a.expand(projs_b.shape[0], -1, -1, -1), projs_b)
 
 
 def window_sums(contributions: Tensor, grid_a: Size, grid_b: Size, radius: int) -> Tensor:
@@ -102,9 +103,11 @@ def find_correspondences(
     grid_a, grid_b = tuple(projs_a.shape[2:]), tuple(projs_b.shape[2:])
     contributions = pair_contributions(net, projs_a, projs_b)
     if maps_a is not None and maps_b is not None:
-        contributions = contributions * _cell_weights(maps_a).unsqueeze(2) * _cell_weights(maps_b).unsqueeze(1)
-    totals = contributions.clamp(min=0).sum(dim=(1, 2))
-    regions = window_sums(contributions, grid_a, grid_b, radius)
+        weights_a, weights_b = _cell_weights(maps_a).to(contributions.device), _cell_weights(maps_b).to(contributions.device)
+        contributions = contributions * weights_a.unsqueeze(2) * weights_b.unsqueeze(1)
+    totals = contributions.clamp(min=0).sum(dim=(1, 2)).cpu()
+    # The suppression below reads single values, one after another: on the CPU.
+    regions = window_sums(contributions, grid_a, grid_b, radius).cpu()
     return [
         _suppress(regions[n], float(totals[n]), grid_a, grid_b, sizes_a[n], sizes_b[n], top, radius)
         for n in range(k)

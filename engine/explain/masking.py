@@ -64,7 +64,7 @@ def _blur(pixels: Tensor) -> Tensor:
     small = F.interpolate(pixels.float(), size=small_size, mode="area").contiguous()
     sigma = BLUR_SIGMA * min(height, width) * small_size[0] / height
     radius = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=pixels.device)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = (kernel / kernel.sum()).repeat(channels, 1, 1, 1)
     small = F.conv2d(F.pad(small, (radius, radius, 0, 0), mode="replicate"), kernel.view(channels, 1, 1, -1), groups=channels)
@@ -92,7 +92,7 @@ def top_region(key: Tensor, area: float) -> Tensor:
     if not 0.0 < area <= 1.0:
         raise ValueError(f"area must be in (0, 1], got {area}")
     flat = key.reshape(-1, key.shape[-2] * key.shape[-1])
-    mask = torch.zeros(flat.shape, dtype=torch.bool)
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=key.device)
     mask.scatter_(1, torch.topk(flat, round(area * flat.shape[1]), dim=1, sorted=False).indices, True)
     return mask.view_as(key)
 
@@ -115,9 +115,11 @@ class Variants:
 
 def _masked(variants: Variants, v: int) -> Tensor:
     """Variant v's pixels (1×3×H×W). lerp with a 0/1 weight returns either end exactly, and is faster
-    than ``where`` broadcasting a bool mask over channels-last pixels."""
+    than ``where`` broadcasting a bool mask over channels-last pixels. The masks are drawn on the CPU;
+    the pixels may be on the model's device."""
     s = variants.source[v]
-    return torch.lerp(variants.filled[s : s + 1], variants.sources[s : s + 1], variants.keep[v].to(variants.sources.dtype))
+    sources = variants.sources
+    return torch.lerp(variants.filled[s : s + 1], sources[s : s + 1], variants.keep[v].to(sources.device, sources.dtype))
 
 
 def score_variants(model: PixelScorer, variants: Variants) -> np.ndarray:
@@ -141,7 +143,7 @@ def evidence_variants(model: PixelScorer, variants: Variants) -> np.ndarray:
     pairs = [(v, n + p) if is_a else (n + p, v) for v, (p, is_a) in enumerate(zip(variants.partner, variants.masked_is_a))]
     rows_a, rows_b = (list(rows) for rows in zip(*pairs))
     with torch.inference_mode():
-        return model.net.evidence_pairs(described, rows_a, described, rows_b).numpy().astype(np.float32)
+        return model.net.evidence_pairs(described, rows_a, described, rows_b).cpu().numpy().astype(np.float32)
 
 
 

@@ -97,18 +97,21 @@ def explain_projections(
     if verifications is not None and len(verifications) != k:
         raise ValueError(f"explain needs one verification (or None) per image b ({len(verifications)} != {k})")
     cam = CAM_METHODS[method](net.evidence_projections, net.score_from_evidence)
-    cams = cam(proj_a.expand(k, -1, -1, -1), projs_b, targets=[similarity, dissimilarity])
+    # On the net's device, so that the gradients, the maps and the scores are all computed there.
+    device = net.head_device
+    cams = cam(proj_a.to(device).expand(k, -1, -1, -1), projs_b.to(device), targets=[similarity, dissimilarity])
+    scores, maps_a, maps_b = cams.scores.cpu(), [m.cpu() for m in cams.maps_a], [m.cpu() for m in cams.maps_b]
     explanations = []
     for i in range(k):
-        score = float(cams.scores[i])
+        score = float(scores[i])
         verification = verifications[i] if verifications is not None else None
         is_match = decided_by(score, threshold, verification) is not None
         fact, counter = (0, 1) if is_match else (1, 0)
         raw = {
-            "factual_a": cams.maps_a[fact][i],
-            "factual_b": cams.maps_b[fact][i],
-            "counterfactual_a": cams.maps_a[counter][i],
-            "counterfactual_b": cams.maps_b[counter][i],
+            "factual_a": maps_a[fact][i],
+            "factual_b": maps_b[fact][i],
+            "counterfactual_a": maps_a[counter][i],
+            "counterfactual_b": maps_b[counter][i],
         }
         maps, empty = {}, []
         for name, tensor in raw.items():

@@ -35,6 +35,9 @@ from engine.config import ModelConfig
 # floats at 448 px): a few pairs' worth stays in the CPU cache, thousands stream through memory.
 # Measured on 2 cores: 0.14 ms per pair in steps of 16, 0.60 ms in one step of 2000.
 PAIR_CHUNK = 16
+# On a GPU a step is a few kernel launches whatever its size, so steps are large: 512 pairs' 196×196
+# float32 intermediates take a few hundred MB.
+GPU_PAIR_CHUNK = 512
 # exp(±80) and sums of a few thousand such terms stay within float32 (max ~3.4e38, min normal ~1.2e-38).
 MAX_INVERSE_TEMPERATURE = 80.0
 
@@ -56,17 +59,27 @@ class SiameseNet(nn.Module):
 
     def features_from_frozen(self, frozen: Tensor) -> Tensor:
         """The Grad-CAM layer's activations from the frozen blocks' output (what training caches)."""
-        return self.backbone.cam(self.backbone_parts[1](frozen))
+        return self.backbone.cam(self.backbone_parts[1](frozen.to(self.head_device)))
 
     def working(self, tensor: Tensor) -> Tensor:
-        """Feature maps may arrive in bfloat16 (autocast) or float16 (stored descriptions); the trained
-        layers compute in their own precision (float32, or float64 for a reference)."""
-        return tensor.to(self.head_dtype)
+        """Feature maps may arrive in bfloat16 (autocast) or float16 (stored descriptions), and on the CPU
+        while the net runs on a GPU; the trained layers compute in their own precision (float32, or
+        float64 for a reference) on their own device."""
+        head = self._head_parameter()
+        return tensor.to(head.device, head.dtype)
 
     @property
     def head_dtype(self) -> torch.dtype:
         """The precision of the trained layers (those after the backbone)."""
-        return next(p for name, child in self.named_children() if name != "backbone" for p in child.parameters()).dtype
+        return self._head_parameter().dtype
+
+    @property
+    def head_device(self) -> torch.device:
+        """Where the trained layers, and so every step of the head, run."""
+        return self._head_parameter().device
+
+    def _head_parameter(self) -> nn.Parameter:
+        return next(p for name, child in self.named_children() if name != "backbone" for p in child.parameters())
 
     def embed_fmap(self, fmap: Tensor) -> Tensor:
         raise NotImplementedError
@@ -95,16 +108,18 @@ class SiameseNet(nn.Module):
 
     def score_pairs(self, sig_a: tuple[Tensor, ...], rows_a: Sequence[int], sig_b: tuple[Tensor, ...],
                     rows_b: Sequence[int]) -> Tensor:
-        """Scores of the pairs (row ``rows_a[n]`` of ``sig_a``, row ``rows_b[n]`` of ``sig_b``), ``PAIR_CHUNK`` at a time."""
+        """Scores of the pairs (row ``rows_a[n]`` of ``sig_a``, row ``rows_b[n]`` of ``sig_b``), ``PAIR_CHUNK``
+        at a time (``GPU_PAIR_CHUNK`` on a GPU)."""
         return self.score_from_evidence(self.evidence_pairs(sig_a, rows_a, sig_b, rows_b))
 
     def evidence_pairs(self, sig_a: tuple[Tensor, ...], rows_a: Sequence[int], sig_b: tuple[Tensor, ...],
                        rows_b: Sequence[int]) -> Tensor:
         """The evidence (the score's logit, see ``evidence_fmaps``) of the pairs ``score_pairs`` scores."""
-        parts = [self.signature_logit(tuple(part[rows_a[s : s + PAIR_CHUNK]] for part in sig_a),
-                                      tuple(part[rows_b[s : s + PAIR_CHUNK]] for part in sig_b))
-                 for s in range(0, len(rows_a), PAIR_CHUNK)]
-        return torch.cat(parts) if parts else torch.zeros(0)
+        step = PAIR_CHUNK if self.head_device.type == "cpu" else GPU_PAIR_CHUNK
+        parts = [self.signature_logit(tuple(part[rows_a[s : s + step]] for part in sig_a),
+                                      tuple(part[rows_b[s : s + step]] for part in sig_b))
+                 for s in range(0, len(rows_a), step)]
+        return torch.cat(parts) if parts else torch.zeros(0, device=self.head_device)
 
     # Whether ``cell_contributions`` decomposes the score exactly (correspondences then need no map weighting).
     exact_cell_contributions = False

@@ -33,7 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 from tqdm import tqdm
 
-from engine.config import ModelConfig
+from engine.config import Device, ModelConfig
 from engine.data import LabelledImages, paper_pairs, split
 from engine.inference import WEIGHTS_FILE, SimilarityModel, build_model, save_checkpoint
 from engine.eval.evaluate import RERANK_K, embedding_similarities, evaluate_fmaps, pair_scores
@@ -88,6 +88,9 @@ class TrainOptions:
     # on 2 cores, so all 600k pairs of a 1,100-image split would take minutes per epoch; the final
     # thresholds and metrics still use all pairs.
     val_pairs: int = 0
+    # Where the model trains and the features are computed (``engine.inference.resolve_device``);
+    # ``whymatch train`` passes ``ModelSettings.device``.
+    device: Device = "cpu"
 
     def __post_init__(self) -> None:
         if not 0 < self.crop_min <= 1:
@@ -127,12 +130,15 @@ def augmenter(size: int) -> Callable[[Tensor], Tensor]:
 def cached_features(model: SimilarityModel, paths: list[Path], cache_dir: Path, *, with_flips: bool, progress: bool,
                     augment_views: int = 0, seed: int = 0) -> CachedFeatures:
     """The frozen backbone blocks' output for ``paths``, from disk when the same images went through the
-    same frozen blocks (and the same ``augment_views`` random copies of each, drawn with ``seed``)."""
+    same frozen blocks on the same kind of device (and the same ``augment_views`` random copies of each,
+    drawn with ``seed``)."""
     cfg = model.config
     augment = augmenter(cfg.input_size) if augment_views else None
     key = hashlib.sha256(
         json.dumps([cfg.backbone, cfg.backbone_weights, cfg.input_size, cfg.bf16, cfg.tuned_blocks, with_flips,
                     *([augment_views, seed, repr(augment)] if augment_views else []),
+                    # A GPU's reduced-precision backbone rounds otherwise than the CPU's.
+                    *([model.device.type] if model.device.type != "cpu" else []),
                     [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]]).encode()
     ).hexdigest()[:20]
     cache_file = Path(cache_dir) / f"{cfg.backbone}-{cfg.input_size}-{cfg.tuned_blocks}-{key}.pt"
@@ -198,7 +204,7 @@ def _hard_batches(net: MatchNet, fmaps: Tensor, groups: list[str | None], option
         # In chunks: the float32 copy of thousands of cached maps at once would take gigabytes.
         emb = torch.cat([net.embed_fmap(part.float()) for part in fmaps.split(EMBED_CHUNK)])
         centroids = F.normalize(torch.stack([emb[u].mean(0) for u in units]), dim=1)
-        nearest = (centroids @ centroids.T).argsort(dim=1, descending=True).numpy()
+        nearest = (centroids @ centroids.T).argsort(dim=1, descending=True).cpu().numpy()
     unused = set(range(len(units)))
     batches = []
     while unused:
@@ -215,14 +221,16 @@ def _hard_batches(net: MatchNet, fmaps: Tensor, groups: list[str | None], option
 def _matchnet_loss(net: MatchNet, fmaps: Tensor, groups: list[str | None]) -> Tensor:
     emb, local = net.signature(fmaps)
     table: dict[str, int] = {}
-    codes = torch.tensor([table.setdefault(g, len(table)) if g is not None else -1 - i for i, g in enumerate(groups)])
-    same = (codes[:, None] == codes[None, :]) & ~torch.eye(len(groups), dtype=torch.bool)
+    codes = torch.tensor([table.setdefault(g, len(table)) if g is not None else -1 - i for i, g in enumerate(groups)],
+                         device=emb.device)
+    diagonal = torch.eye(len(groups), dtype=torch.bool, device=emb.device)
+    same = (codes[:, None] == codes[None, :]) & ~diagonal
     logits = emb @ emb.T / 0.05
-    logits = logits.masked_fill(torch.eye(len(groups), dtype=torch.bool), float("-inf"))
+    logits = logits.masked_fill(diagonal, float("-inf"))
     log_prob = logits.log_softmax(dim=1)
     has_pos = same.any(dim=1)
     infonce = -(log_prob.masked_fill(~same, 0).sum(1)[has_pos] / same.sum(1)[has_pos]).mean()
-    i, j = torch.triu_indices(len(groups), len(groups), offset=1)
+    i, j = torch.triu_indices(len(groups), len(groups), offset=1, device=emb.device)
     labels = same[i, j].float()
     head = net.head_logit((emb[i], local[i]), (emb[j], local[j]))
     pos_weight = ((1 - labels).sum() / labels.sum().clamp(min=1)).clamp(max=20)
@@ -233,12 +241,13 @@ def _matchnet_loss(net: MatchNet, fmaps: Tensor, groups: list[str | None]) -> Te
 def _paper_loss(net: PaperNet, fmaps_a: Tensor, fmaps_b: Tensor, labels: Tensor, margin: float = 2.0) -> Tensor:
     """Contrastive loss (Hadsell et al. 2006) as in the paper: similar pairs pulled, others pushed to the margin."""
     d = net.distance(net.embed_fmap(fmaps_a), net.embed_fmap(fmaps_b))
+    labels = labels.to(d.device)
     return (labels * d.pow(2) + (1 - labels) * F.relu(margin - d).pow(2)).mean()
 
 
 def _pca_init(net: MatchNet, fmaps: Tensor) -> None:
     """Start the embedding projection at the principal components of the pooled features."""
-    pooled = torch.cat([part.float().mean(dim=(2, 3)) for part in fmaps.split(EMBED_CHUNK)])
+    pooled = torch.cat([net.working(part).mean(dim=(2, 3)) for part in fmaps.split(EMBED_CHUNK)])
     centred = pooled - pooled.mean(0)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
     k = min(net.embed_proj.out_features, v.shape[0])
@@ -254,7 +263,7 @@ def train(config: ModelConfig, data: LabelledImages, out_dir: str | Path, option
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
-    model = build_model(config)
+    model = build_model(config, device=options.device)
     net = model.net
     fit_idx, val_idx = split(data, options.inner_val_fraction, options.seed)
     fit, val = data.subset(fit_idx), data.subset(val_idx)
@@ -433,9 +442,9 @@ def _validate(net: SiameseNet, fmaps: Tensor, groups: list[str | None], form: st
     net.eval()
     with torch.inference_mode():
         emb = torch.cat([net.embed_fmap(part.float()) for part in fmaps.split(EMBED_CHUNK)])
-        sims = embedding_similarities(net, emb, emb).numpy()
+        sims = embedding_similarities(net, emb, emb).cpu().numpy()
     ids = list(range(n))
-    vectors = emb.numpy()
+    vectors = emb.cpu().numpy()
     plain = retrieval_metrics(vectors, groups, vectors, groups, query_ids=ids, gallery_ids=ids, scores=sims)
     result = retrieval_metrics(vectors, groups, vectors, groups, query_ids=ids, gallery_ids=ids,
                                scores=_reranked(net, fmaps, sims, RERANK_K))
@@ -480,7 +489,7 @@ def _calibrate(net: MatchNet, fmaps: Tensor, groups: list[str | None], seed: int
     i, j, labels = paper_pairs(groups, seed)
     with torch.inference_mode():
         emb, local = net.signature(fmaps.float())
-        logits = net.head_logit((emb[i], local[i]), (emb[j], local[j])).numpy().reshape(-1, 1)
+        logits = net.head_logit((emb[i], local[i]), (emb[j], local[j])).cpu().numpy().reshape(-1, 1)
     fit = LogisticRegression(C=100.0).fit(logits, labels)
     net.calibration.copy_(torch.tensor([float(fit.coef_[0, 0]), float(fit.intercept_[0])]))
 
@@ -495,11 +504,11 @@ def _threshold_pairs(net: SiameseNet, fmaps: Tensor, groups: list[str | None], s
 
 def maps_from_frozen(net: SiameseNet, frozen: Tensor, chunk: int = 64) -> Tensor:
     """The Grad-CAM layer's maps (float16) from cached frozen-block outputs (``cached_features``),
-    through the tuned blocks."""
+    through the tuned blocks, kept on the CPU as the cache is."""
     if not net.config.tuned_blocks:
         return frozen
     with torch.inference_mode():
-        return torch.cat([net.features_from_frozen(part.float()).half() for part in frozen.split(chunk)])
+        return torch.cat([net.features_from_frozen(part.float()).half().cpu() for part in frozen.split(chunk)])
 
 
 def random_windows(maps: Tensor, area_min: float, rng: np.random.Generator) -> Tensor:
