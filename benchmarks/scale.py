@@ -1,4 +1,4 @@
-"""Scale benchmark of the FAISS side with synthetic vectors: 10k, 100k and 1M items.
+"""Scale benchmark of the FAISS side with synthetic vectors: 10k, 100k and 1M items, and 10M on disk.
 
 For each catalogue size it builds the index the indexer would choose (``indexer.faiss_index.choose_factory``,
 plus any ``--factories`` to compare), with the indexer's own build and search-parameter code, and measures
@@ -12,21 +12,37 @@ a worst case no real embedding resembles. These are drawn instead like embedding
 clusters (scenes) in a 32-dimensional latent space mapped into 256 dimensions plus isotropic noise,
 L2-normalised. Queries are fresh draws from the same distribution, not catalogue members.
 
+Sizes above ``HNSW_LIMIT`` take the out-of-core path (``indexer.faiss_index.build_ondisk``): the vectors
+are generated in chunks straight into a float16 file in a scratch folder, never all in memory; the IVF-PQ
+index is trained on a sample, filled shard by shard and merged into one on-disk list file. It measures
+each build stage, recall@10 after re-ranking (against exact search over the same float16 vectors, by
+brute force in chunks) and single-query lookups for each ``--nprobe`` × ``--rerank`` pair, the memory
+of a fresh serving process that memory-maps the index and the vectors (a subprocess, so this one's
+memory does not count), and the dedup k-NN graph on a random subsample of items, extrapolated to all.
+
     .venv/bin/python benchmarks/scale.py                         # 10k, 100k, 1M; records docs/benchmarks.md
     .venv/bin/python benchmarks/scale.py --sizes 10000 --queries 200   # smoke run, prints only
+    .venv/bin/python benchmarks/scale.py --sizes 10000000        # on disk; records its own section
+    .venv/bin/python benchmarks/scale.py --sizes 1100000 --ondisk-queries 50   # on-disk smoke run, prints only
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
 
-from common import SHARED_DATA, add_model_option, command_line, load_bench_model, markdown_table, median_time, record
+from common import BENCH_DIR, ROOT, SHARED_DATA, add_model_option, command_line, load_bench_model, markdown_table, median_time, record
 from indexer import faiss_index as fx
 
 DIM = 256
@@ -34,15 +50,17 @@ LATENT = 32
 THREADS = 2
 K = 10
 TARGET_RECALL, TARGET_LOOKUP_SHARE, TARGET_GRAPH_SECONDS = 0.98, 0.10, 600.0
+ONDISK_TARGET_RECALL, ONDISK_TARGET_P50_MS, ONDISK_TARGET_RSS_GB = 0.95, 10.0, 4.0
 
 
-def synthetic_vectors(n: int, seed: int, n_clusters: int = 20_000) -> np.ndarray:
-    """n unit vectors in DIM dimensions: clustered, low intrinsic dimension, plus noise (see module doc)."""
+def synthetic_vectors(n: int, seed: int, n_clusters: int = 20_000, out: np.ndarray | None = None) -> np.ndarray:
+    """n unit vectors in DIM dimensions: clustered, low intrinsic dimension, plus noise (see module doc),
+    written into ``out`` (e.g. a float16 memory map) when given, chunk by chunk."""
     layout = np.random.default_rng(12345)  # the same clusters and projection for catalogue and queries
     centres = layout.normal(size=(n_clusters, LATENT)).astype(np.float32)
     projection = np.linalg.qr(layout.normal(size=(DIM, LATENT)))[0].T.astype(np.float32)
     rng = np.random.default_rng(seed)
-    out = np.empty((n, DIM), np.float32)
+    out = np.empty((n, DIM), np.float32) if out is None else out
     for start in range(0, n, 100_000):
         m = min(100_000, n - start)
         latent = centres[rng.integers(0, n_clusters, m)] + 0.5 * rng.normal(size=(m, LATENT)).astype(np.float32)
@@ -87,10 +105,12 @@ def knn_graph_seconds(index: faiss.Index, vectors: np.ndarray, k: int) -> tuple[
     return time.perf_counter() - start, ids
 
 
-def candidate_pairs(graph: np.ndarray) -> int:
-    """Distinct unordered pairs (a, b), a ≠ b, in a k-NN graph: what a dedup run re-scores with the head."""
-    n = len(graph)
-    a = np.repeat(np.arange(n, dtype=np.int64), graph.shape[1])
+def candidate_pairs(graph: np.ndarray, items: np.ndarray | None = None) -> int:
+    """Distinct unordered pairs (a, b), a ≠ b, in a k-NN graph whose line i holds the neighbours of item
+    ``items[i]`` (default i): what a dedup run re-scores with the head."""
+    items = np.arange(len(graph), dtype=np.int64) if items is None else items
+    n = int(max(items.max(), graph.max())) + 1
+    a = np.repeat(items, graph.shape[1])
     b = graph.ravel()
     keep = (b >= 0) & (b != a)
     low, high = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])
@@ -124,6 +144,159 @@ def query_embedding_seconds(model, repeats: int) -> tuple[float, str]:
     return median_time(lambda: model.embed([source]), repeats), label
 
 
+def exact_neighbours_chunked(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 250_000) -> np.ndarray:
+    """Exact inner-product k nearest rows of ``vectors`` (a memory map) by brute force, one chunk in memory at a time."""
+    best_scores = np.full((len(queries), k), -np.inf, np.float32)
+    best_rows = np.full((len(queries), k), -1, np.int64)
+    for lo in range(0, len(vectors), chunk):
+        exact = faiss.IndexFlatIP(DIM)
+        exact.add(np.asarray(vectors[lo:lo + chunk], dtype=np.float32))
+        scores, rows = exact.search(queries, k)
+        scores, rows = np.hstack([best_scores, scores]), np.hstack([best_rows, rows + lo])
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best_scores, best_rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+    return best_rows
+
+
+SERVE = """
+import json, sys, time
+import faiss, numpy as np
+from pathlib import Path
+from indexer import faiss_index as fx
+
+def status():
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+
+index_path, scratch, nprobes, factors, k, threads = sys.argv[1:7]
+faiss.omp_set_num_threads(int(threads))
+index = fx.load_ondisk(fx.OnDiskFiles(Path(index_path)))
+loaded = status()
+queries, truth = np.load(Path(scratch) / "queries.npy"), np.load(Path(scratch) / "truth.npy")
+k = int(k)
+results = []
+for nprobe in map(int, nprobes.split(",")):
+    for factor in map(int, factors.split(",")):
+        found = index.search(queries, k, nprobe=nprobe, rerank_factor=factor)[1]
+        recall = float(np.mean([len(set(f.tolist()) & set(t.tolist())) / k for f, t in zip(found, truth)]))
+        index.search(queries[:1], k, nprobe=nprobe, rerank_factor=factor)
+        times = []
+        for q in queries:
+            start = time.perf_counter()
+            index.search(q[None, :], k, nprobe=nprobe, rerank_factor=factor)
+            times.append(time.perf_counter() - start)
+        results.append({"nprobe": nprobe, "factor": factor, "recall": recall, "times": times})
+print(json.dumps({"loaded": loaded, "served": status(), "results": results}))
+"""
+
+
+def serve_in_fresh_process(files: fx.OnDiskFiles, scratch: Path, nprobes: list[int], factors: list[int]) -> dict:
+    """Recall, single-query lookups and memory of a new process that only loads the on-disk index and serves."""
+    command = [sys.executable, "-c", SERVE, str(files.index), str(scratch), ",".join(map(str, nprobes)),
+               ",".join(map(str, factors)), str(K), str(THREADS)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ondisk_graph(index: fx.OnDiskIndex, vectors: np.ndarray, rows: np.ndarray, k: int, batch: int = 2048) -> tuple[float, np.ndarray]:
+    """Seconds to query the items ``rows`` for their k + 1 nearest items, at the default search parameters."""
+    graph = np.empty((len(rows), k + 1), np.int64)
+    start = time.perf_counter()
+    for lo in range(0, len(rows), batch):
+        queries = np.asarray(vectors[rows[lo:lo + batch]], dtype=np.float32)
+        graph[lo:lo + batch] = index.search(queries, k + 1)[1]
+    return time.perf_counter() - start, graph
+
+
+def ondisk_benchmark(n: int, args: argparse.Namespace, pairs_per_second: float) -> tuple[list, list, dict]:
+    """Build, serve and graph one on-disk catalogue of ``n`` vectors in ``args.scratch``; deletes it afterwards."""
+    scratch = args.scratch / f"n{n}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    store = fx.IndexStore(scratch)
+    files = store.ondisk(store.filename(1))
+    factory = fx.choose_factory(n, DIM)
+    try:
+        start = time.perf_counter()
+        synthetic_vectors(n, seed=0, out=fx.create_vectors(files, n, DIM, np.float16))
+        fx.write_ids(files, np.arange(n, dtype=np.int64))
+        generate = time.perf_counter() - start
+        print(f"{n:,}: generated float16 vectors in {generate:.0f} s", flush=True)
+        stages = fx.build_ondisk(files, "cosine", factory, train_size=args.train_size, shard_size=args.shard_size)
+        print(f"{n:,} {factory}: " + ", ".join(f"{name} {sec:.0f} s" for name, sec in stages.items()), flush=True)
+        vectors = np.load(files.vectors, mmap_mode="r")
+        queries = synthetic_vectors(args.ondisk_queries, seed=1)
+        rng = np.random.default_rng(0)
+        graph_rows = np.sort(rng.choice(n, min(args.graph_sample, n), replace=False))
+        checked = rng.choice(len(graph_rows), min(args.ondisk_queries, len(graph_rows)), replace=False)
+        start = time.perf_counter()
+        truth = exact_neighbours_chunked(vectors, np.vstack([queries, np.asarray(vectors[graph_rows[checked]], np.float32)]), K + 1)
+        truth_seconds = time.perf_counter() - start
+        np.save(scratch / "queries.npy", queries)
+        np.save(scratch / "truth.npy", truth[:len(queries), :K])
+        served = serve_in_fresh_process(files, scratch, sorted({*args.nprobe, fx.ONDISK_NPROBE}),
+                                        sorted({*args.rerank, fx.RERANK_FACTOR}))
+        index = fx.load_ondisk(files)
+        graph_seconds, graph = ondisk_graph(index, vectors, graph_rows, K)
+        graph_recall = recall_at_k(graph[checked], truth[len(queries):])
+        pairs = candidate_pairs(graph, graph_rows)
+        list_bytes = files.index.stat().st_size + files.ivfdata.stat().st_size
+        vector_bytes = files.vectors.stat().st_size + files.ids.stat().st_size
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    rows = []
+    for result in served["results"]:
+        times = result["times"]
+        default = result["nprobe"] == fx.ONDISK_NPROBE and result["factor"] == fx.RERANK_FACTOR
+        rows.append([f"{n:,}", factory, result["nprobe"], f"{result['factor']}·k = {result['factor'] * K}" + (" (default)" if default else ""),
+                     result["recall"], f"{statistics.median(times) * 1000:.2f}", f"{percentile(times, 95) * 1000:.2f}"])
+    graph_per_item = graph_seconds / len(graph_rows)
+    build_rows = [[f"{n:,}", factory, f"{generate:.0f}", f"{stages['train']:.0f}", f"{stages['add']:.0f}", f"{stages['merge']:.0f}",
+                   f"{list_bytes / n:.1f}", f"{vector_bytes / n:.0f}", f"{served['loaded']['VmRSS'] / 2**20:.0f}",
+                   f"{served['served']['VmRSS'] / 2**20:.0f} ({served['served']['RssAnon'] / 2**20:.0f} anon)",
+                   f"{graph_seconds:.0f} s / {len(graph_rows):,}", f"{1 / graph_per_item:,.0f}", graph_recall,
+                   f"{graph_per_item * n / 60:.0f}", f"{pairs / len(graph_rows) * n / pairs_per_second / 3600:.0f}"]]
+    facts = {"n": n, "factory": factory, "train_size": min(args.train_size, n), "shard_size": args.shard_size,
+             "truth_seconds": truth_seconds, "queries": args.ondisk_queries, "graph_sample": len(graph_rows),
+             "pairs_per_item": pairs / len(graph_rows), "served": served, "list_bytes": list_bytes, "vector_bytes": vector_bytes}
+    return rows, build_rows, facts
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def ondisk_notes(facts: dict) -> list[str]:
+    """What the on-disk tables measure and whether the targets are met at the default search parameters."""
+    default = next(r for r in facts["served"]["results"] if r["nprobe"] == fx.ONDISK_NPROBE and r["factor"] == fx.RERANK_FACTOR)
+    p50 = statistics.median(default["times"]) * 1000
+    rss = facts["served"]["served"]["VmRSS"] / 2**30
+    return [
+        (f"{facts['n']:,} synthetic vectors (as above) generated chunk by chunk into a float16 file; `{facts['factory']}` trained on "
+         f"a random sample of {facts['train_size']:,}, filled in shards of {facts['shard_size']:,} rows (one process, one after "
+         f"the other) and merged with `merge_ondisk` into one inverted-list file, served memory-mapped; the shortlist of "
+         f"each query is re-ranked by exact inner products with the float16 vectors, memory-mapped too. {THREADS} FAISS threads."),
+        (f"Recall@10 is after re-ranking, against exact inner-product search over the same float16 vectors (brute force in "
+         f"chunks, {facts['truth_seconds']:.0f} s for {facts['queries']} fresh queries and {facts['queries']} catalogue members); "
+         f"lookups are single queries, each of the {facts['queries']} in turn, in a fresh process that loads only the index "
+         f"(`load_ondisk`), with the files in the page cache (they were just written). Its memory is VmRSS after loading and "
+         f"after all the lookups, the share of anonymous memory in brackets: the rest is file pages mapped from the lists "
+         f"and vectors, which the kernel can drop."),
+        (f"Disk: lists + header {facts['list_bytes'] / facts['n']:.1f} bytes per vector, exact vectors + ids "
+         f"{facts['vector_bytes'] / facts['n']:.0f} bytes per vector."),
+        (f"The dedup k-NN graph queries {facts['graph_sample']:,} random catalogue members for k + 1 = {K + 1} neighbours at the "
+         f"default parameters, batches of 2048; the full-catalogue minutes are that rate extrapolated to every item (a "
+         f"projection), and its graph recall@{K + 1} is against brute force for {facts['queries']} of them. The head "
+         f"re-scoring hours are the sample's {facts['pairs_per_item']:.1f} candidate pairs per item times every item, divided "
+         f"by the head's measured rate: a projection, and an upper bound, since the whole graph finds many pairs from both "
+         f"of their items and counts them once."),
+        (f"Targets at the defaults (nprobe {fx.ONDISK_NPROBE}, shortlist {fx.RERANK_FACTOR}·k): recall@10 ≥ {ONDISK_TARGET_RECALL} "
+         f"— {default['recall']:.3f} ({verdict(default['recall'] >= ONDISK_TARGET_RECALL)}); p50 lookup ≤ {ONDISK_TARGET_P50_MS:.0f} ms "
+         f"— {p50:.2f} ms ({verdict(p50 <= ONDISK_TARGET_P50_MS)}); serving memory ≤ {ONDISK_TARGET_RSS_GB:.0f} GB — "
+         f"{rss:.2f} GB ({verdict(rss <= ONDISK_TARGET_RSS_GB)})."),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -132,6 +305,16 @@ def main() -> None:
     parser.add_argument("--factories", nargs="*", default=[], help="extra index_factory strings to compare at every size")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats of the query embedding")
+    parser.add_argument("--scratch", type=Path, default=BENCH_DIR / "scale-ondisk",
+                        help="folder for the on-disk sizes' vectors and index (deleted afterwards)")
+    parser.add_argument("--train-size", type=int, default=fx.TRAIN_SAMPLE, help="on-disk sizes: training sample")
+    parser.add_argument("--shard-size", type=int, default=1_000_000, help="on-disk sizes: rows per shard")
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[32, 128],
+                        help="on-disk sizes: nprobe values compared with the default")
+    parser.add_argument("--rerank", type=int, nargs="+", default=[4],
+                        help="on-disk sizes: shortlist lengths, as multiples of k, compared with the default")
+    parser.add_argument("--ondisk-queries", type=int, default=200, help="on-disk sizes: queries with brute-force ground truth")
+    parser.add_argument("--graph-sample", type=int, default=100_000, help="on-disk sizes: items queried for the k-NN graph")
     add_model_option(parser)
     args = parser.parse_args()
     faiss.omp_set_num_threads(THREADS)
@@ -143,9 +326,40 @@ def main() -> None:
     pairs_per_second, description_bytes = rescoring_rate(model)
     print(f"head re-scoring from descriptions: {pairs_per_second:,.0f} pairs/s; {description_bytes:,} bytes per description")
 
+    ondisk_sizes = [n for n in args.sizes if n > fx.HNSW_LIMIT]
+    if ondisk_sizes:
+        ondisk_main(ondisk_sizes, args, parser, pairs_per_second)
+    memory_sizes = [n for n in args.sizes if n <= fx.HNSW_LIMIT]
+    if memory_sizes:
+        memory_main(memory_sizes, args, parser, embed_seconds, embed_label, pairs_per_second, description_bytes)
+
+
+def ondisk_main(sizes: list[int], args: argparse.Namespace, parser: argparse.ArgumentParser, pairs_per_second: float) -> None:
+    rows, build_rows, notes = [], [], []
+    for n in sizes:
+        search_rows, built, facts = ondisk_benchmark(n, args, pairs_per_second)
+        rows += search_rows
+        build_rows += built
+        notes = ondisk_notes(facts)
+    table = markdown_table(["n", "index", "nprobe", "shortlist", "recall@10 (re-ranked)", "p50 lookup ms", "p95 lookup ms"], rows)
+    build_table = markdown_table(["n", "index", "generate s", "train s", "add s", "merge s", "lists bytes/vector",
+                                  "vectors bytes/vector", "serving RSS MB, loaded", "serving RSS MB, after lookups",
+                                  "k-NN graph (sample)", "graph items/s", f"graph recall@{K + 1}", "graph min, all items (projected)",
+                                  "head re-scoring h, all items (projected)"], build_rows)
+    if args.scratch.is_dir() and not any(args.scratch.iterdir()):
+        args.scratch.rmdir()
+    print(table)
+    print(build_table)
+    print("\n".join(notes))
+    if args.ondisk_queries == parser.get_default("ondisk_queries"):
+        record("scale-on-disk", command_line(), table + "\n\n" + build_table, "\n\n".join(notes))
+
+
+def memory_main(sizes: list[int], args: argparse.Namespace, parser: argparse.ArgumentParser, embed_seconds: float,
+                embed_label: str, pairs_per_second: float, description_bytes: int) -> None:
     queries = synthetic_vectors(args.queries, seed=1)
     rows, graph_rows, verdicts = [], [], []
-    for n in args.sizes:
+    for n in sizes:
         vectors = synthetic_vectors(n, seed=0)
         truth = exact_neighbours(vectors, queries, K)
         auto = fx.choose_factory(n, DIM)
@@ -205,7 +419,7 @@ def main() -> None:
     print(table)
     print(graph_table)
     print("\n".join(notes))
-    if args.sizes == parser.get_default("sizes") and args.queries == parser.get_default("queries"):
+    if sizes == parser.get_default("sizes") and args.queries == parser.get_default("queries"):
         record("scale", command_line(), table + "\n\n" + graph_table, "\n\n".join(notes))
 
 

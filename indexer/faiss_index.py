@@ -5,20 +5,31 @@ is chosen by catalogue size unless a FAISS ``index_factory`` string names it:
 
 * up to ``EXACT_LIMIT`` vectors: ``Flat`` — exact inner product (cosine on unit vectors);
 * up to ``HNSW_LIMIT``: ``HNSW32`` — a graph index, no training, ~99% recall at ``efSearch`` 128;
-* above: ``IVF<nlist>,PQ<m>`` — compressed, trained on a sample of at most ``TRAIN_SAMPLE`` vectors.
+* above: ``IVF<nlist>_HNSW32,PQ<m>`` — compressed, trained on a sample of at most ``TRAIN_SAMPLE`` vectors.
 
 Files are written to a temporary name, fsynced, renamed over the final name and the folder fsynced,
 so a reader (or a crash) only ever sees a complete file.
+
+Past what one machine's memory holds comfortably (10^7–10^9 vectors) the IVF-PQ index is built out of
+core (``build_ondisk``): trained on a sample, filled shard by shard (each shard a file, so shards can be
+built by separate processes), merged into one inverted-list file that serving processes memory-map
+(``load_ondisk``), and its shortlist re-ranked by the exact vectors, kept memory-mapped next to it
+(``OnDiskIndex``). Those IVF lists hold row numbers of the vectors file; an ids file maps rows to item ids.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+from faiss.contrib.ondisk import merge_ondisk
 
 EXACT_LIMIT = 100_000
 HNSW_LIMIT = 1_000_000
@@ -28,6 +39,10 @@ EF_SEARCH = 128
 # ~0.99 recall of the true neighbours (benchmarks/scale.py), and the head re-scores what it finds.
 GRAPH_EF_SEARCH = 32
 NPROBE = 16
+# On-disk IVF-PQ search: the probes and the shortlist re-ranked by exact vectors (benchmarks/scale.py
+# tunes them for recall@10 after re-ranking against exact search).
+ONDISK_NPROBE = 64
+RERANK_FACTOR = 10
 
 
 def faiss_metric(metric: str) -> int:
@@ -40,7 +55,17 @@ def faiss_metric(metric: str) -> int:
 
 
 def choose_factory(n: int, dim: int) -> str:
-    """The index for a catalogue of ``n`` vectors of ``dim`` dimensions (without the IDMap2 wrapper)."""
+    """The index for a catalogue of ``n`` vectors of ``dim`` dimensions (without the IDMap2 wrapper).
+
+    Above ``HNSW_LIMIT`` an HNSW graph holds every full vector plus its links in memory and its build
+    grows faster than linearly, so tens of millions of vectors no longer fit one serving machine's RAM
+    nor a build window. IVF-PQ keeps a few dozen bytes of code per vector, in inverted lists that can
+    live on disk and be memory-mapped, and its recall loss is won back by re-ranking a shortlist with
+    the exact vectors. ``nlist`` ~ 4·√n keeps both the coarse search and the lists scanned per probe
+    small; the coarse quantizer is itself an HNSW graph over the centroids, so assigning each vector
+    to its list (at add and at search) does not cost a pass over all centroids. PQ codes take ~8
+    dimensions per byte.
+    """
     if n <= EXACT_LIMIT:
         return "Flat"
     if n <= HNSW_LIMIT:
@@ -49,7 +74,7 @@ def choose_factory(n: int, dim: int) -> str:
         return "HNSW32"  # product quantisation is pointless on tiny vectors
     nlist = 1 << int(round(math.log2(4 * math.sqrt(n))))
     m = max(d for d in range(1, dim // 8 + 1) if dim % d == 0)  # ~8 dimensions per 8-bit code
-    return f"IVF{nlist},PQ{m}"
+    return f"IVF{nlist}_HNSW32,PQ{m}"
 
 
 def _full_factory(factory: str) -> str:
@@ -198,15 +223,220 @@ class IndexStore:
     def exists(self, filename: str) -> bool:
         return self.path(filename).is_file()
 
+    def ondisk(self, filename: str) -> OnDiskFiles:
+        """The files of an on-disk index whose header is ``filename``, all in this folder."""
+        return OnDiskFiles(self.path(filename))
+
     def cleanup(self, keep: set[str]) -> list[str]:
-        """Delete index files not in ``keep`` and temporary files left by killed runs."""
+        """Delete index files not in ``keep`` (with the lists, vectors, ids and shards of on-disk ones)
+        and temporary files left by killed runs."""
         removed = []
         if not self.directory.is_dir():
             return removed
         for path in self.directory.iterdir():
-            stale_index = path.name.startswith("catalogue-") and path.suffix == ".faiss" and path.name not in keep
+            stem = path.name.split(".", 1)[0]
+            stale_index = path.name.startswith("catalogue-") and f"{stem}.faiss" not in keep
             stale_tmp = path.name.startswith(".catalogue-") and path.name.endswith(".tmp")
             if stale_index or stale_tmp:
-                path.unlink(missing_ok=True)
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
                 removed.append(path.name)
         return removed
+
+
+# ------------------------------------------------------------------------------------ on-disk IVF-PQ
+
+
+@dataclass(frozen=True)
+class OnDiskFiles:
+    """Where one on-disk index lives, all in one folder: ``<stem>.faiss`` (the trained quantizers and
+    the directory of the lists), ``<stem>.ivfdata`` (the inverted lists), ``<stem>.vectors.npy`` (the
+    exact vectors, one row each), ``<stem>.ids.npy`` (the item id of each row) and, while it is built,
+    ``<stem>.shards/``. The header names its list file relative to its own folder, so the folder can move."""
+
+    index: Path
+
+    @property
+    def stem(self) -> str:
+        return self.index.name.removesuffix(".faiss")
+
+    @property
+    def ivfdata(self) -> Path:
+        return self.index.with_name(f"{self.stem}.ivfdata")
+
+    @property
+    def vectors(self) -> Path:
+        return self.index.with_name(f"{self.stem}.vectors.npy")
+
+    @property
+    def ids(self) -> Path:
+        return self.index.with_name(f"{self.stem}.ids.npy")
+
+    @property
+    def shards(self) -> Path:
+        return self.index.with_name(f"{self.stem}.shards")
+
+
+def create_vectors(files: OnDiskFiles, n: int, dim: int, dtype: type[np.floating] = np.float16) -> np.memmap:
+    """A writable memory-mapped ``n``×``dim`` array at ``files.vectors``, to be filled in chunks so that
+    the catalogue's vectors never have to be in memory at once. float16 halves the disk and page cache
+    that re-ranking reads, and moves inner products of unit vectors far less than PQ does."""
+    files.vectors.parent.mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(files.vectors, mode="w+", dtype=dtype, shape=(n, dim))
+
+
+def write_ids(files: OnDiskFiles, ids: np.ndarray) -> Path:
+    """The item id of each row of ``files.vectors``."""
+    np.save(files.ids, np.ascontiguousarray(ids, dtype=np.int64))
+    return files.ids
+
+
+def train_ivfpq(sample: np.ndarray, metric: str, factory: str) -> faiss.Index:
+    """A trained, empty IVF index (``factory``, e.g. ``IVF16384_HNSW32,PQ32`` or ``OPQ32,IVF…``) for a
+    template of shards. It has no IDMap wrapper: its lists store the row numbers themselves, which is
+    what lets shards be merged list by list."""
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    if factory.strip().upper().startswith("IDMAP"):
+        raise ValueError(f"on-disk index factory {factory!r} must not have an IDMap wrapper: its lists hold row numbers")
+    try:
+        index = faiss.index_factory(sample.shape[1], factory.strip(), faiss_metric(metric))
+        faiss.extract_index_ivf(index)
+    except RuntimeError as exc:
+        raise ValueError(f"on-disk index factory {factory!r} must give an IVF index: {str(exc).strip().splitlines()[-1]}") from exc
+    try:
+        index.train(sample)
+    except RuntimeError as exc:
+        raise ValueError(f"cannot train index {factory!r} on {len(sample)} vectors: {str(exc).strip().splitlines()[-1]}") from exc
+    return index
+
+
+def add_shard(template: Path, vectors: np.ndarray, first_row: int, path: Path, chunk: int = 65536) -> Path:
+    """Fill a copy of the trained, empty index in ``template`` with ``vectors`` as rows ``first_row``…
+    and save it to ``path``. Shards depend on nothing but the template, so separate processes or
+    machines can build them."""
+    index = faiss.read_index(str(template))
+    for start in range(0, len(vectors), chunk):
+        block = np.ascontiguousarray(vectors[start : start + chunk], dtype=np.float32)
+        index.add_with_ids(block, np.arange(first_row + start, first_row + start + len(block), dtype=np.int64))
+    return save_index(index, path)
+
+
+def merge_shards(template: Path, shards: list[Path], files: OnDiskFiles) -> None:
+    """Merge the shards' inverted lists into ``files.ivfdata`` (``merge_ondisk``, which memory-maps the
+    shards rather than loading them) and write the header ``files.index`` last: a reader that finds the
+    header finds complete lists."""
+    index = faiss.read_index(str(template))
+    files.ivfdata.unlink(missing_ok=True)
+    merge_ondisk(index, [str(path) for path in shards], str(files.ivfdata))
+    fd = os.open(files.ivfdata, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the lists were written through a shared mapping, which is this file's page cache
+    finally:
+        os.close(fd)
+    save_index(index, files.index)
+
+
+def build_ondisk(files: OnDiskFiles, metric: str, factory: str, *, train_size: int = TRAIN_SAMPLE,
+                 shard_size: int = 1_000_000, seed: int = 0) -> dict[str, float]:
+    """Build the on-disk index of the vectors already in ``files.vectors``: train on a random sample of
+    at most ``train_size``, add shards of ``shard_size`` rows, merge them and delete them. Returns the
+    seconds each stage took (``train``, ``add``, ``merge``)."""
+    vectors = np.load(files.vectors, mmap_mode="r")
+    n = len(vectors)
+    if n == 0:
+        raise ValueError(f"index factory {factory!r} needs training vectors; {files.vectors} is empty")
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    rows = np.arange(n) if n <= train_size else np.sort(np.random.default_rng(seed).choice(n, train_size, replace=False))
+    index = train_ivfpq(vectors[rows], metric, factory)
+    shutil.rmtree(files.shards, ignore_errors=True)
+    files.shards.mkdir(parents=True)
+    template = save_index(index, files.shards / "trained.faiss")
+    seconds["train"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    shards = [add_shard(template, vectors[lo : lo + shard_size], lo, files.shards / f"shard-{number:05d}.faiss")
+              for number, lo in enumerate(range(0, n, shard_size))]
+    seconds["add"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    merge_shards(template, shards, files)
+    shutil.rmtree(files.shards)
+    seconds["merge"] = time.perf_counter() - start
+    return seconds
+
+
+def load_ondisk(files: OnDiskFiles) -> OnDiskIndex:
+    """The on-disk index, its lists and exact vectors memory-mapped: a serving process holds in memory
+    the quantizers and the pages its searches touch, which the kernel can drop again. The lists are
+    mapped by ``OnDiskInvertedLists`` itself, found next to the header (``IO_FLAG_ONDISK_SAME_DIR``);
+    adding ``IO_FLAG_MMAP`` to that makes FAISS crash on search."""
+    index = faiss.read_index(str(files.index), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    vectors, ids = map_rows(files.vectors), map_rows(files.ids)
+    if not (index.ntotal == len(vectors) == len(ids)):
+        raise ValueError(f"{files.index}: {index.ntotal} listed vectors, {len(vectors)} exact vectors, {len(ids)} ids")
+    return OnDiskIndex(index, vectors, ids)
+
+
+def map_rows(path: Path) -> np.ndarray:
+    """A read-only memory map of an ``.npy`` file, advised as randomly accessed: re-ranking reads a few
+    scattered rows per query, and the kernel's default read-ahead would fetch (and keep resident)
+    many times the bytes each row needs."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(handle)
+        offset = handle.tell()
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    if fortran_order:
+        raise ValueError(f"{path}: expected a C-ordered array")
+    mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+
+
+class OnDiskIndex:
+    """An IVF index over row numbers, the exact vectors of those rows and the item id of each row."""
+
+    def __init__(self, index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self.index, self.vectors, self.ids = index, vectors, ids
+        self.metric_type = index.metric_type
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int, *, nprobe: int = ONDISK_NPROBE,
+               rerank_factor: int = RERANK_FACTOR) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, item ids), each q×k, best first; missing neighbours have id -1. The IVF-PQ search
+        gives a shortlist of ``rerank_factor``·k rows from ``nprobe`` lists, ranked by compressed codes;
+        the exact vectors then order it (scores as ``search`` gives them)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = max(1, min(int(k), max(self.ntotal, 1)))
+        shortlist = min(k * max(int(rerank_factor), 1), max(self.ntotal, 1))
+        quantizer = faiss.downcast_index(faiss.extract_index_ivf(self.index).quantizer)
+        quantizer_params = faiss.SearchParametersHNSW(efSearch=2 * nprobe) if isinstance(quantizer, faiss.IndexHNSW) else None
+        params = faiss.SearchParametersIVF(nprobe=int(nprobe), quantizer_params=quantizer_params)
+        rows = self.index.search(queries, shortlist, params=params)[1]
+        scores, rows = rerank(self.vectors, queries, rows, k, self.metric_type)
+        return scores, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
+
+
+def rerank(vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray, k: int, metric_type: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each query's shortlist ``rows`` (q×k', -1 = none) by exact similarity to
+    ``vectors[row]``: (scores, rows), each q×k, best first. Scores are inner products, or negated L2
+    distances for ``METRIC_L2``."""
+    valid = rows >= 0
+    unique, inverse = np.unique(rows[valid], return_inverse=True)  # sorted, so the file is read in order
+    exact = np.zeros(rows.shape + (vectors.shape[1],), np.float32)
+    exact[valid] = np.asarray(vectors[unique], dtype=np.float32)[inverse]
+    if metric_type == faiss.METRIC_L2:
+        scores = -np.sqrt(np.square(exact - queries[:, None, :]).sum(axis=2))
+    else:
+        scores = np.matmul(exact, queries[:, :, None])[:, :, 0]
+    scores[~valid] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top_scores, top_rows = np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+    top_rows[~np.isfinite(top_scores)] = -1
+    return top_scores, top_rows

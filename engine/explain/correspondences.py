@@ -17,8 +17,13 @@ both images' Grad-CAM maps of the *similarity* (factual maps of a match, counter
 non-match: correspondences always show what argues for the match).
 
 Contributions are summed over a (2r+1)² window around each cell of a and of b: a correspondence is a
-pair of regions, not of single cells. Greedy non-maximum suppression keeps region pairs whose a-window
-and b-window overlap no window already kept, so the kept pairs cover disjoint sets of cell pairs.
+pair of regions, not of single cells. Greedy non-maximum suppression keeps a region pair when it shares no
+cell pair with a pair already kept (its a-windows or its b-windows are disjoint from that pair's) and
+neither of its centres lies in a kept window of the same image, so the kept pairs cover disjoint sets of
+cell pairs and no region is the centre of two. Disjoint windows in *both* images are not required: a crop
+or zoom spreads a few cells of one image over many of the other, and correct pairs a few cells apart in
+the zoomed image then have overlapping windows in the other (``benchmarks/correspondences.py`` checks the
+pairs against edits of known geometry).
 ``share`` = the region pair's contribution / the sum of all positive ones, so the shares of the kept
 pairs add up to at most 1; for MatchNet it is exactly the pair's part of the local-match term.
 Everything is computed from the images' projections (``SiameseNet.project``), so stored descriptions
@@ -115,7 +120,8 @@ def find_correspondences(
 
 
 def _suppress(regions: Tensor, total: float, grid_a: Size, grid_b: Size, size_a: Size, size_b: Size, top: int, radius: int) -> list[dict]:
-    """Greedy non-maximum suppression: a kept pair's a-window and b-window overlap no kept one's."""
+    """Greedy non-maximum suppression (see the module): kept pairs share no cell pair, and no kept window
+    holds another pair's centre."""
     if total <= 0:
         return []
     regions = regions.clone()
@@ -135,8 +141,11 @@ def _suppress(regions: Tensor, total: float, grid_a: Size, grid_b: Size, size_a:
             "cell_a": [int(ya), int(xa)],
             "cell_b": [int(yb), int(xb)],
         })
-        regions[max(ya - reach, 0) : ya + reach + 1, max(xa - reach, 0) : xa + reach + 1] = -np.inf
-        regions[:, :, max(yb - reach, 0) : yb + reach + 1, max(xb - reach, 0) : xb + reach + 1] = -np.inf
+        near_a = (slice(max(ya - reach, 0), ya + reach + 1), slice(max(xa - reach, 0), xa + reach + 1))
+        near_b = (slice(max(yb - reach, 0), yb + reach + 1), slice(max(xb - reach, 0), xb + reach + 1))
+        regions[near_a + near_b] = -np.inf
+        regions[max(ya - radius, 0) : ya + radius + 1, max(xa - radius, 0) : xa + radius + 1] = -np.inf
+        regions[:, :, max(yb - radius, 0) : yb + radius + 1, max(xb - radius, 0) : xb + radius + 1] = -np.inf
     return found
 
 

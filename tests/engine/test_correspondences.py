@@ -88,12 +88,45 @@ def test_boxes_lie_in_the_original_images(model, photos, tall):
     assert 3 <= len(explanation.correspondences) <= 5
 
 
-def test_kept_regions_do_not_overlap(model, photos):
+def chebyshev(first: list[int], second: list[int]) -> int:
+    return max(abs(first[0] - second[0]), abs(first[1] - second[1]))
+
+
+def test_kept_regions_share_no_cell_pair_nor_centre(model, photos):
     found = model.explain(photos["cat"], [photos["cat_crop"]], correspondences=True)[0].correspondences
     for n, first in enumerate(found):
         for second in found[n + 1 :]:
-            for key in ("cell_a", "cell_b"):
-                assert max(abs(first[key][0] - second[key][0]), abs(first[key][1] - second[key][1])) > 2
+            gaps = [chebyshev(first[key], second[key]) for key in ("cell_a", "cell_b")]
+            assert min(gaps) > 1 and max(gaps) > 2  # centres outside each other's windows; windows disjoint on one side
+
+
+class ZoomNet:
+    """A stand-in net whose only contributions pair each cell of a with where a 2× zoom puts it in b."""
+
+    head_device = torch.device("cpu")
+
+    def __init__(self, grid: int) -> None:
+        self.truth = {}
+        terms = torch.zeros(1, grid * grid, grid * grid)
+        for row in range(grid):
+            for col in range(grid):
+                self.truth[(row, col)] = (row // 2 + grid // 4, col // 2 + grid // 4)
+                terms[0, row * grid + col, self.truth[(row, col)][0] * grid + self.truth[(row, col)][1]] = 1.0 + 0.01 * (row + col)
+        self.terms = terms
+
+    def cell_contributions(self, projs_a: torch.Tensor, projs_b: torch.Tensor) -> torch.Tensor:
+        return self.terms
+
+
+def test_a_zoom_keeps_pairs_whose_windows_overlap_in_the_zoomed_out_image():
+    """Regions three cells apart in a zoomed image are one or two apart in the other: requiring disjoint
+    windows there too would keep only a handful of the true pairs."""
+    net, grid = ZoomNet(14), torch.zeros(1, 1, 14, 14)
+    found = find_correspondences(net, grid, grid, [(14, 14)], [(14, 14)], top=20)[0]
+    assert len(found) >= 12
+    for c in found:
+        assert chebyshev(list(net.truth[tuple(c["cell_a"])]), c["cell_b"]) <= 1
+    assert sum(c["share"] for c in found) <= 1 + 1e-6
 
 
 def test_swapping_images_swaps_boxes(model, photos, tall):

@@ -96,7 +96,7 @@ def test_choose_factory_by_size():
     assert fx.choose_factory(10, 256) == "Flat"
     assert fx.choose_factory(fx.EXACT_LIMIT, 256) == "Flat"
     assert fx.choose_factory(fx.EXACT_LIMIT + 1, 256) == "HNSW32"
-    assert fx.choose_factory(4_000_000, 256) == "IVF8192,PQ32"
+    assert fx.choose_factory(4_000_000, 256) == "IVF8192_HNSW32,PQ32"
     assert fx.choose_factory(4_000_000, 2).startswith("HNSW")
 
 
