@@ -180,6 +180,8 @@ class DedupRunInfo(BaseModel):
     n_groups: int
     expected_false_pairs: float | None = Field(
         None, description="False pairs expected at the threshold: the model's per-pair false-match rate × the catalogue's pairs.")
+    n_verify_checked: int | None = Field(None, description="Candidate pairs below the threshold verified geometrically (None: not asked).")
+    n_verified: int | None = Field(None, description="Of those, how many verified: kept as duplicates whatever their score.")
 
 
 class DedupRequest(BaseModel):
@@ -192,6 +194,7 @@ class DedupRequest(BaseModel):
     threshold: float | None = Field(None, ge=0, le=1)
     precision: float | None = Field(None, gt=0, le=1)
     k: int = Field(10, ge=1, le=100, description="Neighbours per item in the candidate graph.")
+    verify: bool = Field(True, description="Verify the candidate pairs just below the threshold geometrically; keep those verified.")
 
 
 class DedupRunPage(BaseModel):
@@ -214,6 +217,7 @@ class DuplicatePairOut(BaseModel):
     index_similarity: float
     head_score: float
     exact: bool = Field(description="Byte-identical files.")
+    verified: bool = Field(description="Geometrically verified: kept on that evidence, whatever its head score.")
     status: PairStatus
     review: Review | None = Field(description="The pair's newest review.")
 

@@ -190,6 +190,8 @@ def search_command(ctx: click.Context, query: Path | None, item_id: int | None, 
               help="CSV path,group of known duplicate groups (paths relative to the CSV), for --precision.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per item in the candidate graph.")
 @click.option("--min-index-similarity", type=float, default=None, help="Skip candidate pairs below this index similarity.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Verify candidate pairs just below the threshold geometrically and keep those verified (SIFT on their photos).")
 @click.option("--last", "show_last", is_flag=True, help="Show the newest stored run, with each pair's latest review, instead of running again.")
 @click.option("--run", "run_id", type=click.IntRange(min=1), default=None, help="Show the stored run with this id (see GET /api/duplicates/runs) instead of running again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (pairs, groups, listings) as JSON.")
@@ -198,7 +200,7 @@ def search_command(ctx: click.Context, query: Path | None, item_id: int | None, 
 @_model_option
 @click.pass_context
 def dedup_command(ctx: click.Context, threshold: float | None, precision: float | None, labels: Path | None, k: int,
-                  min_index_similarity: float | None, show_last: bool, run_id: int | None, as_json: bool, as_csv: bool,
+                  min_index_similarity: float | None, verify: bool, show_last: bool, run_id: int | None, as_json: bool, as_csv: bool,
                   ray_address: str | None, ray_workers: int | None, model_path: Path | None) -> None:
     """Find duplicate photos and the listings that share them. Each run is stored, and the newest one is
     the web page's review queue (reviewers' decisions on a pair carry over to later runs); --last or
@@ -211,7 +213,7 @@ def dedup_command(ctx: click.Context, threshold: float | None, precision: float 
         raise click.UsageError("give --last or --run, not both")
     stored = show_last or run_id is not None
     searching = [flag for name, flag in (("threshold", "--threshold"), ("precision", "--precision"), ("labels", "--labels"),
-                                         ("k", "-k"), ("min_index_similarity", "--min-index-similarity"), ("model_path", "--model"),
+                                         ("k", "-k"), ("min_index_similarity", "--min-index-similarity"), ("verify", "--no-verify"), ("model_path", "--model"),
                                          ("ray_address", "--ray"), ("ray_workers", "--ray-workers"))
                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
     if stored and searching:
@@ -230,7 +232,7 @@ def dedup_command(ctx: click.Context, threshold: float | None, precision: float 
         catalogue = _indexed_catalogue(ctx, model_path)
         try:
             report = catalogue.dedup(k=k, threshold=threshold, precision=precision, labels=labels,
-                                     min_index_similarity=min_index_similarity, ray=ray)
+                                     min_index_similarity=min_index_similarity, verify=verify, ray=ray)
         except (ValueError, UndescribedItemsError) as exc:
             raise click.ClickException(str(exc)) from exc
     if as_json:

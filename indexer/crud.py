@@ -324,11 +324,12 @@ def dedup_groups(session: Session, run_id: int) -> list[DuplicateGroup]:
 
 def stored_pair_rows(session: Session, run_id: int) -> list[tuple]:
     """A stored run's pairs, strongest first: (group_id, item_a, item_b, source_a, source_b, listing_a,
-    listing_b, index_similarity, head_score, exact). Pairs of items deleted since are left out."""
+    listing_b, index_similarity, head_score, exact, verified). Pairs of items deleted since are left out."""
     item_a, item_b = aliased(Item), aliased(Item)
     return [tuple(row) for row in session.execute(
         select(DuplicatePair.group_id, DuplicatePair.item_a_id, DuplicatePair.item_b_id, item_a.source, item_b.source,
-               item_a.listing, item_b.listing, DuplicatePair.index_similarity, DuplicatePair.head_score, DuplicatePair.exact)
+               item_a.listing, item_b.listing, DuplicatePair.index_similarity, DuplicatePair.head_score, DuplicatePair.exact,
+               DuplicatePair.verified)
         .join(item_a, item_a.id == DuplicatePair.item_a_id).join(item_b, item_b.id == DuplicatePair.item_b_id)
         .where(DuplicatePair.run_id == run_id)
         .order_by(DuplicatePair.head_score.desc(), DuplicatePair.item_a_id, DuplicatePair.item_b_id)

@@ -18,7 +18,13 @@
    threshold among the catalogue's N(N−1)/2 pairs; the lowest threshold whose expected false pairs are at
    most 1 − ``precision`` (default ``DEFAULT_PRECISION``) of the pairs it keeps is taken, never below
    the model's decision threshold. A model without the table falls back to its duplicate threshold.
-4. **Groups** that cannot chain (``anchored_groups``): each is anchored on one photo, every member
+4. **Geometry**: the candidate pairs just below the threshold (from ``verify_floor``, the score 1% of
+   pairs of different photos reach) are verified geometrically, and a verified pair is kept whatever its
+   score: the decision's second tier (``engine.explain.decision``). The head's threshold at catalogue
+   size must be strict, because its false matches grow with N² (different skin lesions or flowers that
+   look alike), while geometric verification does not confuse different photos; so verification gives
+   back the duplicates the strict threshold loses.
+5. **Groups** that cannot chain (``anchored_groups``): each is anchored on one photo, every member
    matches the anchor and at least half of the group's other members, so one weak link never merges
    two listings (connected components of the kept pairs chained a whole catalogue of rooms into one
    group). Only the pairs inside a group are reported; the **listing report** is built from those,
@@ -41,7 +47,10 @@ import faiss
 import numpy as np
 from sqlalchemy.orm import Session
 
+from engine.errors import ImageLoadError
 from engine.eval.metrics import threshold_for_precision
+from engine.explain.decision import VERIFY_MODEL, is_verified, query_keypoints, verify_keypoints
+from engine.verify import MIN_INLIERS, Keypoints, extract
 from indexer import crud
 from indexer import faiss_index as fx
 from indexer.db import Database
@@ -50,6 +59,8 @@ from indexer.models import as_utc
 
 # The precision dedup aims at when nothing else says (no threshold, labels or stored calibration).
 DEFAULT_PRECISION = 0.9
+# The per-pair false-match rate whose threshold is the lowest score dedup verifies geometrically (``verify_floor``).
+VERIFY_FLOOR_RATE = 0.01
 MAX_EXACT_CLIQUE = 50  # larger sets of identical files are linked as a star, not every pair
 SUMMARY_GROUPS = 20  # duplicate groups the text summary lists (all are in --json / --csv)
 
@@ -63,6 +74,11 @@ class DedupOptions:
     min_index_similarity: float | None = None  # skip candidate pairs below this before re-scoring
     # A group member matches its anchor and at least this fraction of the members before it (``anchored_groups``).
     min_links: float = 0.5
+    # Verify candidate pairs scored in [verify_floor, threshold) geometrically and keep the verified ones (the
+    # decision's second tier); verify_floor None: the score 1% of pairs of different photos reach (the model's
+    # false-match table), else the model's decision threshold.
+    verify: bool = True
+    verify_floor: float | None = None
     pair_batch: int = 256
     max_cache_bytes: int = 1 << 30
 
@@ -78,6 +94,7 @@ class PairResult:
     index_similarity: float
     head_score: float
     exact: bool
+    verified: bool = False  # geometrically verified: kept below the threshold on that evidence
     group: int = -1  # position in DedupReport.groups
     review: str | None = None  # latest reviewer decision on this pair, if any
 
@@ -117,6 +134,8 @@ class DedupReport:
     listings: list[ListingShare]
     calibration: dict | None = None
     expected_false_pairs: float | None = None  # at the threshold, from the model's per-pair false-match rate
+    n_verify_checked: int | None = None  # candidate pairs below the threshold verified geometrically (None: not asked)
+    n_verified: int | None = None  # of those, how many verified
     run_id: int | None = None
     seconds: float | None = 0.0  # None for a run read back from the database (``stored_report``)
     created_at: str | None = None  # ISO 8601, UTC
@@ -134,6 +153,9 @@ class DedupReport:
             lines.append(f"aims at precision {self.precision_target:g}: {self.expected_false_pairs:.1f} false pairs expected "
                          f"among the {self.n_items * (self.n_items - 1) // 2} pairs of {self.n_items} items "
                          f"(the model's false-match rate per pair at this threshold)")
+        if self.n_verify_checked is not None:
+            lines.append(f"geometry: {self.n_verified} of the {self.n_verify_checked} candidate pairs just below the threshold "
+                         f"verified (≥ {MIN_INLIERS[VERIFY_MODEL]} homography inliers), kept as duplicates")
         if self.calibration:
             c = self.calibration
             lines.append(f"calibrated for precision {c['precision_target']:g} on {c['n_pairs']} labelled pairs "
@@ -152,7 +174,7 @@ class DedupReport:
         return "\n".join(lines)
 
     CSV_FIELDS = ("group", "item_a", "item_b", "source_a", "source_b", "listing_a", "listing_b",
-                  "index_similarity", "head_score", "exact", "review")
+                  "index_similarity", "head_score", "exact", "verified", "review")
 
     def csv_rows(self) -> list[dict]:
         return [{name: getattr(p, name) for name in self.CSV_FIELDS} for p in self.pairs]
@@ -165,6 +187,8 @@ Candidates = Callable[[Database, faiss.Index, str, int, set[int]], dict[tuple[in
 """What finds the candidate pairs: (db, index, model key, k, valid ids) → pairs (``knn_candidates``)."""
 Rescorer = Callable[..., dict[tuple[int, int], float]]
 """What re-scores them: (model, pairs, options, db=, model_key=) → head scores (``rescore``)."""
+Verifier = Callable[[list[tuple[int, int]], Mapping[int, str]], set[tuple[int, int]]]
+"""What verifies pairs geometrically: (pairs, item id → source) → the verified pairs (``verify_pairs``)."""
 
 
 def neighbour_block(index: faiss.Index, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -307,10 +331,12 @@ def calibrate(scores: dict[tuple[int, int], float], labels: dict[int, str], revi
 
 def find_duplicates(*, model: CatalogueModel, db: Database, index: faiss.Index, model_key: str,
                     generation_id: int | None = None, options: DedupOptions | None = None,
-                    candidates: Candidates = knn_candidates, rescorer: Rescorer = rescore) -> DedupReport:
+                    candidates: Candidates = knn_candidates, rescorer: Rescorer = rescore,
+                    verifier: Verifier | None = None) -> DedupReport:
     """Find, score, group and store the catalogue's duplicates (see the module's docstring); raises
-    ``crud.UndescribedItemsError`` for a catalogue not yet described by an index run. ``candidates`` and
-    ``rescorer`` do steps 1 and 2, in this process by default (on a Ray cluster: ``indexer.distributed``)."""
+    ``crud.UndescribedItemsError`` for a catalogue not yet described by an index run. ``candidates``,
+    ``rescorer`` and ``verifier`` do steps 1, 2 and 4, in this process by default (on a Ray cluster:
+    ``indexer.distributed``)."""
     options = options or DedupOptions()
     if options.threshold is not None and options.precision is not None:
         raise ValueError("give either a threshold or a precision target, not both")
@@ -359,12 +385,19 @@ def find_duplicates(*, model: CatalogueModel, db: Database, index: faiss.Index, 
         threshold = float(model.duplicate_threshold)
         how = "model duplicates" if model.config.duplicate_threshold is not None else "model"
 
-    above = {p: score for p, score in scores.items() if score >= threshold}
+    verified: set[tuple[int, int]] = set()
+    checked = None
+    if options.verify:
+        floor = options.verify_floor if options.verify_floor is not None else verify_floor(model)
+        to_verify = sorted(p for p, score in scores.items() if floor <= score < threshold)
+        verified = (verifier or verify_pairs)(to_verify, sources) if to_verify else set()
+        checked = len(to_verify)
+    above = {p: score for p, score in scores.items() if score >= threshold or p in verified}
     groups = anchored_groups(above, options.min_links)
     group_of = {item: n for n, members in enumerate(groups) for item in members}
     kept = sorted((p for p in above if group_of.get(p[0], -1) == group_of.get(p[1], -2)), key=lambda p: (-scores[p], p))
     pairs = [PairResult(a, b, sources[a], sources[b], listings[a], listings[b], found[(a, b)], scores[(a, b)],
-                        sha_of[a] == sha_of[b], group_of[a], reviews.get((a, b))) for a, b in kept]
+                        sha_of[a] == sha_of[b], (a, b) in verified, group_of[a], reviews.get((a, b))) for a, b in kept]
     pairs_of: dict[int, list[PairResult]] = defaultdict(list)
     for p in pairs:
         pairs_of[p.group].append(p)
@@ -375,10 +408,42 @@ def find_duplicates(*, model: CatalogueModel, db: Database, index: faiss.Index, 
                                          sorted({listings[i] for i in members if listings[i] is not None}),
                                          max(p.head_score for p in member_pairs), len(member_pairs)))
     report = DedupReport(threshold, how, precision, options.k, len(rows), len(found), pairs, group_results,
-                         listing_report(pairs), calibration, expected_false)
+                         listing_report(pairs), calibration, expected_false, checked, len(verified) if checked is not None else None)
     _store(db, report, model_key, generation_id)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def verify_floor(model: CatalogueModel) -> float:
+    """The lowest head score dedup verifies by default: the score 1% of pairs of different photos reach
+    (``VERIFY_FLOOR_RATE`` in the model's false-match table), else the model's decision threshold. Below it
+    a pair is rarely a duplicate, and every verified pair costs a SIFT extraction of both photos."""
+    table = model.config.false_match_table
+    if table:
+        return float(min(table, key=lambda row: abs(np.log(row[0] / VERIFY_FLOOR_RATE)))[1])
+    return float(model.threshold)
+
+
+def verify_pairs(pairs: list[tuple[int, int]], sources: Mapping[int, str]) -> set[tuple[int, int]]:
+    """The pairs whose photos geometrically verify (``engine.explain.decision``: ≥ 8 homography inliers, the
+    first photo also tried mirrored); each photo's keypoints extracted once. A photo that no longer decodes
+    verifies nothing."""
+    keys: dict[tuple[int, bool], Keypoints | None] = {}
+
+    def keypoints(item: int, mirror: bool) -> Keypoints | None:
+        if (item, mirror) not in keys:
+            try:
+                keys[(item, mirror)] = query_keypoints(sources[item]) if mirror else extract(sources[item])
+            except ImageLoadError:
+                keys[(item, mirror)] = None
+        return keys[(item, mirror)]
+
+    verified = set()
+    for a, b in pairs:
+        ka, kb = keypoints(a, True), keypoints(b, False)
+        if ka is not None and kb is not None and is_verified(verify_keypoints(ka, kb)):
+            verified.add((a, b))
+    return verified
 
 
 def threshold_for_catalogue(table: list[list[float]], scores: list[float], n_items: int, floor: float,
@@ -454,12 +519,13 @@ def _store(db: Database, report: DedupReport, model_key: str, generation_id: int
             crud.add_calibration(session, model_key, report.calibration)
         groups = [{"size": len(g.items), "n_listings": len(g.listings), "max_score": g.max_score} for g in report.groups]
         pairs = [{"group": p.group, "item_a_id": p.item_a, "item_b_id": p.item_b, "index_similarity": p.index_similarity,
-                  "head_score": p.head_score, "exact": p.exact} for p in report.pairs]
+                  "head_score": p.head_score, "exact": p.exact, "verified": p.verified} for p in report.pairs]
         run, group_ids = crud.add_dedup_run(
             session, groups, pairs, generation_id=generation_id, model_key=model_key, threshold=report.threshold,
             threshold_source=report.threshold_source, precision_target=report.precision_target, k=report.k,
             n_items=report.n_items, n_candidates=report.n_candidates, n_pairs=len(report.pairs), n_groups=len(report.groups),
-            expected_false_pairs=report.expected_false_pairs)
+            expected_false_pairs=report.expected_false_pairs, n_verify_checked=report.n_verify_checked,
+            n_verified=report.n_verified)
         for group, group_id in zip(report.groups, group_ids):
             group.id = group_id
         report.run_id = run.id
@@ -479,7 +545,8 @@ def stored_report(db: Database, run_id: int | None = None) -> DedupReport | None
         group_order = [group.id for group in crud.dedup_groups(session, run.id)]
         rows = crud.stored_pair_rows(session, run.id)
         report = DedupReport(run.threshold, run.threshold_source, run.precision_target, run.k, run.n_items, run.n_candidates,
-                             [], [], [], expected_false_pairs=run.expected_false_pairs, run_id=run.id, seconds=None, created_at=as_utc(run.created_at).isoformat(timespec="seconds"))
+                             [], [], [], expected_false_pairs=run.expected_false_pairs, n_verify_checked=run.n_verify_checked,
+                             n_verified=run.n_verified, run_id=run.id, seconds=None, created_at=as_utc(run.created_at).isoformat(timespec="seconds"))
     present = {group_id for group_id, *_ in rows}
     position = {group_id: n for n, group_id in enumerate(g for g in group_order if g in present)}
     report.pairs = [PairResult(*fields, position[group_id], reviews.get((fields[0], fields[1]))) for group_id, *fields in rows]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
@@ -36,7 +36,7 @@ from engine.config import ModelSettings
 from indexer import crud
 from indexer.catalogue import Work
 from indexer.db import Database
-from indexer.dedup import DedupOptions, DedupReport, add_neighbours, find_duplicates, neighbour_block, score_pairs
+from indexer.dedup import DedupOptions, DedupReport, add_neighbours, find_duplicates, neighbour_block, score_pairs, verify_pairs
 from indexer.indexing import (
     Encoded,
     IndexOptions,
@@ -272,11 +272,23 @@ def ray_rescore(settings: ModelSettings, workers: int, model: CatalogueModel, pa
     return scores
 
 
+def ray_verify(workers: int, pairs: list[tuple[int, int]], sources: Mapping[int, str]) -> set[tuple[int, int]]:
+    """``dedup.verify_pairs`` as Ray tasks over chunks of pairs (in item order, so a chunk extracts most of its
+    photos' keypoints once); every node must read the photos at the catalogue's paths."""
+    import ray  # defers ray: only --ray runs need it
+
+    task = ray.remote(verify_pairs)
+    size = max(1, -(-len(pairs) // (TASKS_PER_CPU * workers)))
+    refs = [task.remote(chunk, {i: sources[i] for pair in chunk for i in pair})
+            for chunk in (pairs[s : s + size] for s in range(0, len(pairs), size))]
+    return set().union(*ray.get(refs)) if refs else set()
+
+
 def dedup_on_ray(cluster: RayCluster, *, model: CatalogueModel, settings: ModelSettings, db: Database, index: faiss.Index,
                  model_key: str, generation_id: int | None = None, options: DedupOptions | None = None) -> DedupReport:
-    """``dedup.find_duplicates`` with the k-NN graph and the head's re-scoring on a Ray cluster; the run is
-    stored as a plain one is."""
+    """``dedup.find_duplicates`` with the k-NN graph, the head's re-scoring and the geometric verification on a
+    Ray cluster; the run is stored as a plain one is."""
     with connected(cluster) as workers:
         return find_duplicates(model=model, db=db, index=index, model_key=model_key, generation_id=generation_id,
                                options=options, candidates=partial(ray_candidates, workers),
-                               rescorer=partial(ray_rescore, settings, workers))
+                               rescorer=partial(ray_rescore, settings, workers), verifier=partial(ray_verify, workers))

@@ -32,6 +32,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -151,6 +152,9 @@ class DedupRun(Base):
     n_groups: Mapped[int] = mapped_column(Integer, default=0)
     # False pairs expected at the threshold: the model's per-pair false-match rate × the catalogue's pairs.
     expected_false_pairs: Mapped[float | None] = mapped_column(Float)
+    # Candidate pairs below the threshold checked geometrically, and how many of them verified (None: not checked).
+    n_verify_checked: Mapped[int | None] = mapped_column(Integer)
+    n_verified: Mapped[int | None] = mapped_column(Integer)
 
     groups: Mapped[list[DuplicateGroup]] = relationship(back_populates="run", cascade="all, delete-orphan", passive_deletes=True)
 
@@ -187,6 +191,8 @@ class DuplicatePair(Base):
     index_similarity: Mapped[float] = mapped_column(Float)
     head_score: Mapped[float] = mapped_column(Float)
     exact: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Geometrically verified (``engine.explain.decision``): a pair below the threshold is kept only when verified.
+    verified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     group: Mapped[DuplicateGroup] = relationship(back_populates="pairs")
     item_a: Mapped[Item] = relationship(foreign_keys=[item_a_id])

@@ -226,12 +226,13 @@ class Catalogue:
                            generation=generation, stale_index=stale)
 
     def dedup(self, *, k: int = 10, threshold: float | None = None, precision: float | None = None,
-              labels: str | os.PathLike | None = None, min_index_similarity: float | None = None,
+              labels: str | os.PathLike | None = None, min_index_similarity: float | None = None, verify: bool = True,
               ray: RayCluster | None = None) -> DedupReport:
-        """Find, score, group and store the catalogue's duplicates (``indexer.dedup``); with ``ray``, the k-NN
-        graph and the head's re-scoring run on that Ray cluster."""
+        """Find, score, group and store the catalogue's duplicates (``indexer.dedup``), the pairs just below
+        the threshold verified geometrically unless ``verify=False``; with ``ray``, the k-NN graph, the head's
+        re-scoring and the verification run on that Ray cluster."""
         options = DedupOptions(k=k, threshold=threshold, precision=precision, labels=labels,
-                               min_index_similarity=min_index_similarity, pair_batch=self.batch_size)
+                               min_index_similarity=min_index_similarity, verify=verify, pair_batch=self.batch_size)
         with run_lock(self.index_dir, self.log):
             index, generation, _ = self.current_index()
             if ray is not None:

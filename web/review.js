@@ -53,6 +53,7 @@ function queuePair(pair) {
     image_b: pair.item_b.image_url,
     head_score: pair.head_score,
     exact: pair.exact,
+    verified: pair.verified,
     review: DECISION_OF_STATUS[pair.status] || null,
   };
 }
@@ -162,7 +163,7 @@ async function show(n) {
   const pair = pairs[n];
   renderQueue();
   pairPanel.hidden = false;
-  pairTitle.textContent = `Pair ${n + 1} of ${pairs.length}${pair.exact ? " · identical files" : ""}`;
+  pairTitle.textContent = `Pair ${n + 1} of ${pairs.length}${pair.exact ? " · identical files" : pair.verified ? " · geometrically verified" : ""}`;
   pairState.textContent = pair.review ? `You ${DECISION_WORDS[pair.review]} this pair.` : "Not reviewed yet.";
   pairState.className = `pair-state state-${pair.review || "unreviewed"}`;
   noteField.value = "";

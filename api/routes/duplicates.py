@@ -60,7 +60,8 @@ def _run_info(run: DedupRun) -> DedupRunInfo:
     return DedupRunInfo(id=run.id, created_at=as_utc(run.created_at), threshold=run.threshold,
                         threshold_source=run.threshold_source, precision_target=run.precision_target, k=run.k,
                         n_items=run.n_items, n_candidates=run.n_candidates, n_pairs=run.n_pairs, n_groups=run.n_groups,
-                        expected_false_pairs=run.expected_false_pairs)
+                        expected_false_pairs=run.expected_false_pairs, n_verify_checked=run.n_verify_checked,
+                        n_verified=run.n_verified)
 
 
 @router.get("/duplicates", response_model=DuplicatePage, summary="Duplicate pairs to review, strongest first")
@@ -76,6 +77,7 @@ def list_duplicates(request: Request, state: State, offset: Offset = 0, limit: L
         pairs = [DuplicatePairOut(
             id=pair.id, group_id=pair.group_id, item_a=_brief(pair.item_a, base), item_b=_brief(pair.item_b, base),
             index_similarity=pair.index_similarity, head_score=pair.head_score, exact=pair.exact,
+            verified=pair.verified,
             status=STATUS_OF_DECISION[review.decision if review is not None else None],
             review=review_out(review) if review is not None else None,
         ) for pair, review in rows]
@@ -85,7 +87,8 @@ def list_duplicates(request: Request, state: State, offset: Offset = 0, limit: L
 
 def _dedup(state: ApiState, request: DedupRequest) -> DedupRunOut:
     try:
-        report = state.catalogue.dedup(k=request.k, threshold=request.threshold, precision=request.precision)
+        report = state.catalogue.dedup(k=request.k, threshold=request.threshold, precision=request.precision,
+                                       verify=request.verify)
     except ValueError as exc:  # e.g. a precision target without any reviewed duplicate to calibrate on
         raise HTTPException(422, str(exc)) from exc
     with state.catalogue.db.session() as session:

@@ -29,7 +29,7 @@ def _item(n: int, **extra) -> Item:
 def test_migrations_create_exactly_the_models_schema(database_url):  # noqa: F811
     db = Database(database_url)
     try:
-        assert current_revision(db.engine) == head_revision() == "0003"
+        assert current_revision(db.engine) == head_revision() == "0004"
         assert TABLES <= set(inspect(db.engine).get_table_names())
         with db.engine.connect() as connection:
             differences = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}), Base.metadata)
@@ -45,7 +45,7 @@ def test_downgrade_to_base_and_upgrade_again(database_url):  # noqa: F811
     try:
         assert downgrade(db.engine, "base") is None
         assert not TABLES & set(inspect(db.engine).get_table_names())
-        assert upgrade(db.engine) == "0003"
+        assert upgrade(db.engine) == "0004"
         Database(database_url).dispose()  # a second "first use" finds the schema current and does nothing
     finally:
         db.dispose()
@@ -118,13 +118,13 @@ def test_db_upgrade_command(database_url, tmp_path):  # noqa: F811
     env = {"WHYMATCH_DATABASE_URL": database_url, "WHYMATCH_DATA_DIR": str(tmp_path / "data")}
     result = CliRunner().invoke(main, ["db", "upgrade"], env=env)
     assert result.exit_code == 0, result.output
-    assert "revision 0003" in result.output
+    assert "revision 0004" in result.output
     from sqlalchemy.engine import make_url
 
     password = make_url(database_url).password
     assert not password or password not in result.output  # never printed
     result = CliRunner().invoke(main, ["db", "current"], env=env)
-    assert result.exit_code == 0 and "revision 0003 (newest 0003)" in result.output
+    assert result.exit_code == 0 and "revision 0004 (newest 0004)" in result.output
 
 
 def test_migrations_dir_is_found_from_the_package():
@@ -149,5 +149,5 @@ def test_a_failed_migration_leaves_no_half_schema(database_url):  # noqa: F811
     event.remove(engine, "before_cursor_execute", fail_midway)
     assert not TABLES & set(inspect(engine).get_table_names())
     assert current_revision(engine) is None
-    assert upgrade(engine) == "0003"  # and the next run simply migrates
+    assert upgrade(engine) == "0004"  # and the next run simply migrates
     engine.dispose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import itertools
 import shutil
 from dataclasses import asdict
 
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 from tests.catalogues import catalogue_for, edited, tiles, write_catalogue
 from sqlalchemy import func, select
 
-from indexer import crud
+from indexer import crud, dedup
 from indexer.dedup import DedupOptions, DedupReport, anchored_groups, exact_pairs, knn_candidates, threshold_for_catalogue
 from indexer.indexing import model_fingerprint
 from indexer.models import DedupCalibration, DedupRun, DuplicateGroup, DuplicatePair
@@ -148,7 +149,7 @@ def test_a_stored_run_reads_back_as_it_was_reported_with_todays_reviews(tmp_path
     assert catalogue.dedup_run() is None
     catalogue.index(root)
     found = catalogue.dedup(k=4, threshold=_separating_threshold(tiny_model, group_2, group_5, root))
-    newer = catalogue.dedup(k=4, threshold=1.0)  # only the exact copy is kept
+    newer = catalogue.dedup(k=4, threshold=1.0, verify=False)  # only the exact copy is kept
     with catalogue.db.session() as session:
         crud.add_review(session, found.pairs[-1].item_a, found.pairs[-1].item_b, "reject", reviewer="test")
     stored = catalogue.dedup_run(found.run_id)
@@ -162,6 +163,26 @@ def test_a_stored_run_reads_back_as_it_was_reported_with_todays_reviews(tmp_path
     assert catalogue.dedup_run().run_id == newer.run_id and len(catalogue.dedup_run().pairs) == 1
     assert catalogue.dedup_run(newer.run_id + 1) is None
     assert f"run {found.run_id} of {found.created_at}, stored" in stored.summary()
+
+
+def test_geometry_keeps_the_edited_copies_a_strict_threshold_loses(tmp_path, tiny_model, monkeypatch):
+    root = tmp_path / "photos"
+    _, group_2, group_5 = _plant(root)
+    catalogue = catalogue_for(tmp_path, tiny_model)
+    catalogue.index(root)
+    monkeypatch.setattr(dedup, "verify_floor", lambda model: 0.0)  # the untrained model's scores sit in a narrow band
+    head_only = catalogue.dedup(k=4, threshold=1.0, verify=False)
+    assert [p.exact for p in head_only.pairs] == [True] and head_only.n_verify_checked is None
+    report = catalogue.dedup(k=4, threshold=1.0)
+    kept = {frozenset((p.source_a, p.source_b)): p for p in report.pairs}
+    planted = {frozenset(pair) for group in (group_2, group_5) for pair in itertools.combinations(sorted(group), 2)}
+    assert set(kept) == planted
+    assert all(p.verified != p.exact for p in kept.values())  # the edited copies on geometry's evidence alone
+    assert report.n_verified == 3 and report.n_verify_checked >= 3
+    assert "geometry: 3 of the" in report.summary()
+    stored = catalogue.dedup_run(report.run_id)
+    assert [p.verified for p in stored.pairs] == [p.verified for p in report.pairs]
+    assert (stored.n_verify_checked, stored.n_verified) == (report.n_verify_checked, report.n_verified)
 
 
 def test_candidates_come_from_a_knn_graph(tmp_path, tiny_model):
