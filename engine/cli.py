@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from engine.config import ModelConfig, ModelSettings
+from engine.config import EXPLANATION_METHODS, ModelConfig, ModelSettings
 from engine.data import LabelledImages, list_images, load_labelled_images, readable_paths, split
 from engine.errors import ImageLoadError, WeightsNotInstalledError
 
@@ -146,7 +146,7 @@ def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_c
 @click.argument("image_b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the explanation figure (PNG).")
 @click.option("--model", "model_path", type=click.Path(exists=True, path_type=Path), default=None)
-@click.option("--method", type=click.Choice(["gradcam", "hirescam"]), default="gradcam", show_default=True)
+@click.option("--method", type=click.Choice(EXPLANATION_METHODS), default="gradcam", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print score, decision, the four maps, correspondences and concepts as JSON.")
 @click.option("--effects/--no-effects", default=True, show_default=True,
               help="Re-score the pair with each map's top 20% of its image blurred, and say what that does.")
@@ -156,7 +156,7 @@ def train_command(ctx: click.Context, data_dir: Path, form: str | None, groups_c
 @click.pass_context
 def compare_command(ctx: click.Context, image_a: Path, image_b: Path, out: Path | None, model_path: Path | None, method: str, as_json: bool,
                     effects: bool, verify: bool) -> None:
-    """Score two images and explain the decision with factual and counterfactual Grad-CAM maps,
+    """Score two images and explain the decision with factual and counterfactual maps (Grad-CAM, or --method),
     the verified point matches, the corresponding regions of both images and the concepts the decision rests on."""
     from engine.explain.text import decision_line, explanation_lines  # defers torch: the explain layer runs on it
 

@@ -19,6 +19,10 @@ BACKBONE_BATCH = 2
 Preset = Literal["whymatch", "paper"]
 # Where the model runs: ``auto`` takes a CUDA GPU when torch sees one, else the CPU.
 Device = Literal["auto", "cpu", "cuda"]
+# How a pair's maps are made (``engine.explain.pairs.pair_explainer``), named here, free of torch, for the
+# commands' choices: Grad-CAM variants (``engine.explain.cam``) and coalition attributions
+# (``engine.explain.coalitions``).
+EXPLANATION_METHODS = ("gradcam", "hirescam", "coalitions")
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from engine.config import ModelSettings
+from engine.config import EXPLANATION_METHODS, ModelSettings
 from engine.errors import ImageLoadError, WeightsNotInstalledError
 from indexer.crud import UndescribedItemsError
 from indexer.db import Database, current_revision, head_revision, upgrade
@@ -131,7 +131,7 @@ def index_command(ctx: click.Context, source: Path, rebuild: bool, index_factory
 @click.option("--candidates", type=click.IntRange(min=1), default=None, help="FAISS candidates re-scored by the head (default max(4k, k+20)).")
 @click.option("--explain", "explain_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Explain each match: factual and counterfactual overlay PNGs of both images go to this folder.")
-@click.option("--method", type=click.Choice(["gradcam", "hirescam"]), default="gradcam", show_default=True)
+@click.option("--method", type=click.Choice(EXPLANATION_METHODS), default="gradcam", show_default=True)
 @click.option("--concepts", is_flag=True, help="With --explain: name the ImageNet concepts each match rests on (one backbone pass over the matches).")
 @click.option("--effects", is_flag=True, help="With --explain: measure how the score moves when each map's region is masked.")
 @click.option("--include-self", is_flag=True, help="Keep the query's own catalogue item in the results.")

@@ -18,6 +18,10 @@ re-scores the pair with the full head, the other image left untouched:
   ones, lowers the score most). The greedy one shows how low a deletion area some ordering of cells
   does reach on this model; occlusion, blind to how cells act together, does not.
 The masked variants, fills and tie-breaks are those of the effects (``engine.explain.masking``).
+
+The same curves on the stored descriptions (cells swapped, only the head re-scoring) make the fuller
+protocol of the section "The protocol on descriptions" below affordable: the head's logit, normalised per
+pair, two perturbations (blur and ROAD's imputation), both orders, one image, both or matched cell pairs.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from engine.explain.masking import (
 from engine.explain.pairs import PairExplanation
 from engine.images import ImageSource
 from engine.inference import SimilarityModel
+from engine.nn.siamese import SiameseNet
 
 ORDERINGS = ("factual", "random", "centre")
 OCCLUSION, GREEDY = "occlusion", "greedy"
@@ -353,3 +358,249 @@ def summarise(rows: Sequence[tuple[bool, Mapping[str, float]]], steps: int, corr
 def _finite_mean(values: Sequence[float]) -> float | None:
     finite = [v for v in values if np.isfinite(v)]
     return float(np.mean(finite)) if finite else None
+
+
+# --------------------------------------------------------------------------------------------
+# The protocol on descriptions: curves on the head's logit, two perturbations, both orders, three modes
+# --------------------------------------------------------------------------------------------
+#
+# A backbone pass per masked image makes pixel curves slow; on the stored descriptions
+# (``SiameseNet.project``) a removed cell is a swap of its projection and only the head runs, so hundreds
+# of pairs per stratum, and so confidence intervals, become affordable. Two perturbations:
+# ``blur`` swaps a removed cell for the same cell of the blurred image's description (one backbone pass
+# per image); ``road`` imputes it from its neighbours (Rong et al. 2022, ROAD's noisy linear imputation
+# on the cell grid), so that a map is not judged only by the perturbation it may have been built with.
+
+PERTURBATIONS = ("blur", "road")
+# one: each image alone (a and b averaged); both: the same share of each image's cells, each by its own
+# map; matched: each cell with its nearest cell of the other image (both ways), the two removed together.
+MODES = ("one", "both", "matched")
+ORDERS = ("morf", "lerf")
+# ROAD's neighbour weights (direct, diagonal) and its noise, here a fraction of each channel's spread over
+# the image's cells; the ridge pulls cells with no kept cell around them towards the image's mean cell.
+ROAD_WEIGHTS = (1 / 6, 1 / 12)
+ROAD_NOISE = 0.05
+ROAD_RIDGE = 1e-3
+# A pair whose logit barely moves when everything is removed has no curve to normalise.
+MIN_LOGIT_SPAN = 0.5
+
+
+@dataclass
+class DescribedPair:
+    """The projections of a pair's two images (each 1×P×h×w), those of their blurred versions, and the
+    head's evidence and decision for the pair."""
+
+    proj_a: Tensor
+    proj_b: Tensor
+    blurred_a: Tensor
+    blurred_b: Tensor
+    evidence: float
+    is_match: bool
+
+
+def described_pair(net: SiameseNet, projections: Tensor, blurred: Tensor, a: int, b: int, threshold: float) -> DescribedPair:
+    """Pair (a, b) of a batch of images' projections and blurred projections."""
+    proj_a, proj_b = projections[a : a + 1], projections[b : b + 1]
+    with torch.no_grad():
+        evidence = float(net.evidence_projections(proj_a, proj_b)[0])
+    score = float(net.score_from_evidence(torch.tensor(evidence)))
+    return DescribedPair(proj_a, proj_b, blurred[a : a + 1], blurred[b : b + 1], evidence, score >= threshold)
+
+
+def neighbour_matrix(cells: tuple[int, int]) -> Tensor:
+    """N×N weights of each cell's 8 neighbours on the h×w grid (ROAD's, left unnormalised)."""
+    h, w = cells
+    weights = torch.zeros(h * w, h * w)
+    for y in range(h):
+        for x in range(w):
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    if (dy or dx) and 0 <= y + dy < h and 0 <= x + dx < w:
+                        weights[y * w + x, (y + dy) * w + x + dx] = ROAD_WEIGHTS[abs(dy) + abs(dx) - 1]
+    return weights
+
+
+def road_impute(projections: Tensor, keep: Tensor, neighbours: Tensor, generator: torch.Generator) -> Tensor:
+    """n×P×h×w: image ``projections`` (1×P×h×w) with the cells where ``keep`` (n×N) is 0 imputed jointly,
+    each the weighted mean of its neighbours (kept or imputed), plus Gaussian noise."""
+    cells = projections[0].flatten(1).T  # N×P
+    keep = keep.to(cells.dtype)
+    removed = 1 - keep
+    laplacian = torch.diag(neighbours.sum(dim=1) + ROAD_RIDGE) - neighbours
+    system = torch.diag_embed(keep) + removed.unsqueeze(2) * laplacian
+    mean = cells.mean(dim=0, keepdim=True)
+    right = keep.unsqueeze(2) * cells + removed.unsqueeze(2) * (ROAD_RIDGE * mean)
+    imputed = torch.linalg.solve(system, right)
+    noise = torch.randn(imputed.shape, generator=generator) * (ROAD_NOISE * cells.std(dim=0))
+    imputed = imputed + removed.unsqueeze(2) * noise
+    return imputed.transpose(1, 2).reshape(len(keep), *projections.shape[1:])
+
+
+def perturbed_evidence(net: SiameseNet, pair: DescribedPair, keep_a: Tensor, keep_b: Tensor, perturbation: str,
+                       neighbours: Tensor | None = None, generator: torch.Generator | None = None, chunk: int = 64) -> Tensor:
+    """The pair's evidence with the cells where ``keep_a`` / ``keep_b`` (n×N each) is 0 removed."""
+    with torch.no_grad():
+        if perturbation == "blur":
+            return net.coalition_evidence(pair.proj_a, pair.proj_b, pair.blurred_a, pair.blurred_b, keep_a, keep_b)
+        if perturbation != "road":
+            raise ValueError(f"unknown perturbation {perturbation!r}; choose from {', '.join(PERTURBATIONS)}")
+        parts = []
+        for s in range(0, len(keep_a), chunk):
+            ka, kb = keep_a[s : s + chunk], keep_b[s : s + chunk]
+            side_a = road_impute(pair.proj_a, ka, neighbours, generator) if bool((ka < 1).any()) else pair.proj_a.expand(len(ka), -1, -1, -1)
+            side_b = road_impute(pair.proj_b, kb, neighbours, generator) if bool((kb < 1).any()) else pair.proj_b.expand(len(kb), -1, -1, -1)
+            parts.append(net.evidence_projections(side_a, side_b))
+        return torch.cat(parts)
+
+
+def nearest_cells(net: SiameseNet, pair: DescribedPair) -> tuple[np.ndarray, np.ndarray]:
+    """Matched cell pairs (index into a's cells, index into b's), each cell with its nearest cell of the
+    other image by the head's local descriptors, both ways."""
+    with torch.no_grad():
+        local_a = net.signature_from_projections(pair.proj_a)[-1][0]
+        local_b = net.signature_from_projections(pair.proj_b)[-1][0]
+    corr = (local_a @ local_b.T).cpu().numpy()
+    n_a, n_b = corr.shape
+    return (np.concatenate([np.arange(n_a), corr.argmax(axis=0)]),
+            np.concatenate([corr.argmax(axis=1), np.arange(n_b)]))
+
+
+def curve_masks(key_a: np.ndarray, key_b: np.ndarray, mode: str, steps: int, matches: tuple[np.ndarray, np.ndarray] | None,
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per curve of ``mode`` (``one`` has two: image a, then image b), the kept cells (steps+1 × N_a and
+    × N_b, 0/1) after removing the top t/steps of the cells (or matched pairs) by key, t = 0 … steps. A
+    deletion curve reads them in order; an insertion curve restores the same cells (``restored``)."""
+    n_a, n_b = key_a.size, key_b.size
+    fractions = np.arange(steps + 1) / steps
+
+    def removal(key: np.ndarray) -> np.ndarray:
+        order = np.argsort(-key, kind="stable")
+        keep = np.ones((steps + 1, key.size), np.float32)
+        for t, fraction in enumerate(fractions):
+            keep[t, order[: round(fraction * key.size)]] = 0
+        return keep
+
+    full_a, full_b = np.ones((steps + 1, n_a), np.float32), np.ones((steps + 1, n_b), np.float32)
+    if mode == "one":
+        return [(removal(key_a), full_b), (full_a, removal(key_b))]
+    if mode == "both":
+        return [(removal(key_a), removal(key_b))]
+    if mode == "matched":
+        cells_a, cells_b = matches
+        keep_pairs = removal(key_a[cells_a] + key_b[cells_b])
+        keep_a, keep_b = full_a.copy(), full_b.copy()
+        for t in range(steps + 1):
+            gone = keep_pairs[t] == 0
+            keep_a[t, cells_a[gone]] = 0
+            keep_b[t, cells_b[gone]] = 0
+        return [(keep_a, keep_b)]
+    raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+
+
+def restored(keep: np.ndarray) -> np.ndarray:
+    """The insertion masks of deletion masks: the cells a deletion removes are restored in the same order,
+    into an image whose cells are all removed; an image a deletion leaves whole stays whole."""
+    return 1 - keep if (keep < 1).any() else keep
+
+
+def described_curve_areas(net: SiameseNet, pair: DescribedPair, keys: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
+                          steps: int = DEFAULT_STEPS, perturbations: Sequence[str] = PERTURBATIONS,
+                          modes: Sequence[str] = MODES, seed: int = 0) -> dict[str, float]:
+    """Areas of the curves of every ordering in ``keys`` (name → per-cell importance of a and b, larger
+    first) for the decision made, keyed ``{perturbation}/{mode}/{kind}/{order}/{name}`` with kind
+    ``deletion``/``insertion`` on the normalised logit, ``.../raw`` the area of the decision's logit less
+    its value at the curve's start (logit units, no normalisation) and ``.../prob`` on the decision's
+    probability.
+    The logit of the decision (the evidence, negated for no match) is normalised per pair and curve set
+    by its two ends, everything kept (1) and everything removed (0); a pair whose ends lie within
+    ``MIN_LOGIT_SPAN`` gives NaN logit areas."""
+    cells = tuple(pair.proj_a.shape[-2:])
+    n_a = pair.proj_a[0, 0].numel()
+    neighbours = neighbour_matrix(cells)
+    generator = torch.Generator().manual_seed(seed)
+    matches = nearest_cells(net, pair) if "matched" in modes else None
+    sign = 1.0 if pair.is_match else -1.0
+    areas: dict[str, float] = {}
+    for perturbation in perturbations:
+        for mode in modes:
+            batches, layout = [], []
+            for name, (key_a, key_b) in keys.items():
+                key_a, key_b = np.ravel(key_a), np.ravel(key_b)
+                for order in ORDERS:
+                    direction = 1.0 if order == "morf" else -1.0
+                    for keep_a, keep_b in curve_masks(direction * key_a, direction * key_b, mode, steps, matches):
+                        for kind, (ka, kb) in (("deletion", (keep_a, keep_b)), ("insertion", (restored(keep_a), restored(keep_b)))):
+                            batches.append((ka, kb))
+                            layout.append((name, order, kind))
+            # Orderings share their curves' ends, and deleting the least relevant first removes what inserting
+            # the most relevant first restores: each distinct pair of masks is scored once.
+            masks = np.concatenate([np.concatenate([ka for ka, _ in batches]), np.concatenate([kb for _, kb in batches])], axis=1)
+            distinct, where = np.unique(masks, axis=0, return_inverse=True)
+            keep_a, keep_b = torch.from_numpy(distinct[:, :n_a]), torch.from_numpy(distinct[:, n_a:])
+            scored = perturbed_evidence(net, pair, keep_a, keep_b, perturbation, neighbours, generator).cpu().numpy()
+            logits = sign * scored.astype(np.float64)[where.ravel()].reshape(len(batches), steps + 1)
+            values: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+            for (name, order, kind), curve in zip(layout, logits):
+                full, empty = (curve[0], curve[-1]) if kind == "deletion" else (curve[-1], curve[0])
+                span = full - empty
+                normalised = auc((curve - empty) / span) if span >= MIN_LOGIT_SPAN else float("nan")
+                raw = auc(curve) - curve[0]
+                probability = auc(1 / (1 + np.exp(-curve)))
+                values.setdefault((name, order, kind), []).append((normalised, raw, probability))
+            for (name, order, kind), curves in values.items():
+                for column, suffix in enumerate(("", "/raw", "/prob")):
+                    areas[f"{perturbation}/{mode}/{kind}/{order}/{name}{suffix}"] = float(np.mean([c[column] for c in curves]))
+    return areas
+
+
+def described_occlusion(net: SiameseNet, pair: DescribedPair) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell of a and of b, how much the decision's logit falls when that cell alone is swapped for
+    its blurred version (head only)."""
+    n_a, n_b = pair.proj_a[0, 0].numel(), pair.proj_b[0, 0].numel()
+    keep = 1 - torch.eye(n_a + n_b)
+    sign = 1.0 if pair.is_match else -1.0
+    logits = sign * perturbed_evidence(net, pair, keep[:, :n_a], keep[:, n_a:], "blur").cpu().numpy()
+    drop = sign * pair.evidence - logits
+    return drop[:n_a].astype(np.float32), drop[n_a:].astype(np.float32)
+
+
+def described_greedy(net: SiameseNet, pair: DescribedPair, images: str, steps: int = DEFAULT_STEPS,
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """A removal order searched on the head (blur swaps) to make the logit's deletion curve fall fast:
+    at each of ``steps`` steps every remaining cell of ``images`` (``a``, ``b`` or ``ab``: both, each
+    image giving up its own share of cells per step, as the ``both`` curves do) is tried on top of
+    those removed, and each image's share is taken from its cells leaving the lowest logit of the
+    decision. Importance falls with the order of removal; cells of an image not searched are all 0."""
+    sizes = (pair.proj_a[0, 0].numel(), pair.proj_b[0, 0].numel())
+    offsets = (0, sizes[0])
+    sides = [s for s, name in enumerate("ab") if name in images]
+    sign = 1.0 if pair.is_match else -1.0
+    removed: dict[int, list[int]] = {s: [] for s in sides}
+    for t in range(1, steps + 1):
+        gone = [offsets[s] + c for s in sides for c in removed[s]]
+        for s in sides:
+            taken = set(removed[s])
+            rest = [c for c in range(sizes[s]) if c not in taken]
+            need = round(t / steps * sizes[s]) - len(removed[s])
+            if 0 < need < len(rest):
+                keep = torch.ones(len(rest), sum(sizes))
+                keep[:, gone] = 0
+                keep[torch.arange(len(rest)), [offsets[s] + c for c in rest]] = 0
+                logits = sign * perturbed_evidence(net, pair, keep[:, : sizes[0]], keep[:, sizes[0] :], "blur").cpu().numpy()
+                removed[s] += [rest[k] for k in np.argsort(logits, kind="stable")[:need]]
+            elif need > 0:
+                removed[s] += rest
+    importance = [np.zeros(n, np.float32) for n in sizes]
+    for s in sides:
+        importance[s][removed[s]] = np.arange(sizes[s], 0, -1, dtype=np.float32)
+    return importance[0], importance[1]
+
+
+def bootstrap_interval(values: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and 95% percentile-bootstrap interval of the finite values (NaNs when there are none)."""
+    finite = np.asarray([v for v in values if np.isfinite(v)], np.float64)
+    if not finite.size:
+        return float("nan"), float("nan"), float("nan")
+    means = np.random.default_rng(seed).choice(finite, (resamples, finite.size)).mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(finite.mean()), float(low), float(high)

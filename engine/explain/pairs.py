@@ -11,14 +11,16 @@ whose maximum is zero is returned as zeros and flagged, never divided by zero.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from engine.explain.cam import CAM_METHODS, dissimilarity, similarity
+from engine.config import EXPLANATION_METHODS
+from engine.explain.cam import CAM_METHODS, PairCams, Target, dissimilarity, similarity
+from engine.explain.coalitions import COALITION_METHODS
 from engine.explain.decision import decided_by
 from engine.nn.siamese import SiameseNet
 
@@ -62,6 +64,17 @@ class PairExplanation:
         }
 
 
+def pair_explainer(net: SiameseNet, method: str, removed: tuple[Tensor, Tensor] | None = None,
+                   ) -> Callable[[Tensor, Tensor, Sequence[Target]], PairCams]:
+    """The explainer ``method`` names, working on projections: ``explainer(proj_a, proj_b, targets)``.
+    ``removed`` (the removed descriptions of images a and b) is used by the coalition methods only."""
+    if method in CAM_METHODS:
+        return CAM_METHODS[method](net.evidence_projections, net.score_from_evidence)
+    if method in COALITION_METHODS:
+        return COALITION_METHODS[method](net, removed)
+    raise ValueError(f"unknown explanation method {method!r}; choose from {', '.join(EXPLANATION_METHODS)}")
+
+
 MAP_NAMES = ("factual_a", "factual_b", "counterfactual_a", "counterfactual_b")
 DETAIL_NAMES = ("correspondences", "concepts", "effects", "verification")
 
@@ -85,18 +98,18 @@ def explain_fmaps(
 
 def explain_projections(
     net: SiameseNet, proj_a: Tensor, projs_b: Tensor, threshold: float, method: str = "gradcam",
-    verifications: Sequence[dict | None] | None = None,
+    verifications: Sequence[dict | None] | None = None, removed: tuple[Tensor, Tensor] | None = None,
 ) -> list[PairExplanation]:
     """Explain from the images' projections (``SiameseNet.project``, what the index stores): the maps
     are those of the Grad-CAM layer exactly (see ``engine.nn.siamese``), at a fraction of the cost, since
     image a is projected once and no gradient flows back through the projection.
 
     ``verifications`` (one per image b, None where none was run: ``engine.explain.decision``) take part in
-    the decision, so the maps are those of the final decision."""
+    the decision, so the maps are those of the final decision. ``removed``: see ``pair_explainer``."""
     k = projs_b.shape[0]
     if verifications is not None and len(verifications) != k:
         raise ValueError(f"explain needs one verification (or None) per image b ({len(verifications)} != {k})")
-    cam = CAM_METHODS[method](net.evidence_projections, net.score_from_evidence)
+    cam = pair_explainer(net, method, removed)
     # On the net's device, so that the gradients, the maps and the scores are all computed there.
     device = net.head_device
     cams = cam(proj_a.to(device).expand(k, -1, -1, -1), projs_b.to(device), targets=[similarity, dissimilarity])

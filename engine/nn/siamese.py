@@ -139,6 +139,19 @@ class SiameseNet(nn.Module):
     def evidence_projections(self, proj_a: Tensor, proj_b: Tensor) -> Tensor:
         return self.signature_logit(self.signature_from_projections(proj_a), self.signature_from_projections(proj_b))
 
+    def coalition_evidence(self, proj_a: Tensor, proj_b: Tensor, removed_a: Tensor, removed_b: Tensor,
+                           keep_a: Tensor, keep_b: Tensor, chunk: int = 64) -> Tensor:
+        """The evidence of one pair under n coalitions of cells: image a (1×P×h×w projections) with the
+        cells where ``keep_a`` (n×h·w, 0/1) is 0 taken from ``removed_a`` instead, against image b likewise.
+        Generic: the mixed projections are built ``chunk`` coalitions at a time and scored by the head."""
+        shape_a, shape_b = proj_a.shape[1:], proj_b.shape[1:]
+        parts = []
+        for s in range(0, len(keep_a), chunk):
+            ka = keep_a[s : s + chunk].to(proj_a.dtype).view(-1, 1, *shape_a[1:])
+            kb = keep_b[s : s + chunk].to(proj_b.dtype).view(-1, 1, *shape_b[1:])
+            parts.append(self.evidence_projections(torch.lerp(removed_a, proj_a, ka), torch.lerp(removed_b, proj_b, kb)))
+        return torch.cat(parts) if parts else torch.zeros(0, device=self.head_device)
+
     def score_fmaps(self, fmap_a: Tensor, fmap_b: Tensor) -> Tensor:
         return self.score_signatures(self.signature(fmap_a), self.signature(fmap_b))
 
@@ -259,10 +272,49 @@ class MatchNet(SiameseNet):
         cols = weights / (weights.sum(dim=1, keepdim=True) * corr.shape[2])
         return corr * (rows + cols) / 2
 
+    def coalition_evidence(self, proj_a: Tensor, proj_b: Tensor, removed_a: Tensor, removed_b: Tensor,
+                           keep_a: Tensor, keep_b: Tensor, chunk: int = 64) -> Tensor:
+        """As the generic method, without building any mixed projections: each cell's unit descriptor is
+        one of two (kept or removed), so every coalition's match weights are entries of four
+        N_a×N_b matrices (a's cell kept or not × b's cell kept or not), and their row and column sums
+        over a coalition are matrix products of the keep masks with those matrices; the pooled
+        embedding is linear in the masks. Thousands of coalitions cost a few matrix products, in one step
+        (``chunk`` is not needed: no intermediate grows with more than the number of coalitions × cells)."""
+        dims = [self.config.embed_dim, self.config.local_dim]
+        keep_a, keep_b = keep_a.to(self.head_dtype), keep_b.to(self.head_dtype)
+
+        def parts(kept: Tensor, removed: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+            cells = torch.stack([self.working(removed)[0], self.working(kept)[0]]).flatten(2)  # 2×P×N: removed, kept
+            embed, local = cells.split(dims, dim=1)
+            pooled = embed[0].sum(dim=1) + keep @ (embed[1] - embed[0]).T
+            embedding = F.normalize(pooled / cells.shape[2] + self.embed_proj.bias, dim=1)
+            units = F.normalize(local + self.local_proj.bias.view(1, -1, 1), dim=1)  # 2×D×N
+            return embedding, units
+
+        emb_a, units_a = parts(proj_a, removed_a, keep_a)
+        emb_b, units_b = parts(proj_b, removed_b, keep_b)
+        corr = torch.einsum("xdi,ydj->xyij", units_a, units_b)  # [state of a's cell, state of b's cell]
+        weights = self.match_weights(corr)
+        both = torch.stack([weights, weights * corr])  # [w or w·corr, x, y, i, j]
+        n_a, n_b = corr.shape[2], corr.shape[3]
+        # Row sums over b's cells for each state x of a's cell: Σ_y masks_b(y) @ M[x, y]ᵀ.
+        masks_b = torch.cat([1 - keep_b, keep_b], dim=1)  # n×(2·N_b): removed first, as state 0
+        masks_a = torch.cat([1 - keep_a, keep_a], dim=1)
+        rows = masks_b @ both.permute(2, 4, 0, 1, 3).reshape(2 * n_b, -1)  # (y, j) × (w/v, x, i)
+        cols = masks_a @ both.permute(1, 3, 0, 2, 4).reshape(2 * n_a, -1)  # (x, i) × (w/v, y, j)
+        rows, cols = rows.view(-1, 2, 2, n_a), cols.view(-1, 2, 2, n_b)
+        pick_a, pick_b = keep_a.unsqueeze(1), keep_b.unsqueeze(1)
+        rows = torch.lerp(rows[:, :, 0], rows[:, :, 1], pick_a)  # n×(w/v)×N_a at each cell's own state
+        cols = torch.lerp(cols[:, :, 0], cols[:, :, 1], pick_b)
+        local = ((rows[:, 1] / rows[:, 0]).mean(dim=1) + (cols[:, 1] / cols[:, 0]).mean(dim=1)) / 2
+        return self.calibration[0] * self.logit_from_terms((emb_a * emb_b).sum(dim=1), local) + self.calibration[1]
+
     def head_logit(self, sig_a: tuple[Tensor, Tensor], sig_b: tuple[Tensor, Tensor]) -> Tensor:
         """The trained logit, before calibration."""
-        cosine = (sig_a[0] * sig_b[0]).sum(dim=1)
-        local = self.local_match(sig_a[1], sig_b[1])
+        return self.logit_from_terms((sig_a[0] * sig_b[0]).sum(dim=1), self.local_match(sig_a[1], sig_b[1]))
+
+    def logit_from_terms(self, cosine: Tensor, local: Tensor) -> Tensor:
+        """The trained logit from its two terms: the embeddings' cosine and the local match."""
         weights = F.softplus(self.head_weights)
         return 10 * (weights[0] * cosine + weights[1] * local + self.head_bias)
 
