@@ -295,6 +295,8 @@ class IndexReportOut(BaseModel):
     exact_duplicates: int
     embedded: int
     described: int = Field(description="Items embedded before descriptions were stored, described by this run.")
+    recoded: int = Field(description="Items whose stored float16 projections this run converted to the model's compact "
+                                     "descriptions (a catalogue indexed before the model had its description codec).")
     embed_seconds: float
     skipped: list[Unreadable]
     generation: int | None

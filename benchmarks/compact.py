@@ -1,8 +1,9 @@
 """Compact descriptions benchmark: how small can a stored item's description get before re-scoring changes?
 
-Today each item stores its projections (``SimilarityModel.describe_fmaps``: float16, ~147 KiB). Each
-candidate below is encoded from the held-apart photos' feature maps, decoded, and scored by the shipped
-model's head (``signature_logit``) exactly as the full descriptions are, on the data sets of
+A model without a description codec stores each item's projections (``SimilarityModel.describe_fmaps``:
+float16, ~147 KiB); the full descriptions below are those. Each candidate is encoded from the held-apart
+photos' feature maps, decoded, and scored by the shipped model's head (``signature_logit``) exactly as
+the full descriptions are, on the data sets of
 benchmarks/trust.py (``split(data, 0.3, seed=0)[1]`` of AirBnB, flowers and skin-cancer, their feature
 maps cached in ``.cache/whymatch/bench/features``):
 
@@ -21,14 +22,29 @@ fitted on cells of the model's *training* photos (``split(data, 0.3, seed=0)[0]`
 ones. ``--save-codec DIR`` also saves the benchmarked product quantiser of ``--save-codec-subquantizers``
 slices next to a checkpoint (``DescriptionCodec.save``).
 
-    .venv/bin/python benchmarks/compact.py --threads 1 --record --save-codec engine/models/default
+``--codec-study`` measures instead how the 32-slice codec's fit changes the result (recorded in its own
+section): the codebooks fitted on ``--fit-photos`` or ``--more-fit-photos`` training photos per domain
+(every cell used), each with and without an OPQ rotation (``DescriptionCodec.fit(rotate=True)``);
+``--save-codec`` then saves the one ``--save-codec-fit`` names (all four are kept in
+``.cache/whymatch/bench/codecs``).
+
+``--catalogue N`` measures bytes per item all in instead (its own section): N AirBnB photos indexed
+into a fresh data directory (SQLite database, FAISS index) by the model without its codec (float16
+projections), by the model with it, and the first catalogue converted by the next index run with the
+codec (``indexing._recode_backlog``); the data directory's size divided by the items.
+
+    .venv/bin/python benchmarks/compact.py --threads 1 --record
+    .venv/bin/python benchmarks/compact.py --threads 1 --record --codec-study --save-codec engine/models/default --save-codec-fit OPQ-more
+    .venv/bin/python benchmarks/compact.py --threads 1 --record --catalogue 200
     .venv/bin/python benchmarks/compact.py --per-domain 20 --pairs 500 --fit-photos 40     # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,10 +60,11 @@ from engine.data import LabelledImages, file_identities, load_labelled_images, r
 from engine.eval.evaluate import RERANK_K
 from engine.eval.metrics import all_pairs, pair_metrics
 from engine.inference import SimilarityModel, pack_description
-from engine.nn.compact import DescriptionCodec
+from engine.nn.compact import OPQ_CELLS, DescriptionCodec, projection_norms
 from engine.nn.siamese import MatchNet, signatures
 from engine.train.copies import write_copies
 from engine.train.trainer import cached_features
+from indexer import Catalogue, crud
 from trust import COPY_SEED, DOMAINS, HOLDOUT, SEED, held_apart, log, random_pairs
 
 Signature = tuple[Tensor, Tensor]
@@ -135,7 +152,7 @@ def product_quantiser(codec: DescriptionCodec, pool: bool = False) -> Callable[[
         if pool:
             fmaps = F.avg_pool2d(fmaps, 2)
             signature = (signature[0], net.local_descriptors(fmaps))
-        blobs = codec.encode(*signature, tuple(fmaps.shape[2:]))
+        blobs = codec.encode(*signature, tuple(fmaps.shape[2:]), projection_norms(net, net.project(fmaps)))
         return codec.decode(blobs)[0], len(blobs[0])
 
     return encode_decode
@@ -219,6 +236,98 @@ def copy_quality(described: Described, emb_copies: Tensor, emb_gallery: Tensor, 
     return {"recall@1": float(hits.mean()), "pair_auc": pair_metrics(described.pairs("copies", i, "gallery", j), labels)["pair_auc"]}
 
 
+def all_candidates(model: SimilarityModel, args: argparse.Namespace) -> tuple[list[Candidate], Tensor]:
+    """Every way to store descriptions, fitted on ``--fit-photos`` training photos per domain; saves the
+    ``--save-codec-subquantizers`` codec when asked."""
+    net = model.net
+    cells, fitted_on = training_cells(model, args.fit_photos, SEED)
+    pooled_cells, pooled_from = training_cells(model, args.fit_photos, SEED, pool=True)
+    fitted_on["command"] = command_line()
+    codecs = {m: DescriptionCodec.fit(cells, net.config.embed_dim, m, fitted_on=fitted_on) for m in (64, 32, 16)}
+    if args.save_codec:
+        log(f"saved the {args.save_codec_subquantizers}-slice codec in {codecs[args.save_codec_subquantizers].save(args.save_codec)}")
+    candidates = [Candidate("full: projections, float16 (a model without a codec)", full),
+                  Candidate("(a) signature, float16", signature_float16),
+                  Candidate("(b) cells int8, a float16 scale per cell", cells_int8),
+                  *[Candidate(f"(c) cells PCA {dims}-d, int8", pca_int8(*principal_axes(cells, dims))) for dims in (64, 32)],
+                  *[Candidate(f"(d) cells PQ {m}×8 bits", product_quantiser(codec)) for m, codec in codecs.items()],
+                  Candidate("(e) 7×7 cells, int8", pooled_int8),
+                  Candidate("(e) 7×7 cells, PQ 32×8 bits", product_quantiser(
+                      DescriptionCodec.fit(pooled_cells, net.config.embed_dim, 32, fitted_on=pooled_from), pool=True))]
+    return candidates, cells
+
+
+def codec_study(model: SimilarityModel, args: argparse.Namespace) -> tuple[list[Candidate], Tensor]:
+    """The full descriptions and the 32-slice codec fitted four ways (photos × rotation); saves the
+    ``--save-codec-fit`` one when asked."""
+    embed_dim = model.net.config.embed_dim
+    samples = {"": training_cells(model, args.fit_photos, SEED), "-more": training_cells(model, args.more_fit_photos, SEED)}
+    codecs = {}
+    for suffix, (cells, fitted_on) in samples.items():
+        fitted_on["command"] = command_line()
+        for rotate in (False, True):
+            started = time.time()
+            codecs[("OPQ" if rotate else "PQ") + suffix] = codec = DescriptionCodec.fit(cells, embed_dim, 32, rotate=rotate, fitted_on=fitted_on)
+            log(f"{codec.name} on {len(cells)} cells fitted in {time.time() - started:.0f} s")
+    for key, codec in codecs.items():
+        codec.save(BENCH_DIR / "codecs" / key)
+    if args.save_codec:
+        log(f"saved the {args.save_codec_fit} codec in {codecs[args.save_codec_fit].save(args.save_codec)}")
+    candidates = [Candidate("full: projections, float16", full)]
+    for key, codec in codecs.items():
+        photos = args.more_fit_photos if key.endswith("-more") else args.fit_photos
+        candidates.append(Candidate(f"{codec.name}: {photos} photos a domain, {codec.fitted_on['cells']} cells", product_quantiser(codec)))
+    return candidates, samples[""][0]
+
+
+def directory_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
+def catalogue_bytes(model: SimilarityModel, photos: int, batch_size: int) -> tuple[str, str]:
+    """Bytes per item of a catalogue of ``photos`` AirBnB photos (a seeded sample) whose descriptions are
+    float16 projections, compact descriptions indexed afresh, and the former converted by an index run."""
+    if model.codec is None:
+        sys.exit("--catalogue compares a model's codec with its float16 projections: the model has no codec")
+    data = load_labelled_images(shared_data("airbnb"))
+    chosen = np.sort(np.random.default_rng([SEED, 11]).choice(len(data.paths), size=min(photos, len(data.paths)), replace=False))
+    full_model = SimilarityModel(model.net, model.config, model.batch_size, model.device)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="whymatch-compact-") as tmp:
+        work = Path(tmp)
+        listing = work / "photos.csv"
+        listing.write_text("".join(f"{data.paths[c].resolve()}\n" for c in chosen))
+
+        def measured(name: str, catalogue: Catalogue, seconds: float, recoded: int = 0) -> None:
+            with catalogue.db.session() as session:
+                n = crud.count_embedded(session, catalogue.model_key)
+                description = len(next(iter(crud.descriptions_by_ids(session, crud.embedded_ids(session, catalogue.model_key)[:1].tolist(),
+                                                                      catalogue.model_key).values())))
+            catalogue.db.dispose()
+            size = directory_bytes(catalogue.data_dir)
+            rows.append([name, n, f"{size:,}", f"{size / n:,.0f}", f"{description:,}", f"{seconds:.0f} s" + (f" ({recoded} converted)" if recoded else "")])
+            log(f"{name}: {n} items, {size:,} bytes")
+
+        for name, which, folder in (("float16 projections (no codec)", full_model, "full"), (f"compact, {model.codec.name} codec", model, "compact")):
+            catalogue = Catalogue(work / folder / "data", model=which, batch_size=batch_size, log=None)
+            started = time.time()
+            catalogue.index(listing)
+            measured(name, catalogue, time.time() - started)
+        shutil.copytree(work / "full", work / "converted")
+        catalogue = Catalogue(work / "converted" / "data", model=model, batch_size=batch_size, log=None)
+        started = time.time()
+        report = catalogue.index(listing)
+        measured("float16 projections converted by the next index run", catalogue, time.time() - started, report.recoded)
+    table = markdown_table(["catalogue", "items", "data directory, bytes", "bytes / item", "description, bytes", "index run"], rows)
+    notes = (f"{len(chosen)} AirBnB photos (a seeded sample of the {len(data.paths)} in ../shared/data/airbnb), indexed from a CSV into a fresh "
+             f"data directory each (SQLite database with WAL, FAISS index; `Catalogue.index`, batches of {batch_size}), by the "
+             f"shipped model without and with its description codec; the third row is the first catalogue after an index run "
+             f"with the codec converted its stored projections (no photo read; SQLite VACUUMed after; its index folder still keeps "
+             f"the previous generation's file, as every run keeps the last two). Bytes per item: the whole data directory "
+             f"(SQLite: float32 embeddings, descriptions, file metadata; the FAISS index: float32 vectors and ids) over the items.")
+    return table, notes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_option(parser)
@@ -230,6 +339,11 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="write the table into docs/benchmarks.md")
     parser.add_argument("--save-codec", type=Path, help="also save the benchmarked product quantiser of --save-codec-subquantizers here")
     parser.add_argument("--save-codec-subquantizers", type=int, choices=(64, 32, 16), default=32, help="slices per cell of the saved codec")
+    parser.add_argument("--codec-study", action="store_true", help="compare fits of the 32-slice codec instead (more photos, OPQ)")
+    parser.add_argument("--more-fit-photos", type=int, default=400, help="--codec-study: the larger sample of training photos per domain")
+    parser.add_argument("--catalogue", type=int, default=0, help="measure bytes per item of a catalogue of this many AirBnB photos instead")
+    parser.add_argument("--save-codec-fit", choices=("PQ", "OPQ", "PQ-more", "OPQ-more"), default="PQ",
+                        help="--codec-study: which fit --save-codec saves")
     args = parser.parse_args()
     if args.threads:
         import faiss  # defers FAISS, as engine.nn.compact does
@@ -238,24 +352,19 @@ def main() -> None:
         faiss.omp_set_num_threads(args.threads)
     started = time.time()
     model = load_bench_model(args.model)
+    if args.catalogue:
+        table, notes = catalogue_bytes(model, args.catalogue, batch_size=32)
+        print(table + "\n\n" + notes)
+        if args.record:
+            log(f"recorded in {record('compact-catalogue', command_line(), table, notes)}")
+        return
     net = model.net
     if not isinstance(net, MatchNet):
         sys.exit("compact descriptions store the whymatch preset's signature: the model must be a whymatch model")
-    cells, fitted_on = training_cells(model, args.fit_photos, SEED)
-    pooled_cells, pooled_from = training_cells(model, args.fit_photos, SEED, pool=True)
-    log(f"{len(cells)} training cells after {time.time() - started:.0f} s")
-    fitted_on["command"] = command_line()
-    codecs = {m: DescriptionCodec.fit(cells, net.config.embed_dim, m, fitted_on=fitted_on) for m in (64, 32, 16)}
-    if args.save_codec:
-        log(f"saved the {args.save_codec_subquantizers}-slice codec in {codecs[args.save_codec_subquantizers].save(args.save_codec)}")
-    candidates = [Candidate("full: projections, float16 (stored today)", full),
-                  Candidate("(a) signature, float16", signature_float16),
-                  Candidate("(b) cells int8, a float16 scale per cell", cells_int8),
-                  *[Candidate(f"(c) cells PCA {dims}-d, int8", pca_int8(*principal_axes(cells, dims))) for dims in (64, 32)],
-                  *[Candidate(f"(d) cells PQ {m}×8 bits", product_quantiser(codec)) for m, codec in codecs.items()],
-                  Candidate("(e) 7×7 cells, int8", pooled_int8),
-                  Candidate("(e) 7×7 cells, PQ 32×8 bits", product_quantiser(
-                      DescriptionCodec.fit(pooled_cells, net.config.embed_dim, 32, fitted_on=pooled_from), pool=True))]
+    if args.codec_study:
+        candidates, cells = codec_study(model, args)
+    else:
+        candidates, cells = all_candidates(model, args)
     log(f"candidates fitted after {time.time() - started:.0f} s")
 
     # The held-apart photos and their copies, as trust.py makes them (same seeds, so the same copies).
@@ -317,12 +426,21 @@ def main() -> None:
              f"{len(gallery)} photos, {args.copy_negatives} copy–other pairs each for the AUC. False matches: {args.pairs} random "
              f"pairs of different photos per domain, the share (and count) scoring at or above the threshold. Decisions changed: "
              f"AirBnB pairs and those random pairs whose match decision differs from the full descriptions'. Bytes include the "
-             f"float16 embedding (512 B; the head's cosine term) and, for PQ, the 2-byte grid. PCA bases and PQ codebooks "
-             f"(8 bits per slice, FAISS k-means) fitted on the cells of {args.fit_photos} training photos per domain "
-             f"(`split(data, 0.3, seed=0)[0]`, {len(cells)} cells). Whole run {time.time() - started:.0f} s.")
+             f"float16 embedding (512 B; the head's cosine term) and, for PQ, the 2-byte grid and the float16 norms explanations "
+             f"need (`projection_norms`: 2 B an image and 2 B a cell). ")
+    if args.codec_study:
+        notes += (f"The 32-slice product quantiser (8 bits per slice, FAISS k-means, every cell used) fitted on the cells of "
+                  f"{args.fit_photos} or {args.more_fit_photos} training photos per domain (`split(data, 0.3, seed=0)[0]`, as "
+                  f"many as it holds), without or with an OPQ rotation learned first (FAISS `OPQMatrix`, on a sample of "
+                  f"{OPQ_CELLS} cells).")
+    else:
+        notes += (f"PCA bases and PQ codebooks (8 bits per slice, FAISS k-means) fitted on the cells of {args.fit_photos} "
+                  f"training photos per domain (`split(data, 0.3, seed=0)[0]`, {len(cells)} cells).")
+    notes += f" Whole run {time.time() - started:.0f} s."
     print(table + "\n\n" + notes)
     if args.record:
-        log(f"recorded in {record('compact-descriptions', command_line(), table, notes)}")
+        section = "compact-codec-fit" if args.codec_study else "compact-descriptions"
+        log(f"recorded in {record(section, command_line(), table, notes)}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ Images may be paths, bytes, PIL images or arrays. The frozen backbone runs under
 channels_last where the config allows it (2–4× faster on CPUs with AMX/AVX-512 BF16; on a GPU float16
 where it lacks bf16); the trained layers and all gradients for Grad-CAM run in float32.
 
+A model whose checkpoint has a description codec (``engine.nn.compact``: ``descriptions.safetensors`` +
+``descriptions.json``) stores each image's head description as a few KiB of codes rather than its
+projections; without one, as float16 projections.
+
 The model runs on one device (``load_model(device=...)``: the CPU or a CUDA GPU). Whatever it computes
 there comes back to the CPU as numpy arrays or CPU tensors (feature maps included; those computed from
 pixels come back where the pixels were), so callers never see the device; the methods that go on from
@@ -27,24 +31,32 @@ from engine.config import BACKBONE_BATCH, Device, ModelConfig
 from engine.explain.correspondences import attach_correspondences
 from engine.explain.decision import pair_verification
 from engine.explain.pairs import PairExplanation, explain_projections
-from engine.explain.masking import DEFAULT_AREA, DEFAULT_FILL, effects_from_tensors
+from engine.explain.masking import DEFAULT_AREA, DEFAULT_FILL, effects_from_tensors, fill_pixels
+from engine.explain.coalitions import COALITION_METHODS
 from engine.images import ImageSource, image_size, load_pixels, to_tensor
-from engine.nn.siamese import SiameseNet, build_net
+from engine.nn.compact import CODEC_CONFIG_FILE, DescriptionCodec, as_projections, projection_norms
+from engine.nn.siamese import MatchNet, SiameseNet, build_net
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# The layout of descriptions packed as float16 projections (``pack_description``).
+PROJECTIONS_FORMAT = "projections-1"
 
 
 class SimilarityModel:
-    """A Siamese network ready for inference, with its config and decision threshold."""
+    """A Siamese network ready for inference, with its config, decision threshold and, for the whymatch
+    preset, optionally the codec its stored descriptions are packed with (``codec``)."""
 
     def __init__(self, net: SiameseNet, config: ModelConfig, batch_size: int = BACKBONE_BATCH,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, codec: DescriptionCodec | None = None) -> None:
         # None: where the net's parameters already are.
         self.device = torch.device(device) if device is not None else next(net.parameters()).device
         self.net = net.to(self.device).eval()
         self.config = config
+        if codec is not None:
+            check_codec(net, codec)
+        self.codec = codec
         self.batch_size = batch_size
         spec = backbone_spec(config.backbone)
         self.mean, self.std = spec.mean, spec.std
@@ -52,9 +64,19 @@ class SimilarityModel:
             self.net.backbone.to(memory_format=torch.channels_last)
 
     cam_layer = "backbone.cam"
-    # Names the layout of packed descriptions; stores keyed by a model fingerprint include it, so
-    # descriptions of an older layout are recomputed, never misread.
-    description_format = "projections-1"
+
+    @property
+    def description_format(self) -> str:
+        """Names the layout of packed descriptions (the codec's, codebooks included); stores keyed by a
+        model fingerprint include it, so descriptions of another layout are recomputed, never misread."""
+        return self.codec.format if self.codec is not None else PROJECTIONS_FORMAT
+
+    @property
+    def recodable_format(self) -> str | None:
+        """The description format that ``recode_descriptions`` turns into this model's (descriptions by
+        the same weights as float16 projections), or None where none is: a store can then convert its
+        items without decoding an image."""
+        return PROJECTIONS_FORMAT if self.codec is not None else None
 
     @property
     def threshold(self) -> float:
@@ -138,11 +160,51 @@ class SimilarityModel:
 
     @torch.inference_mode()
     def describe_fmaps(self, fmaps: Tensor) -> list[bytes]:
-        """Each image's head description (what ``score`` compares) packed as float16 bytes, so a stored
-        item is re-scored against a query without decoding it or running the backbone again."""
+        """Each image's head description (what ``score`` compares) packed as bytes, so a stored item is
+        re-scored and explained against a query without decoding it or running the backbone again: its
+        signature through the codec where the model has one, else its projections as float16."""
+        if self.codec is not None:
+            return self._encode_projections(self.net.project(fmaps))
         # float16 before leaving the device: half the bytes to copy, and what packing stores anyway.
         parts = tuple(part.to(torch.float16).cpu() for part in self.net.describe(fmaps))
         return [pack_description(tuple(part[i] for part in parts)) for i in range(len(fmaps))]
+
+    @torch.inference_mode()
+    def recode_descriptions(self, packed: Sequence[bytes]) -> list[bytes]:
+        """This model's compact descriptions of images whose descriptions were packed as float16 projections
+        (``recodable_format``) by the same weights: their signature, encoded, with no image decoded. Equal
+        to ``describe_fmaps`` up to the projections' float16 rounding."""
+        if self.codec is None:
+            raise ValueError("only a model with a description codec recodes descriptions")
+        if not len(packed):
+            return []
+        (projections,) = unpack_descriptions(packed)
+        return self._encode_projections(self._on_device(projections))
+
+    def _encode_projections(self, projections: Tensor) -> list[bytes]:
+        """The codec's packed descriptions of B images' projections: their signature and its norms."""
+        signature = self.net.signature_from_projections(projections)
+        norms = projection_norms(self.net, projections)
+        embedding, cells, pooled, cell_norms = (part.float().cpu() for part in (*signature, *norms))
+        return self.codec.encode(embedding, cells, tuple(projections.shape[2:]), (pooled, cell_norms))
+
+    def _signatures(self, packed: Sequence[bytes]) -> tuple[Tensor, ...]:
+        """The signatures (on the head's device) of packed descriptions, as the head compares them."""
+        if self.codec is not None:
+            signature, _ = self.codec.decode(packed)
+            return tuple(self._on_device(part).to(self.net.head_dtype) for part in signature)
+        (projections,) = unpack_descriptions(packed)
+        return self.net.signature_from_projections(projections)
+
+    def _projections(self, packed: Sequence[bytes]) -> Tensor:
+        """Projection-shaped tensors of packed descriptions, for the explanation paths that take projections:
+        the stored ones, or those of the decoded signature (``engine.nn.compact.as_projections``)."""
+        if self.codec is not None:
+            signature, grid = self.codec.decode(packed)
+            norms = self.codec.norms(packed)
+            return as_projections(self.net, tuple(self._on_device(part) for part in signature), grid,
+                                  tuple(self._on_device(part) for part in norms))
+        return unpack_descriptions(packed)[0]
 
     def encode(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, list[bytes]]:
         """Embeddings (as ``embed``) and packed head descriptions (as ``describe_fmaps``) in one backbone pass."""
@@ -160,13 +222,12 @@ class SimilarityModel:
             raise ValueError(f"score_described needs as many descriptions in a as in b ({len(packed_a)} != {len(packed_b)})")
         if not len(packed_a):
             return np.zeros(0, np.float32)
-        # Each distinct image is unpacked and turned into its signature once (a query meets many
-        # candidates, a dedup item many neighbours), then pairs index into those.
+        # Each distinct image is unpacked (or decoded) and turned into its signature once (a query meets
+        # many candidates, a dedup item many neighbours), then pairs index into those.
         distinct: dict[bytes, int] = {}
         rows_a = [distinct.setdefault(bytes(blob), len(distinct)) for blob in packed_a]
         rows_b = [distinct.setdefault(bytes(blob), len(distinct)) for blob in packed_b]
-        (projections,) = unpack_descriptions(list(distinct))
-        signature = self.net.signature_from_projections(projections)
+        signature = self._signatures(list(distinct))
         return self.net.score_pairs(signature, rows_a, signature, rows_b).cpu().numpy().astype(np.float32)
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
@@ -203,14 +264,19 @@ class SimilarityModel:
             images_b = [images_b]
         details = {"correspondences": correspondences, "concepts": concepts, "verifications": verifications,
                    "sizes": (sizes or [image_size(image) for image in (image_a, *images_b)]) if correspondences else None}
-        if not effects:
+        if not effects and method not in COALITION_METHODS:
             fmaps = self._feature_maps([image_a, *images_b])
             return self.explain_feature_maps(fmaps[:1], fmaps[1:], method, **details)
         batches = [self._on_device(batch) for batch in self.pixel_batches([image_a, *images_b])]
         pixels = torch.cat(batches)
         fmaps = torch.cat([self._fmaps(batch) for batch in batches])
+        if method in COALITION_METHODS:
+            # A coalition method removes a cell as the blurred image has it: one more backbone pass per image.
+            blurred = torch.cat([self._fmaps(fill_pixels(batch)) for batch in batches])
+            details["removed_fmaps"] = (blurred[:1], blurred[1:])
         explanations = self.explain_feature_maps(fmaps[:1], fmaps[1:], method, **details)
-        effects_from_tensors(self, pixels[:1], fmaps[:1], pixels[1:], fmaps[1:], explanations)
+        if effects:
+            effects_from_tensors(self, pixels[:1], fmaps[:1], pixels[1:], fmaps[1:], explanations)
         return explanations
 
     def compare(self, image_a: ImageSource, image_b: ImageSource, *, method: str = "gradcam", effects: bool = True,
@@ -244,7 +310,8 @@ class SimilarityModel:
 
     def explain_feature_maps(self, fmap_a: Tensor, fmaps_b: Tensor, method: str = "gradcam", *, correspondences: bool = False,
                              concepts: bool = False, sizes: Sequence[tuple[int, int]] | None = None,
-                             verifications: Sequence[dict | None] | None = None) -> list[PairExplanation]:
+                             verifications: Sequence[dict | None] | None = None,
+                             removed_fmaps: tuple[Tensor, Tensor] | None = None) -> list[PairExplanation]:
         """Explain from feature maps already computed (e.g. for re-scoring): only the head runs,
         one forward and one backward pass for all pairs.
 
@@ -253,11 +320,14 @@ class SimilarityModel:
         first (``engine.images.image_size``). ``concepts=True`` fills ``explanation.concepts``
         (``engine.explain.concepts``). Both work from the feature maps alone (milliseconds per pair).
         ``verifications``: one per image b (or None where none was run; ``engine.explain.decision``), part
-        of each decision and of its explanation.
+        of each decision and of its explanation. ``removed_fmaps`` (those of the blurred images a and b) are
+        how the coalition methods remove a cell; without them, by the image's mean cell
+        (``engine.explain.coalitions``).
         """
         with torch.no_grad():
             proj_a, projs_b = self.net.project(fmap_a), self.net.project(fmaps_b)
-        explanations = self._explain_projections(proj_a, projs_b, method, correspondences, sizes, verifications)
+            removed = None if removed_fmaps is None else tuple(self.net.project(f) for f in removed_fmaps)
+        explanations = self._explain_projections(proj_a, projs_b, method, correspondences, sizes, verifications, removed)
         if concepts:
             attach_concepts(self.net.backbone, explanations, fmap_a, fmaps_b)
         return explanations
@@ -266,19 +336,25 @@ class SimilarityModel:
                           correspondences: bool = False, sizes: Sequence[tuple[int, int]] | None = None,
                           verifications: Sequence[dict | None] | None = None) -> list[PairExplanation]:
         """Explain from packed descriptions (``describe_fmaps`` / ``encode``, as the index stores them):
-        no image is decoded and no backbone runs, and the maps are still exactly Grad-CAM of the
-        backbone's layer (of the float16-stored projections). Concepts and effects need the feature
-        maps or pixels (``explain_feature_maps``, ``add_effects``); ``verifications`` as there."""
+        no image is decoded and no backbone runs. From float16 projections the maps are exactly Grad-CAM
+        of the backbone's layer. From a codec's compact descriptions, the projections are rebuilt from
+        the decoded signature and its stored norms (``as_projections``): the scores, cell contributions
+        and correspondences are exact for the decoded descriptors (those search and dedup score), and the
+        maps are Grad-CAM of those projections, whose local term is the stored projections' up to
+        quantisation but whose global term is the same in every cell (its per-cell part is not stored).
+        Concepts and effects need the feature maps or pixels (``explain_feature_maps``, ``add_effects``);
+        ``verifications`` as there."""
         if not len(packed_b):
             raise ValueError("explain_described needs at least one description b")
-        (proj_a,), (projs_b,) = unpack_descriptions([packed_a]), unpack_descriptions(packed_b)
+        proj_a, projs_b = self._projections([packed_a]), self._projections(packed_b)
         return self._explain_projections(proj_a, projs_b, method, correspondences, sizes, verifications)
 
     def _explain_projections(self, proj_a: Tensor, projs_b: Tensor, method: str, correspondences: bool,
                              sizes: Sequence[tuple[int, int]] | None,
-                             verifications: Sequence[dict | None] | None = None) -> list[PairExplanation]:
+                             verifications: Sequence[dict | None] | None = None,
+                             removed: tuple[Tensor, Tensor] | None = None) -> list[PairExplanation]:
         proj_a, projs_b = self._on_device(proj_a), self._on_device(projs_b)
-        explanations = explain_projections(self.net, proj_a, projs_b, self.threshold, method, verifications)
+        explanations = explain_projections(self.net, proj_a, projs_b, self.threshold, method, verifications, removed)
         if correspondences:
             if sizes is None or len(sizes) != 1 + len(projs_b):
                 raise ValueError("correspondences need the (width, height) of image a and of each image b (sizes)")
@@ -304,8 +380,11 @@ class SimilarityModel:
         return list(explanations)
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors`` (trained layers only) and ``config.json``."""
-        return save_checkpoint(self.net, self.config, directory)
+        """Write ``model.safetensors`` (trained layers only), ``config.json`` and the codec, if any."""
+        directory = save_checkpoint(self.net, self.config, directory)
+        if self.codec is not None:
+            self.codec.save(directory)
+        return directory
 
 
 def pack_description(parts: tuple[Tensor, ...]) -> bytes:
@@ -318,6 +397,15 @@ def unpack_descriptions(blobs: Sequence[bytes]) -> tuple[Tensor, ...]:
     """Packed descriptions of n images → their batch-first float32 tensors (``SiameseNet.describe``'s layout)."""
     loaded = [load(bytes(blob)) for blob in blobs]
     return tuple(torch.stack([parts[str(n)] for parts in loaded]).float() for n in range(len(loaded[0])))
+
+
+def check_codec(net: SiameseNet, codec: DescriptionCodec) -> None:
+    """Refuse a codec that does not fit the net: it stores the whymatch preset's signature."""
+    if not isinstance(net, MatchNet):
+        raise ValueError(f"a description codec stores the whymatch preset's signature, not {type(net).__name__}'s")
+    if (codec.embed_dim, codec.cell_dim) != (net.config.embed_dim, net.config.local_dim):
+        raise ValueError(f"the codec stores {codec.embed_dim}-d embeddings and {codec.cell_dim}-d cells; the model has "
+                         f"{net.config.embed_dim}-d and {net.config.local_dim}-d")
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -356,9 +444,10 @@ def build_model(config: ModelConfig, batch_size: int = BACKBONE_BATCH, device: D
 
 def load_model(path: str | Path | None = None, *, threads: int = 0, batch_size: int = BACKBONE_BATCH,
                device: Device = "cpu") -> SimilarityModel:
-    """Load a checkpoint directory (``config.json`` + ``model.safetensors``); the shipped model by default.
-    ``device``: where it runs (``resolve_device``). The CPU unless asked, so that a script or test that
-    loads a model measures what it says; the entry points pass ``ModelSettings.device`` (``auto``)."""
+    """Load a checkpoint directory (``config.json`` + ``model.safetensors``, and its description codec where
+    ``descriptions.json`` is there); the shipped model by default. ``device``: where it runs
+    (``resolve_device``). The CPU unless asked, so that a script or test that loads a model measures what
+    it says; the entry points pass ``ModelSettings.device`` (``auto``)."""
     directory = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if directory.is_file():
         directory = directory.parent
@@ -370,4 +459,8 @@ def load_model(path: str | Path | None = None, *, threads: int = 0, batch_size: 
     config = ModelConfig.from_json(config_path)
     model = build_model(config, batch_size, device)
     model.net.load_trained_state_dict(load_file(str(weights_path)))
+    if (directory / CODEC_CONFIG_FILE).is_file():
+        codec = DescriptionCodec.load(directory)
+        check_codec(model.net, codec)
+        model.codec = codec
     return model

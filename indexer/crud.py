@@ -135,6 +135,17 @@ def undescribed_items(session: Session, model_key: str, after: int, limit: int) 
     return [(row.id, row.source, row.sha256) for row in rows]
 
 
+def stored_descriptions(session: Session, model_key: str, after: int, limit: int) -> list[tuple[int, bytes | None]]:
+    """(id, head description or None) of up to ``limit`` items embedded by ``model_key``, the first with an
+    id above ``after``."""
+    rows = session.execute(
+        select(Item.id, Item.descriptors)
+        .where(Item.id > after, Item.embedding.is_not(None), Item.model_key == model_key)
+        .order_by(Item.id).limit(limit)
+    )
+    return [(row.id, row.descriptors) for row in rows]
+
+
 def embedded_item_keys(session: Session, model_key: str) -> list[tuple[int, str, str | None, str]]:
     """(id, source, listing, sha256) of every item embedded by ``model_key``."""
     rows = session.execute(select(Item.id, Item.source, Item.listing, Item.sha256)

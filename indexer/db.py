@@ -122,6 +122,21 @@ class Database:
         with self.sessionmaker() as session, session.begin():
             yield session
 
+    def reclaim_space(self) -> None:
+        """Give the space of rewritten rows back to the file system after a run replaced many large values
+        (``indexing._recode_backlog``): SQLite keeps freed pages in its file until VACUUM. PostgreSQL's
+        autovacuum makes such space reusable by later rows on its own; nothing is done there."""
+        if self.dialect != "sqlite":
+            return
+        connection = self.engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            cursor.execute("VACUUM")
+            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            cursor.close()
+        finally:
+            connection.close()
+
     def dispose(self) -> None:
         self.engine.dispose()
 

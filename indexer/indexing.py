@@ -12,7 +12,10 @@ the kernel when a process dies).
 
 Search and dedup re-score from the head description stored with each embedding. A run that opens a
 catalogue holding items embedded before descriptions were stored describes them first, in committed
-batches like the embeddings, so that every embedded item has one afterwards.
+batches like the embeddings, so that every embedded item has one afterwards. A model with a description
+codec (compact descriptions, ``engine.nn.compact``) has its own model key; a run with it converts the
+items its weights described as float16 projections (a catalogue indexed before the codec) from those
+projections, without reading their files, and re-keys them, again in committed batches.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class IndexReport:
     exact_duplicates: int = 0  # of the added and updated: embeddings copied from a byte-identical file (no network run)
     embedded: int = 0  # images that went through the network
     described: int = 0  # items embedded before descriptions were stored, described by this run
+    recoded: int = 0  # items described as float16 projections by this model's weights, converted to its compact descriptions
     embed_seconds: float = 0.0  # in the network; on a Ray cluster, the pipeline's wall time (``indexer.distributed``)
     skipped: list[Skipped] = field(default_factory=list)
     generation: int | None = None
@@ -90,6 +94,8 @@ class IndexReport:
 
     def summary(self) -> str:
         described = f"; described {self.described} items indexed before descriptions were stored" if self.described else ""
+        if self.recoded:
+            described += f"; converted {self.recoded} stored descriptions to compact ones"
         lines = [
             f"{self.source}: {self.scanned} files in {self.seconds:.1f} s — {self.added} added, {self.updated} re-embedded, "
             f"{self.touched} metadata-only, {self.unchanged} unchanged, {len(self.skipped)} skipped",
@@ -100,11 +106,12 @@ class IndexReport:
         return "\n".join(lines)
 
 
-def model_fingerprint(model: CatalogueModel) -> str:
-    """sha256 of the model's config, weights and description layout: embeddings and stored
-    descriptions by another model are never mixed in. Provenance and decision thresholds change
-    neither, so re-placing a threshold does not re-embed a catalogue."""
-    digest = hashlib.sha256(model.description_format.encode())
+def model_fingerprint(model: CatalogueModel, description_format: str | None = None) -> str:
+    """sha256 of the model's config, weights and description layout (its codec's included): embeddings
+    and stored descriptions by another model are never mixed in. Provenance and decision thresholds
+    change neither, so re-placing a threshold does not re-embed a catalogue. ``description_format``: the
+    key the same weights have with descriptions of that layout instead (``_recode_backlog``)."""
+    digest = hashlib.sha256((description_format or model.description_format).encode())
     config = {k: v for k, v in asdict(model.config).items() if k not in ("provenance", "threshold", "duplicate_threshold")}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.net.state_dict().items()):
@@ -248,6 +255,7 @@ def index_catalogue(
             with db.session() as session:
                 crud.clear_embeddings(session, origin=result.origin)
                 crud.bump_version(session)
+        _recode_backlog(db, model, model_key, options, report)
         _describe_backlog(db, model, model_key, options, report, log)
         with db.session() as session:
             changes = diff(result, crud.item_states(session, model_key))
@@ -278,6 +286,43 @@ def _apply_deletions(db: Database, changes: Diff, report: IndexReport) -> None:
 def _progress_bar(options: IndexOptions, total: int, description: str) -> tqdm:
     show = sys.stderr.isatty() if options.progress is None else options.progress
     return tqdm(total=total, unit="img", desc=description, disable=not show, dynamic_ncols=True)
+
+
+def _recode_backlog(db: Database, model: CatalogueModel, model_key: str, options: IndexOptions, report: IndexReport) -> None:
+    """Convert the items this model's weights embedded and described as float16 projections (indexed before
+    the model had its codec) into its compact descriptions, from the stored projections alone
+    (``recode_descriptions``: no file is read, no backbone runs), each batch committed in one transaction
+    with the items' new model key; their embeddings stay as they are. An item of the old key without a
+    description only takes the new key, and ``_describe_backlog`` then describes it from its file. The
+    space of the replaced projections goes back to the file system (``Database.reclaim_space``)."""
+    if model.recodable_format is None:
+        return
+    old_key = model_fingerprint(model, model.recodable_format)
+    with db.session() as session:
+        total = crud.count_embedded(session, old_key)
+    if not total:
+        return
+    size = max(1, int(options.batch_size))
+    bar = _progress_bar(options, total, "compacting descriptions")
+    last = -1
+    while True:
+        with db.session() as session:
+            batch = crud.stored_descriptions(session, old_key, after=last, limit=size)
+        if not batch:
+            break
+        last = batch[-1][0]
+        described = [(item_id, blob) for item_id, blob in batch if blob is not None]
+        recoded = dict(zip((item_id for item_id, _ in described), model.recode_descriptions([blob for _, blob in described])))
+        with db.session() as session:
+            for item_id, _ in batch:
+                crud.update_item(session, item_id, model_key=model_key,
+                                 **({"descriptors": recoded[item_id]} if item_id in recoded else {}))
+            crud.bump_version(session)
+        report.recoded += len(recoded)
+        bar.update(len(batch))
+    bar.close()
+    if report.recoded:
+        db.reclaim_space()
 
 
 def _describe_backlog(db: Database, model: CatalogueModel, model_key: str, options: IndexOptions, report: IndexReport,

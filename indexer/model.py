@@ -31,6 +31,8 @@ class CatalogueModel(Protocol):
     config: ModelConfig
     net: nn.Module  # its weights are part of the catalogue's model key (``indexing.model_fingerprint``)
     description_format: str  # the layout of packed descriptions, also part of the model key
+    # The layout whose descriptions by the same weights ``recode_descriptions`` converts (None: none).
+    recodable_format: str | None
 
     @property
     def threshold(self) -> float: ...
@@ -50,6 +52,8 @@ class CatalogueModel(Protocol):
     def describe_fmaps(self, fmaps: Tensor) -> list[bytes]: ...
 
     def encode(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, list[bytes]]: ...
+
+    def recode_descriptions(self, packed: Sequence[bytes]) -> list[bytes]: ...
 
     def score_described(self, packed_a: Sequence[bytes], packed_b: Sequence[bytes]) -> np.ndarray: ...
 

@@ -93,6 +93,22 @@ def tiny_checkpoint(tmp_path_factory, tiny_model) -> Path:
     return tiny_model.save(tmp_path_factory.mktemp("tiny_model"))
 
 
+@pytest.fixture(scope="session")
+def tiny_codec_model(tiny_model):
+    """The tiny model's weights with a description codec (32 slices) fitted on the local descriptors of the
+    72 tiles: it stores compact descriptions, and its catalogue key differs."""
+    import torch
+
+    from engine.inference import SimilarityModel
+    from engine.nn.compact import DescriptionCodec
+
+    fmaps = tiny_model.feature_maps(tiles())
+    with torch.no_grad():
+        cells = tiny_model.net.local_descriptors(fmaps).flatten(0, 1)
+    codec = DescriptionCodec.fit(cells, tiny_model.config.embed_dim, subquantizers=32, iterations=10)
+    return SimilarityModel(tiny_model.net, tiny_model.config, tiny_model.batch_size, codec=codec)
+
+
 def catalogue_for(tmp_path: Path, model, database_url: str | None = None, **kwargs):
     """A Catalogue in tmp_path/data with an injected model (no shipped model needed)."""
     from indexer import Catalogue
