@@ -62,10 +62,9 @@ from engine.eval.metrics import all_pairs, pair_metrics
 from engine.inference import SimilarityModel, pack_description
 from engine.nn.compact import OPQ_CELLS, DescriptionCodec, projection_norms
 from engine.nn.siamese import MatchNet, signatures
-from engine.train.copies import write_copies
 from engine.train.trainer import cached_features
 from indexer import Catalogue, crud
-from trust import COPY_SEED, DOMAINS, HOLDOUT, SEED, held_apart, log, random_pairs
+from trust import DOMAINS, HOLDOUT, SEED, held_apart, held_apart_copies, log, random_pairs
 
 Signature = tuple[Tensor, Tensor]
 # Feature maps turned into descriptions per step (a 1280-channel 14×14 map is 1 MB in float32).
@@ -377,14 +376,7 @@ def main() -> None:
     maps = {name: fmaps(data.paths) for name, data in held.items()}
     gallery = torch.cat([maps[name] for name in DOMAINS])
     identities = {name: np.array(data.groups if data.form == "groups" else file_identities(data.paths)) for name, data in held.items()}
-    gallery_groups = [f"{name}:{g}" for name in DOMAINS for g in identities[name]]
-    offsets = np.cumsum([0] + [len(held[name]) for name in DOMAINS])
-    originals, copy_paths = [], []
-    for d, name in enumerate(DOMAINS):
-        chosen = np.sort(copy_rng.choice(len(held[name]), size=min(args.per_domain, len(held[name])), replace=False))
-        originals += [int(offsets[d] + c) for c in chosen]
-        copy_paths += [made[0] for made in write_copies([held[name].paths[c] for c in chosen], 1, COPY_SEED, BENCH_DIR / "copies")]
-    originals = np.array(originals)
+    gallery_groups, _, originals, copy_paths = held_apart_copies(held, args.per_domain, copy_rng)
     copy_maps = fmaps(copy_paths)
     copy_groups = [gallery_groups[o] for o in originals]
     strata = {name: random_pairs(len(ids), None, args.pairs, strata_rng, lambda i, j, ids=ids: ids[i] != ids[j])

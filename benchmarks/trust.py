@@ -116,6 +116,23 @@ def skimage_files(folder: Path) -> list[Path]:
     return paths
 
 
+def held_apart_copies(held: dict[str, LabelledImages], per_domain: int, rng: np.random.Generator
+                      ) -> tuple[list[str], np.ndarray, np.ndarray, list[Path]]:
+    """One edited copy (seed ``COPY_SEED``) of a draw of ``per_domain`` held-apart photos of each domain, the
+    gallery being every held-apart photo, domain after domain: (each gallery photo's identity — an AirBnB
+    duplicate group, or a byte-identical file elsewhere — as "domain:id", each domain's first gallery
+    position, each copy's original's gallery position, the copies' paths)."""
+    gallery_groups = [f"{name}:{g}" for name in DOMAINS
+                      for g in (held[name].groups if held[name].form == "groups" else file_identities(held[name].paths))]
+    offsets = np.cumsum([0] + [len(held[name]) for name in DOMAINS])
+    originals, copy_paths = [], []
+    for d, name in enumerate(DOMAINS):
+        chosen = np.sort(rng.choice(len(held[name]), size=min(per_domain, len(held[name])), replace=False))
+        originals += [int(offsets[d] + c) for c in chosen]
+        copy_paths += [made[0] for made in write_copies([held[name].paths[c] for c in chosen], 1, COPY_SEED, BENCH_DIR / "copies")]
+    return gallery_groups, offsets, np.array(originals), copy_paths
+
+
 def old_model_dir(revision: str, into: Path) -> tuple[Path, str]:
     """engine/models/default as committed at ``revision``, extracted to ``into``; and the commit it names."""
     commit = subprocess.run(["git", "rev-parse", revision], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -342,17 +359,7 @@ def main() -> None:
     paths: dict[str, list[Path]] = {name: list(data.paths) for name, data in held.items()}
     paths["gallery"] = [p for name in DOMAINS for p in paths[name]]
     paths["samples"] = skimage_files(BENCH_DIR / "skimage")
-    # What counts as the same photo: an AirBnB duplicate group, or a byte-identical file elsewhere.
-    gallery_groups = [f"{name}:{g}" for name in DOMAINS
-                      for g in (held[name].groups if held[name].form == "groups" else file_identities(held[name].paths))]
-    offsets = np.cumsum([0] + [len(held[name]) for name in DOMAINS])
-    originals, copy_paths = [], []
-    for d, name in enumerate(DOMAINS):
-        chosen = np.sort(copy_rng.choice(len(held[name]), size=min(args.per_domain, len(held[name])), replace=False))
-        originals += [int(offsets[d] + c) for c in chosen]
-        copy_paths += [made[0] for made in write_copies([held[name].paths[c] for c in chosen], 1, COPY_SEED, BENCH_DIR / "copies")]
-    originals = np.array(originals)
-    paths["copies"] = copy_paths
+    gallery_groups, offsets, originals, paths["copies"] = held_apart_copies(held, args.per_domain, copy_rng)
     copy_domains = [gallery_groups[o].split(":", 1)[0] for o in originals]
     copy_groups = [gallery_groups[o] for o in originals]
     maps = {name: fmaps(p) for name, p in paths.items() if name != "gallery"}

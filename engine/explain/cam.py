@@ -66,13 +66,19 @@ class BasePairCAM:
             grad_a, grad_b = torch.autograd.grad(evidence.sum(), (acts_a, acts_b))
         scores = self.to_score(evidence.detach())
         signed_a, signed_b = self.signed_map(acts_a.detach(), grad_a), self.signed_map(acts_b.detach(), grad_b)
-        maps_a, maps_b = [], []
-        for target in targets:
-            # score'(evidence) > 0 by contract, so the sign of the chain's factor is that of target'(score).
-            sign = torch.sign(_derivative(target, scores)).view(-1, 1, 1)
-            maps_a.append(torch.relu(sign * signed_a))
-            maps_b.append(torch.relu(sign * signed_b))
-        return PairCams(scores, maps_a, maps_b)
+        return maps_for_targets(scores, signed_a, signed_b, targets)
+
+
+def maps_for_targets(scores: Tensor, signed_a: Tensor, signed_b: Tensor, targets: Sequence[Target]) -> PairCams:
+    """Each target's maps from the signed maps of the evidence (B×h×w): the part that moves the target up.
+    The score rises with the evidence, so the sign that turns evidence into the target's direction is that
+    of target'(score)."""
+    maps_a, maps_b = [], []
+    for target in targets:
+        sign = torch.sign(_derivative(target, scores)).view(-1, 1, 1)
+        maps_a.append(torch.relu(sign * signed_a))
+        maps_b.append(torch.relu(sign * signed_b))
+    return PairCams(scores, maps_a, maps_b)
 
 
 def _leaf(activations: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from engine.explain.cam import PairCams, Target, _derivative
+from engine.explain.cam import PairCams, Target, maps_for_targets
 from engine.nn.siamese import SiameseNet
 
 DEFAULT_COALITIONS = 1024
@@ -87,13 +87,7 @@ class PairCoalitions:
             scores = self.net.score_from_evidence(self.net.evidence_projections(acts_a, acts_b))
             signed_a, signed_b = self.signed_values(acts_a, acts_b, removed_a, removed_b)
         shape_a, shape_b = (len(acts_a), *acts_a.shape[2:]), (len(acts_b), *acts_b.shape[2:])
-        signed_a, signed_b = signed_a.view(shape_a), signed_b.view(shape_b)
-        maps_a, maps_b = [], []
-        for target in targets:
-            sign = torch.sign(_derivative(target, scores)).view(-1, 1, 1)
-            maps_a.append(torch.relu(sign * signed_a))
-            maps_b.append(torch.relu(sign * signed_b))
-        return PairCams(scores, maps_a, maps_b)
+        return maps_for_targets(scores, signed_a.view(shape_a), signed_b.view(shape_b), targets)
 
 
 COALITION_METHODS: dict[str, type[PairCoalitions]] = {"coalitions": PairCoalitions}
