@@ -7,7 +7,9 @@ root; Alembic is configured here in code, so no ``alembic.ini`` is needed.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -134,6 +136,10 @@ class Database:
             cursor.execute("VACUUM")
             cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             cursor.close()
+        except sqlite3.OperationalError as exc:
+            # Everything is committed already: a reader holding the file or a full disk only delays the
+            # shrink to a later VACUUM (e.g. sqlite3 whymatch.db VACUUM); the run goes on.
+            warnings.warn(f"the database keeps its freed space for now: VACUUM failed ({exc})", stacklevel=2)
         finally:
             connection.close()
 

@@ -153,7 +153,7 @@ class DedupReport:
             lines.append(f"aims at precision {self.precision_target:g}: {self.expected_false_pairs:.1f} false pairs expected "
                          f"among the {self.n_items * (self.n_items - 1) // 2} pairs of {self.n_items} items "
                          f"(the model's false-match rate per pair at this threshold)")
-        if self.n_verify_checked is not None:
+        if self.n_verify_checked:
             lines.append(f"geometry: {self.n_verified} of the {self.n_verify_checked} candidate pairs just below the threshold "
                          f"verified (≥ {MIN_INLIERS[VERIFY_MODEL]} homography inliers), kept as duplicates")
         if self.calibration:
@@ -428,19 +428,20 @@ def verify_pairs(pairs: list[tuple[int, int]], sources: Mapping[int, str]) -> se
     """The pairs whose photos geometrically verify (``engine.explain.decision``: ≥ 8 homography inliers, the
     first photo also tried mirrored); each photo's keypoints extracted once. A photo that no longer decodes
     verifies nothing."""
-    keys: dict[tuple[int, bool], Keypoints | None] = {}
+    first = {a for a, _ in pairs}  # the side tried mirrored: described with its mirror image, which b ignores
+    keys: dict[int, Keypoints | None] = {}
 
-    def keypoints(item: int, mirror: bool) -> Keypoints | None:
-        if (item, mirror) not in keys:
+    def keypoints(item: int) -> Keypoints | None:
+        if item not in keys:
             try:
-                keys[(item, mirror)] = query_keypoints(sources[item]) if mirror else extract(sources[item])
+                keys[item] = query_keypoints(sources[item]) if item in first else extract(sources[item])
             except ImageLoadError:
-                keys[(item, mirror)] = None
-        return keys[(item, mirror)]
+                keys[item] = None
+        return keys[item]
 
     verified = set()
     for a, b in pairs:
-        ka, kb = keypoints(a, True), keypoints(b, False)
+        ka, kb = keypoints(a), keypoints(b)
         if ka is not None and kb is not None and is_verified(verify_keypoints(ka, kb)):
             verified.add((a, b))
     return verified

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -201,6 +202,11 @@ def load_index(path: str | os.PathLike) -> faiss.Index:
     return index
 
 
+# What an ``IndexStore`` writes for one generation: the index file and, for an on-disk index, its lists,
+# vectors, ids and shards (``OnDiskFiles``); cleanup deletes nothing else.
+_INDEX_FILE = re.compile(r"catalogue-\d+\.(faiss|ivfdata|vectors\.npy|ids\.npy|shards)")
+
+
 class IndexStore:
     """The folder of index files: ``catalogue-<generation>.faiss``."""
 
@@ -235,7 +241,7 @@ class IndexStore:
             return removed
         for path in self.directory.iterdir():
             stem = path.name.split(".", 1)[0]
-            stale_index = path.name.startswith("catalogue-") and f"{stem}.faiss" not in keep
+            stale_index = bool(_INDEX_FILE.fullmatch(path.name)) and f"{stem}.faiss" not in keep
             stale_tmp = path.name.startswith(".catalogue-") and path.name.endswith(".tmp")
             if stale_index or stale_tmp:
                 if path.is_dir():

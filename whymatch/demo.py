@@ -132,8 +132,7 @@ def catalogue_tour(photos: Catalogue, root: Path, out_dir: Path, fallback_query:
     explained."""
     from engine.explain.text import explanation_lines  # defers torch: the explain layer runs on it
 
-    labels = root / "groups.csv"
-    duplicates = photos.dedup(labels=labels if labels.is_file() else None, precision=0.9 if labels.is_file() else None)
+    duplicates = photos.dedup()  # what `whymatch dedup` does: the demo shows the product's own decision
     click.echo(f"dedup: {len(duplicates.pairs)} duplicate pairs in {len(duplicates.groups)} groups "
                f"(threshold {duplicates.threshold:.3f}, {duplicates.threshold_source})")
     query = Path(duplicates.pairs[0].source_a) if duplicates.pairs else fallback_query
