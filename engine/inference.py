@@ -200,8 +200,7 @@ class SimilarityModel:
         """Projection-shaped tensors of packed descriptions, for the explanation paths that take projections:
         the stored ones, or those of the decoded signature (``engine.nn.compact.as_projections``)."""
         if self.codec is not None:
-            signature, grid = self.codec.decode(packed)
-            norms = self.codec.norms(packed)
+            signature, norms, grid = self.codec.decode_with_norms(packed)
             return as_projections(self.net, tuple(self._on_device(part) for part in signature), grid,
                                   tuple(self._on_device(part) for part in norms))
         return unpack_descriptions(packed)[0]
@@ -435,11 +434,13 @@ def resolve_device(device: Device) -> torch.device:
     return torch.device(device)
 
 
-def build_model(config: ModelConfig, batch_size: int = BACKBONE_BATCH, device: Device = "cpu") -> SimilarityModel:
-    """A model with freshly initialised trained layers (the start of training), on ``device`` (``resolve_device``)."""
+def build_model(config: ModelConfig, batch_size: int = BACKBONE_BATCH, device: Device = "cpu",
+                codec: DescriptionCodec | None = None) -> SimilarityModel:
+    """A model with freshly initialised trained layers (the start of training), on ``device`` (``resolve_device``),
+    storing its descriptions with ``codec`` where one is given."""
     where = resolve_device(device)
     backbone = create_backbone(config.backbone, config.backbone_weights)
-    return SimilarityModel(build_net(config, backbone), config, batch_size, where)
+    return SimilarityModel(build_net(config, backbone), config, batch_size, where, codec)
 
 
 def load_model(path: str | Path | None = None, *, threads: int = 0, batch_size: int = BACKBONE_BATCH,
@@ -457,10 +458,7 @@ def load_model(path: str | Path | None = None, *, threads: int = 0, batch_size: 
     if threads > 0:
         torch.set_num_threads(threads)
     config = ModelConfig.from_json(config_path)
-    model = build_model(config, batch_size, device)
+    codec = DescriptionCodec.load(directory) if (directory / CODEC_CONFIG_FILE).is_file() else None
+    model = build_model(config, batch_size, device, codec)
     model.net.load_trained_state_dict(load_file(str(weights_path)))
-    if (directory / CODEC_CONFIG_FILE).is_file():
-        codec = DescriptionCodec.load(directory)
-        check_codec(model.net, codec)
-        model.codec = codec
     return model

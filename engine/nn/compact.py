@@ -156,17 +156,27 @@ class DescriptionCodec:
     def decode(self, blobs: Sequence[bytes]) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
         """(embeddings B × embed_dim, descriptors B × N × cell_dim), float32 and unit length, and the grid
         (h, w) they share: the signature the head scores (``MatchNet.signature_logit``)."""
-        raw, (h, w) = self._raw(blobs)
+        raw, grid = self._raw(blobs)
+        return self._signature(raw, grid), grid
+
+    def decode_with_norms(self, blobs: Sequence[bytes]) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], tuple[int, int]]:
+        """``decode``'s signature, the stored norms (``projection_norms``: B and B × N, float32) and the grid,
+        from one pass over the blobs: together what ``as_projections`` rebuilds projections from."""
+        raw, grid = self._raw(blobs)
+        return self._signature(raw, grid), self._norms(raw, grid), grid
+
+    def _signature(self, raw: np.ndarray, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The unit signature stored in ``_raw``'s rows."""
+        n = grid[0] * grid[1]
         embed_end = GRID_BYTES + 2 * self.embed_dim
         embedding = torch.from_numpy(raw[:, GRID_BYTES:embed_end].copy().view("<f2").astype(np.float32))
-        codes = torch.from_numpy(raw[:, embed_end + 2 * (1 + h * w):].reshape(len(blobs), h * w, self.subquantizers).copy())
-        return (F.normalize(embedding, dim=1), self.reconstruct(codes)), (h, w)
+        codes = torch.from_numpy(raw[:, embed_end + 2 * (1 + n):].reshape(len(raw), n, self.subquantizers).copy())
+        return F.normalize(embedding, dim=1), self.reconstruct(codes)
 
-    def norms(self, blobs: Sequence[bytes]) -> tuple[Tensor, Tensor]:
-        """The stored norms (``projection_norms``) of packed descriptions: B and B × N, float32."""
-        raw, (h, w) = self._raw(blobs)
+    def _norms(self, raw: np.ndarray, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The norms stored in ``_raw``'s rows."""
         start = GRID_BYTES + 2 * self.embed_dim
-        scales = torch.from_numpy(raw[:, start : start + 2 * (1 + h * w)].copy().view("<f2").astype(np.float32))
+        scales = torch.from_numpy(raw[:, start : start + 2 * (1 + grid[0] * grid[1])].copy().view("<f2").astype(np.float32))
         return scales[:, 0], scales[:, 1:]
 
     def _raw(self, blobs: Sequence[bytes]) -> tuple[np.ndarray, tuple[int, int]]:
@@ -214,9 +224,8 @@ class DescriptionCodec:
 def projection_norms(net: MatchNet, projections: Tensor) -> tuple[Tensor, Tensor]:
     """What ``signature_from_projections`` normalises away: the norm of each image's pooled embedding
     (bias included; B) and of each cell's local projection (bias included; B × h·w)."""
-    embed, local = net.working(projections).split([net.config.embed_dim, net.config.local_dim], dim=1)
-    pooled = (embed.mean(dim=(2, 3)) + net.embed_proj.bias).norm(dim=1)
-    return pooled, (local + net.local_proj.bias.view(1, -1, 1, 1)).norm(dim=1).flatten(1)
+    pooled, local = net.unnormalised_signature(projections)
+    return pooled.norm(dim=1), local.norm(dim=1).flatten(1)
 
 
 def as_projections(net: MatchNet, signature: tuple[Tensor, Tensor], grid: tuple[int, int],

@@ -234,11 +234,17 @@ class MatchNet(SiameseNet):
     def signature(self, fmap: Tensor) -> tuple[Tensor, Tensor]:
         return self.embed_fmap(fmap), self.local_descriptors(fmap)
 
+    def unnormalised_signature(self, projections: Tensor) -> tuple[Tensor, Tensor]:
+        """The signature before normalising, from ``project``'s output: the pooled embedding (B × embed_dim)
+        and each cell's local projection (B × local_dim × h × w), biases added. Both the signature and what
+        normalising it drops (``engine.nn.compact.projection_norms``, stored in compact descriptions) are
+        read off these, so a description's norms always belong to its signature."""
+        embed, local = self.working(projections).split([self.config.embed_dim, self.config.local_dim], dim=1)
+        return embed.mean(dim=(2, 3)) + self.embed_proj.bias, local + self.local_proj.bias.view(1, -1, 1, 1)
+
     def signature_from_projections(self, projections: Tensor) -> tuple[Tensor, Tensor]:
-        cells, local = self.working(projections).split([self.config.embed_dim, self.config.local_dim], dim=1)
-        embedding = F.normalize(cells.mean(dim=(2, 3)) + self.embed_proj.bias, dim=1)
-        local = local + self.local_proj.bias.view(1, -1, 1, 1)
-        return embedding, F.normalize(local.flatten(2).transpose(1, 2), dim=2)
+        pooled, local = self.unnormalised_signature(projections)
+        return F.normalize(pooled, dim=1), F.normalize(local.flatten(2).transpose(1, 2), dim=2)
 
     def match_weights(self, corr: Tensor) -> Tensor:
         """exp(corr / temperature): the unnormalised weights of both the row and the column softmax.

@@ -58,8 +58,10 @@ def test_decode_gives_the_signature_layout(codec, signature):
 
 def test_decoded_cells_encode_to_the_same_bytes(codec, signature):
     blobs = codec.encode(*signature, GRID, norms_of(signature))
-    decoded, grid = codec.decode(blobs)
-    assert codec.encode(*decoded, grid, codec.norms(blobs)) == blobs
+    decoded, norms, grid = codec.decode_with_norms(blobs)
+    assert codec.encode(*decoded, grid, norms) == blobs
+    assert all(torch.equal(part, again) for part, again in zip(decoded, codec.decode(blobs)[0]))
+    assert grid == codec.decode(blobs)[1]
 
 
 def test_fit_and_encode_are_deterministic(codec, signature):
@@ -97,8 +99,7 @@ def test_projections_of_a_decoded_item_give_back_its_signature(tiny_model, codec
     net_codec = DescriptionCodec(codec.codebooks, net.config.embed_dim)
     stored = unit(2, net.config.embed_dim, seed=3), unit(2, 16, CELL_DIM, seed=4)
     blobs = net_codec.encode(*stored, grid, norms_of(stored))
-    signature, grid = net_codec.decode(blobs)
-    norms = net_codec.norms(blobs)
+    signature, norms, grid = net_codec.decode_with_norms(blobs)
     projections = as_projections(net, signature, grid, norms)
     assert projections.shape == (2, net.config.embed_dim + net.config.local_dim, *grid)
     with torch.no_grad():
@@ -200,8 +201,8 @@ def test_a_rotated_codec_round_trips_and_saves(signature, tmp_path):
     assert rotation is not None and rotated.name == "OPQ32x8"
     torch.testing.assert_close(rotation @ rotation.T, torch.eye(CELL_DIM), atol=1e-4, rtol=0)
     blobs = rotated.encode(*signature, GRID, norms_of(signature))
-    decoded, grid = rotated.decode(blobs)
-    assert rotated.encode(*decoded, grid, rotated.norms(blobs)) == blobs
+    decoded, norms, grid = rotated.decode_with_norms(blobs)
+    assert rotated.encode(*decoded, grid, norms) == blobs
     loaded = DescriptionCodec.load(rotated.save(tmp_path))
     assert torch.equal(loaded.rotation, rotation) and loaded.format == rotated.format
     for part, again in zip(decoded, loaded.decode(blobs)[0]):
