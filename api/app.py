@@ -29,7 +29,6 @@ from api.uploads import one_line, status_for
 from api.settings import ApiSettings
 from engine.errors import ImageLoadError
 from indexer import Catalogue
-from indexer.crud import UndescribedItemsError
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 _MULTIPART_SLACK = 1 << 20  # form fields and part headers around the files
@@ -89,12 +88,6 @@ def _image_error(_: Request, exc: ImageLoadError) -> JSONResponse:
     return JSONResponse({"detail": one_line(str(exc))}, status_code=status_for(exc))
 
 
-def _undescribed(_: Request, exc: UndescribedItemsError) -> JSONResponse:
-    """A catalogue indexed before descriptions were stored, not yet re-indexed: the server works, the
-    catalogue needs ``whymatch index`` once."""
-    return JSONResponse({"detail": one_line(str(exc))}, status_code=409)
-
-
 def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error", exc_info=exc)
     return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
@@ -137,7 +130,6 @@ def create_app(settings: ApiSettings, catalogue: Catalogue) -> FastAPI:
             max_age=600,
         )
     app.add_exception_handler(ImageLoadError, _image_error)
-    app.add_exception_handler(UndescribedItemsError, _undescribed)
     app.add_exception_handler(Exception, _unexpected_error)
     for router in ROUTERS:
         app.include_router(router, prefix="/api")

@@ -294,9 +294,10 @@ class IndexReportOut(BaseModel):
     removed: int
     exact_duplicates: int
     embedded: int
-    described: int = Field(description="Items embedded before descriptions were stored, described by this run.")
     recoded: int = Field(description="Items whose stored float16 projections this run converted to the model's compact "
                                      "descriptions (a catalogue indexed before the model had its description codec).")
+    shards_swept: int = Field(description="Vector shard files no item pointed at (left by a killed run), deleted.")
+    shards_compacted: int = Field(description="Small or mostly dead vector shards rewritten into larger ones.")
     embed_seconds: float
     skipped: list[Unreadable]
     generation: int | None

@@ -299,12 +299,14 @@ def catalogue_bytes(model: SimilarityModel, photos: int, batch_size: int) -> tup
 
         def measured(name: str, catalogue: Catalogue, seconds: float, recoded: int = 0) -> None:
             with catalogue.db.session() as session:
-                n = crud.count_embedded(session, catalogue.model_key)
-                description = len(next(iter(crud.descriptions_by_ids(session, crud.embedded_ids(session, catalogue.model_key)[:1].tolist(),
-                                                                      catalogue.model_key).values())))
+                ids = crud.embedded_ids(session, catalogue.model_key)
+                description = len(catalogue.db.vectors.descriptions(session, ids[:1].tolist(), catalogue.model_key)[int(ids[0])])
             catalogue.db.dispose()
-            size = directory_bytes(catalogue.data_dir)
-            rows.append([name, n, f"{size:,}", f"{size / n:,.0f}", f"{description:,}", f"{seconds:.0f} s" + (f" ({recoded} converted)" if recoded else "")])
+            n, size = len(ids), directory_bytes(catalogue.data_dir)
+            parts = [directory_bytes(catalogue.data_dir / "vectors"), directory_bytes(catalogue.data_dir / "index")]
+            parts.insert(0, size - sum(parts))
+            rows.append([name, n, f"{size:,}", f"{size / n:,.0f}", " / ".join(f"{part / n:,.0f}" for part in parts), f"{description:,}",
+                         f"{seconds:.0f} s" + (f" ({recoded} converted)" if recoded else "")])
             log(f"{name}: {n} items, {size:,} bytes")
 
         for name, which, folder in (("float16 projections (no codec)", full_model, "full"), (f"compact, {model.codec.name} codec", model, "compact")):
@@ -317,13 +319,15 @@ def catalogue_bytes(model: SimilarityModel, photos: int, batch_size: int) -> tup
         started = time.time()
         report = catalogue.index(listing)
         measured("float16 projections converted by the next index run", catalogue, time.time() - started, report.recoded)
-    table = markdown_table(["catalogue", "items", "data directory, bytes", "bytes / item", "description, bytes", "index run"], rows)
+    table = markdown_table(["catalogue", "items", "data directory, bytes", "bytes / item", "database / vector shards / FAISS, bytes / item",
+                            "description, bytes", "index run"], rows)
     notes = (f"{len(chosen)} AirBnB photos (a seeded sample of the {len(data.paths)} in ../shared/data/airbnb), indexed from a CSV into a fresh "
-             f"data directory each (SQLite database with WAL, FAISS index; `Catalogue.index`, batches of {batch_size}), by the "
-             f"shipped model without and with its description codec; the third row is the first catalogue after an index run "
-             f"with the codec converted its stored projections (no photo read; SQLite VACUUMed after; its index folder still keeps "
-             f"the previous generation's file, as every run keeps the last two). Bytes per item: the whole data directory "
-             f"(SQLite: float32 embeddings, descriptions, file metadata; the FAISS index: float32 vectors and ids) over the items.")
+             f"data directory each (`Catalogue.index`, batches of {batch_size}), by the shipped model without and with its "
+             f"description codec; the third row is the first catalogue after an index run with the codec converted its stored "
+             f"projections (no photo read; the old shards deleted; its index folder still keeps the previous generation's file, "
+             f"as every run keeps the last two). Bytes per item: the whole data directory over the items, and its three parts: "
+             f"the SQLite database with its WAL (file metadata), the vector shards (Parquet: float16 embeddings and descriptions), "
+             f"the FAISS index (float32 vectors and ids).")
     return table, notes
 
 

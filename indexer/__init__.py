@@ -10,7 +10,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from indexer.crud import UndescribedItemsError
     from indexer.dedup import DedupOptions, DedupReport
     from indexer.distributed import RayCluster
     from indexer.indexing import IndexOptions, IndexReport
@@ -31,11 +30,10 @@ _EXPORTS = {
     "UnknownItemError": "indexer.search",
     "Catalogue": "indexer.service",
     "CatalogueModel": "indexer.model",
-    "UndescribedItemsError": "indexer.crud",
 }
 
 __all__ = ["Catalogue", "CatalogueModel", "DedupOptions", "DedupReport", "IndexOptions", "IndexReport", "Match", "RayCluster",
-           "SearchOptions", "SearchResult", "UndescribedItemsError", "UnknownItemError"]
+           "SearchOptions", "SearchResult", "UnknownItemError"]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,8 +13,8 @@ import click
 
 from engine.config import EXPLANATION_METHODS, ModelSettings
 from engine.errors import ImageLoadError, WeightsNotInstalledError
-from indexer.crud import UndescribedItemsError
 from indexer.db import Database, current_revision, head_revision, upgrade
+from indexer.vectors import VectorStore
 from indexer.settings import StorageSettings
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ def search_command(ctx: click.Context, query: Path | None, item_id: int | None, 
                    effects=effects, concepts=concepts, verify=verify)
     try:
         result = catalogue.search(query, **options) if query is not None else catalogue.search_item(item_id, **options)
-    except (ImageLoadError, UnknownItemError, UndescribedItemsError) as exc:
+    except (ImageLoadError, UnknownItemError) as exc:
         raise click.ClickException(str(exc)) from exc
     for bad in result.unreadable:
         click.echo(f"candidate left out: {bad.source}: {bad.reason}", err=True)
@@ -233,7 +233,7 @@ def dedup_command(ctx: click.Context, threshold: float | None, precision: float 
         try:
             report = catalogue.dedup(k=k, threshold=threshold, precision=precision, labels=labels,
                                      min_index_similarity=min_index_similarity, verify=verify, ray=ray)
-        except (ValueError, UndescribedItemsError) as exc:
+        except ValueError as exc:
             raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(report.to_dict()))
@@ -255,9 +255,9 @@ def db_group() -> None:
 @click.pass_context
 def db_upgrade_command(ctx: click.Context, revision: str) -> None:
     """Apply the migrations up to REVISION (default: the newest)."""
-    db = Database(ctx.obj.storage.database_url, migrate=False)
+    db = Database(ctx.obj.storage.database_url, VectorStore(ctx.obj.storage.vectors_url), migrate=False)
     try:
-        current = upgrade(db.engine, revision)
+        current = upgrade(db.engine, revision, vectors=db.vectors)
     finally:
         db.dispose()
     click.echo(f"{db!r} is at revision {current}")
@@ -267,7 +267,7 @@ def db_upgrade_command(ctx: click.Context, revision: str) -> None:
 @click.pass_context
 def db_current_command(ctx: click.Context) -> None:
     """Print the database's migration revision and the newest one."""
-    db = Database(ctx.obj.storage.database_url, migrate=False)
+    db = Database(ctx.obj.storage.database_url, VectorStore(ctx.obj.storage.vectors_url), migrate=False)
     try:
         click.echo(f"{db!r}: revision {current_revision(db.engine)} (newest {head_revision()})")
     finally:

@@ -35,18 +35,6 @@ def _chunks(values: Sequence, size: int = _IN_CHUNK) -> Iterator[Sequence]:
         yield values[start : start + size]
 
 
-# ------------------------------------------------------------------------------------ embeddings
-
-
-def pack(vector: np.ndarray) -> bytes:
-    """An embedding as little-endian float32 bytes."""
-    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
-
-
-def unpack(blob: bytes) -> np.ndarray:
-    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
-
-
 # ------------------------------------------------------------------------------------ catalogue version
 
 
@@ -67,7 +55,7 @@ def item_states(session: Session, model_key: str) -> list[ItemState]:
     """Every item as the diff sees it (without loading embeddings)."""
     rows = session.execute(
         select(Item.id, Item.source, Item.origin, Item.listing, Item.sha256, Item.size_bytes, Item.mtime_ns,
-               (Item.embedding.is_not(None) & (Item.model_key == model_key)).label("embedded"))
+               (Item.shard.is_not(None) & (Item.model_key == model_key)).label("embedded"))
     )
     return [ItemState(r.id, r.source, r.origin, r.listing, r.sha256, r.size_bytes, r.mtime_ns, bool(r.embedded)) for r in rows]
 
@@ -76,7 +64,7 @@ def embedded_shas(session: Session, model_key: str) -> dict[str, int]:
     """sha256 → id of an item holding an embedding by ``model_key`` (for exact duplicates)."""
     rows = session.execute(
         select(Item.sha256, func.min(Item.id))
-        .where(Item.embedding.is_not(None), Item.model_key == model_key)
+        .where(Item.shard.is_not(None), Item.model_key == model_key)
         .group_by(Item.sha256)
     )
     return {sha: int(item_id) for sha, item_id in rows}
@@ -95,61 +83,61 @@ def items_by_ids(session: Session, ids: Iterable[int]) -> dict[int, Item]:
     return found
 
 
-class UndescribedItemsError(RuntimeError):
-    """Embedded items without a stored head description: an index run describes them."""
+def item_shards(session: Session, ids: Iterable[int] | None, model_key: str) -> Iterator[tuple[str, list[int]]]:
+    """(shard, ids of the items whose row it holds) for the items embedded by ``model_key``: all of them,
+    one shard at a time (``indexer.vectors``), or only ``ids``."""
+    if ids is None:
+        names = session.scalars(select(Item.shard).where(Item.shard.is_not(None), Item.model_key == model_key)
+                                .distinct().order_by(Item.shard)).all()
+        for name in names:
+            yield name, list(session.scalars(select(Item.id).where(Item.shard == name, Item.model_key == model_key).order_by(Item.id)))
+        return
+    by_shard: dict[str, list[int]] = {}
+    for chunk in _chunks(sorted({int(i) for i in ids})):
+        for item_id, name in session.execute(select(Item.id, Item.shard).where(
+                Item.id.in_(chunk), Item.shard.is_not(None), Item.model_key == model_key)):
+            by_shard.setdefault(name, []).append(item_id)
+    yield from sorted(by_shard.items())
 
 
-def descriptions_by_ids(session: Session, ids: Iterable[int], model_key: str) -> dict[int, bytes]:
-    """item id → the head description stored with its embedding by ``model_key``; items not embedded by
-    that model are left out. Raises ``UndescribedItemsError`` for an embedded item without one."""
-    found: dict[int, bytes] = {}
-    undescribed: list[str] = []
-    for chunk in _chunks([int(i) for i in ids]):
-        rows = session.execute(select(Item.id, Item.source, Item.descriptors).where(
-            Item.id.in_(chunk), Item.embedding.is_not(None), Item.model_key == model_key))
-        for row in rows:
-            if row.descriptors is None:
-                undescribed.append(row.source)
-            else:
-                found[row.id] = row.descriptors
-    if undescribed:
-        raise UndescribedItemsError(f"{len(undescribed)} catalogue items have no stored description (such as {undescribed[0]}): "
-                                    "run `whymatch index` again to describe them")
+def embedded_ids_after(session: Session, model_key: str, after: int, limit: int) -> list[int]:
+    """Up to ``limit`` ids of items embedded by ``model_key``, the first above ``after``, in order."""
+    return list(session.scalars(select(Item.id).where(Item.id > after, Item.shard.is_not(None), Item.model_key == model_key)
+                                .order_by(Item.id).limit(limit)))
+
+
+def live_rows(session: Session) -> dict[str, int]:
+    """shard → how many items point at it (its live rows)."""
+    rows = session.execute(select(Item.shard, func.count()).where(Item.shard.is_not(None)).group_by(Item.shard))
+    return {name: int(n) for name, n in rows}
+
+
+def shard_members(session: Session, names: Sequence[str]) -> dict[int, str]:
+    """item id → shard, for the items pointing at any of ``names``."""
+    found: dict[int, str] = {}
+    for chunk in _chunks(list(names)):
+        found.update({int(i): name for i, name in session.execute(select(Item.id, Item.shard).where(Item.shard.in_(chunk)))})
     return found
 
 
-def count_undescribed(session: Session, model_key: str) -> int:
-    """Items embedded by ``model_key`` without a head description (indexed before descriptions were stored)."""
-    return int(session.scalar(select(func.count()).select_from(Item).where(
-        Item.embedding.is_not(None), Item.model_key == model_key, Item.descriptors.is_(None))) or 0)
-
-
-def undescribed_items(session: Session, model_key: str, after: int, limit: int) -> list[tuple[int, str, str]]:
-    """(id, source, sha256) of up to ``limit`` items embedded by ``model_key`` without a head description,
-    the first with an id above ``after``."""
-    rows = session.execute(
-        select(Item.id, Item.source, Item.sha256)
-        .where(Item.id > after, Item.embedding.is_not(None), Item.model_key == model_key, Item.descriptors.is_(None))
-        .order_by(Item.id).limit(limit)
-    )
-    return [(row.id, row.source, row.sha256) for row in rows]
-
-
-def stored_descriptions(session: Session, model_key: str, after: int, limit: int) -> list[tuple[int, bytes | None]]:
-    """(id, head description or None) of up to ``limit`` items embedded by ``model_key``, the first with an
-    id above ``after``."""
-    rows = session.execute(
-        select(Item.id, Item.descriptors)
-        .where(Item.id > after, Item.embedding.is_not(None), Item.model_key == model_key)
-        .order_by(Item.id).limit(limit)
-    )
-    return [(row.id, row.descriptors) for row in rows]
+def move_to_shard(session: Session, moved: Mapping[int, str], target: str) -> int:
+    """Point the items of ``moved`` (id → the shard they were read from) at ``target``: only those still
+    pointing where they were read from, so a row rewritten meanwhile is never replaced by an older one."""
+    n = 0
+    by_source: dict[str, list[int]] = {}
+    for item_id, name in moved.items():
+        by_source.setdefault(name, []).append(item_id)
+    for name, ids in by_source.items():
+        for chunk in _chunks(ids):
+            n += session.execute(update(Item).where(Item.id.in_(chunk), Item.shard == name)  # housekeeping: updated_at stays
+                                 .values(shard=target, updated_at=Item.updated_at)).rowcount or 0
+    return n
 
 
 def embedded_item_keys(session: Session, model_key: str) -> list[tuple[int, str, str | None, str]]:
     """(id, source, listing, sha256) of every item embedded by ``model_key``."""
     rows = session.execute(select(Item.id, Item.source, Item.listing, Item.sha256)
-                           .where(Item.embedding.is_not(None), Item.model_key == model_key))
+                           .where(Item.shard.is_not(None), Item.model_key == model_key))
     return [(row.id, row.source, row.listing, row.sha256) for row in rows]
 
 
@@ -187,8 +175,9 @@ def delete_items(session: Session, ids: Sequence[int]) -> int:
 
 def clear_embeddings(session: Session, origin: str | None = None, ids: Sequence[int] | None = None) -> int:
     """Forget the embeddings of an origin's items (``--rebuild``), of the items ``ids``, or of all: their
-    files will be re-read, re-hashed and re-embedded by the next index run of their origin."""
-    statement = update(Item).values(embedding=None, descriptors=None, model_key=None, embedded_version=None, updated_at=utcnow())
+    files will be re-read, re-hashed and re-embedded by the next index run of their origin (their rows in
+    the shards are dead from now on)."""
+    statement = update(Item).values(shard=None, model_key=None, embedded_version=None, updated_at=utcnow())
     if origin is not None:
         statement = statement.where(Item.origin == origin)
     if ids is None:
@@ -201,51 +190,18 @@ def count_items(session: Session) -> int:
 
 
 def count_embedded(session: Session, model_key: str) -> int:
-    return int(session.scalar(select(func.count()).select_from(Item).where(Item.embedding.is_not(None), Item.model_key == model_key)) or 0)
+    return int(session.scalar(select(func.count()).select_from(Item).where(Item.shard.is_not(None), Item.model_key == model_key)) or 0)
 
 
 def embedded_ids(session: Session, model_key: str) -> np.ndarray:
-    rows = session.scalars(select(Item.id).where(Item.embedding.is_not(None), Item.model_key == model_key).order_by(Item.id))
+    rows = session.scalars(select(Item.id).where(Item.shard.is_not(None), Item.model_key == model_key).order_by(Item.id))
     return np.fromiter(rows, dtype=np.int64)
-
-
-def iter_embeddings(session: Session, model_key: str, ids: Sequence[int] | None = None, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, vectors) batches of the items embedded by ``model_key`` (all, or only ``ids``), by id."""
-    if ids is not None:
-        for chunk in _chunks(sorted(int(i) for i in ids)):
-            rows = session.execute(
-                select(Item.id, Item.embedding)
-                .where(Item.id.in_(chunk), Item.embedding.is_not(None), Item.model_key == model_key)
-                .order_by(Item.id)
-            ).all()
-            if rows:
-                yield np.array([r[0] for r in rows], np.int64), np.stack([unpack(r[1]) for r in rows])
-        return
-    last = -1
-    while True:
-        rows = session.execute(
-            select(Item.id, Item.embedding)
-            .where(Item.id > last, Item.embedding.is_not(None), Item.model_key == model_key)
-            .order_by(Item.id)
-            .limit(batch)
-        ).all()
-        if not rows:
-            return
-        last = rows[-1][0]
-        yield np.array([r[0] for r in rows], np.int64), np.stack([unpack(r[1]) for r in rows])
-
-
-def all_embeddings(session: Session, model_key: str, dim: int, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    parts = list(iter_embeddings(session, model_key, ids))
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def ids_embedded_since(session: Session, model_key: str, version: int) -> list[int]:
     """Items whose embedding was written after catalogue ``version`` (i.e. not in that index)."""
     return list(session.scalars(
-        select(Item.id).where(Item.embedding.is_not(None), Item.model_key == model_key, Item.embedded_version > version)
+        select(Item.id).where(Item.shard.is_not(None), Item.model_key == model_key, Item.embedded_version > version)
     ))
 
 

@@ -22,6 +22,8 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from indexer.vectors import VectorStore
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 # Any constant: serialises concurrent `upgrade` calls on one PostgreSQL database.
@@ -78,9 +80,11 @@ def create_db_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def upgrade(engine: Engine, revision: str = "head") -> str | None:
-    """Run the migrations up to ``revision`` on ``engine``; returns the revision now current."""
+def upgrade(engine: Engine, revision: str = "head", *, vectors: VectorStore | None = None) -> str | None:
+    """Run the migrations up to ``revision`` on ``engine``; returns the revision now current. ``vectors``:
+    the catalogue's vector store, for a migration that moves rows into it (needed when there are any)."""
     config = alembic_config()
+    config.attributes["vectors"] = vectors
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             # Held until this transaction ends; two processes starting at once migrate one after the other.
@@ -90,29 +94,34 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
     return current_revision(engine)
 
 
-def downgrade(engine: Engine, revision: str) -> str | None:
+def downgrade(engine: Engine, revision: str, *, vectors: VectorStore | None = None) -> str | None:
     config = alembic_config()
+    config.attributes["vectors"] = vectors
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.downgrade(config, revision)
     return current_revision(engine)
 
 
-def ensure_schema(engine: Engine) -> None:
-    """Upgrade to the head revision unless the database is already there (cheap when it is)."""
-    if current_revision(engine) != head_revision():
-        upgrade(engine)
+def ensure_schema(engine: Engine, vectors: VectorStore | None = None) -> bool:
+    """Upgrade to the head revision unless the database is already there (cheap when it is); whether it upgraded."""
+    if current_revision(engine) == head_revision():
+        return False
+    upgrade(engine, vectors=vectors)
+    return True
 
 
 class Database:
-    """An engine plus a session factory; the schema is upgraded when the object is made."""
+    """An engine plus a session factory, and the vector store whose shards the items point at (``vectors``,
+    ``indexer.vectors``); the schema is upgraded when the object is made."""
 
-    def __init__(self, url: str, *, migrate: bool = True) -> None:
+    def __init__(self, url: str, vectors: VectorStore, *, migrate: bool = True) -> None:
         self.url = url
+        self.vectors = vectors
         self.engine = create_db_engine(url)
-        if migrate:
-            ensure_schema(self.engine)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        if migrate and ensure_schema(self.engine, vectors):
+            self.reclaim_space()
 
     @property
     def dialect(self) -> str:
@@ -125,8 +134,8 @@ class Database:
             yield session
 
     def reclaim_space(self) -> None:
-        """Give the space of rewritten rows back to the file system after a run replaced many large values
-        (``indexing._recode_backlog``): SQLite keeps freed pages in its file until VACUUM. PostgreSQL's
+        """Give the space of removed values back to the file system after a migration (e.g. the embeddings
+        moved into vector shards): SQLite keeps freed pages in its file until VACUUM. PostgreSQL's
         autovacuum makes such space reusable by later rows on its own; nothing is done there."""
         if self.dialect != "sqlite":
             return
@@ -150,14 +159,14 @@ class Database:
         return f"Database({make_url(self.url).render_as_string(hide_password=True)!r})"
 
 
-_cache: dict[str, Database] = {}
+_cache: dict[tuple[str, str], Database] = {}
 _cache_lock = threading.Lock()
 
 
-def get_database(url: str) -> Database:
-    """One ``Database`` per URL per process (migrated on first use)."""
+def get_database(url: str, vectors_url: str) -> Database:
+    """One ``Database`` per database and vector store per process (migrated on first use)."""
     with _cache_lock:
-        db = _cache.get(url)
+        db = _cache.get((url, vectors_url))
         if db is None:
-            db = _cache[url] = Database(url)
+            db = _cache[(url, vectors_url)] = Database(url, VectorStore(vectors_url))
         return db

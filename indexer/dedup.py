@@ -212,7 +212,7 @@ def knn_candidates(db: Database, index: faiss.Index, model_key: str, k: int, val
     """(a, b) with a < b → index similarity, for every item's k nearest neighbours."""
     pairs: dict[tuple[int, int], float] = {}
     with db.session() as session:
-        for ids, vectors in crud.iter_embeddings(session, model_key, batch=1024):
+        for ids, vectors in db.vectors.iter_embeddings(session, model_key):
             add_neighbours(pairs, ids, *neighbour_block(index, vectors, k), valid)
     return pairs
 
@@ -234,7 +234,7 @@ def exact_pairs(by_sha: dict[str, list[int]]) -> set[tuple[int, int]]:
 
 
 class _DescriptionCache:
-    """Packed head descriptions by item id, read from the database; least recently used dropped first."""
+    """Packed head descriptions by item id, read from the vector shards; least recently used dropped first."""
 
     def __init__(self, db: Database, model_key: str, max_bytes: int, min_entries: int) -> None:
         self.db, self.model_key = db, model_key
@@ -245,7 +245,7 @@ class _DescriptionCache:
     def ensure(self, ids: list[int]) -> None:
         missing = [i for i in dict.fromkeys(ids) if i not in self.descriptions]
         with self.db.session() as session:
-            found = crud.descriptions_by_ids(session, missing, self.model_key) if missing else {}
+            found = self.db.vectors.descriptions(session, missing, self.model_key) if missing else {}
         for item_id, blob in found.items():
             self.descriptions[item_id] = blob
             self.size += len(blob)
@@ -333,8 +333,7 @@ def find_duplicates(*, model: CatalogueModel, db: Database, index: faiss.Index, 
                     generation_id: int | None = None, options: DedupOptions | None = None,
                     candidates: Candidates = knn_candidates, rescorer: Rescorer = rescore,
                     verifier: Verifier | None = None) -> DedupReport:
-    """Find, score, group and store the catalogue's duplicates (see the module's docstring); raises
-    ``crud.UndescribedItemsError`` for a catalogue not yet described by an index run. ``candidates``,
+    """Find, score, group and store the catalogue's duplicates (see the module's docstring). ``candidates``,
     ``rescorer`` and ``verifier`` do steps 1, 2 and 4, in this process by default (on a Ray cluster:
     ``indexer.distributed``)."""
     options = options or DedupOptions()

@@ -33,7 +33,6 @@ import faiss
 import numpy as np
 
 from engine.config import ModelSettings
-from indexer import crud
 from indexer.catalogue import Work
 from indexer.db import Database
 from indexer.dedup import DedupOptions, DedupReport, add_neighbours, find_duplicates, neighbour_block, score_pairs, verify_pairs
@@ -133,7 +132,7 @@ class _Encoder:
         rows = [encoded.get(p.sha256) if p.kind == "embed" else None for p in prepared]
         return {
             "prepared": _objects([replace(p, image=None) for p in prepared]),
-            "embedding": _objects([row[0] if row else b"" for row in rows]),
+            "embedding": _objects([row[0].tobytes() if row else b"" for row in rows]),  # float16 bytes: one arrow type
             "description": _objects([row[1] if row else b"" for row in rows]),
         }
 
@@ -188,8 +187,8 @@ def ray_batches(settings: ModelSettings, options: IndexOptions, workers: int, wo
                 continue
             done.add(p.work.entry.source)
             prepared.append(p)
-            if embedding:
-                vectors[p.sha256] = (embedding, description, p.width, p.height)
+            if description:
+                vectors[p.sha256] = (np.frombuffer(embedding, np.float16), description, p.width, p.height)
         if prepared:
             yield prepared, vectors
     report.embed_seconds += time.perf_counter() - started
@@ -220,7 +219,7 @@ def ray_candidates(workers: int, db: Database, index: faiss.Index, model_key: st
     import ray  # defers ray: only --ray runs need it
 
     with db.session() as session:
-        ids, vectors = crud.all_embeddings(session, model_key, int(index.d))
+        ids, vectors = db.vectors.embeddings(session, model_key, int(index.d))
     index_ref, vectors_ref = ray.put(faiss.serialize_index(index)), ray.put(vectors)
     search = ray.remote(_search_block)
     block = max(1, -(-len(ids) // (2 * workers)))
@@ -263,7 +262,7 @@ def ray_rescore(settings: ModelSettings, workers: int, model: CatalogueModel, pa
     for start in range(0, len(pairs), size):
         chunk = pairs[start : start + size]
         with db.session() as session:
-            descriptions = crud.descriptions_by_ids(session, {i for pair in chunk for i in pair}, model_key)
+            descriptions = db.vectors.descriptions(session, list({i for pair in chunk for i in pair}), model_key)
         pending[score.remote(settings, model_key, chunk, ray.put(descriptions), batch)] = chunk
         if len(pending) >= TASKS_PER_CPU * workers:
             collect(1)

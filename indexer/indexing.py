@@ -1,21 +1,22 @@
 """One indexing run: scan → diff → embed new/changed files in batches → save a FAISS generation.
 
-Crash safety: the database is the source of truth. Every batch of embeddings is committed in one
-transaction (with the file's sha256, size and mtime), so a run killed at any moment (SIGKILL
-included) leaves items that are either fully recorded or not at all; the next run's diff picks up
-exactly the files still to do. The FAISS file is derived data: each one belongs to an index
+Crash safety: the database is the source of truth. Every batch of embeddings is written to a new vector
+shard (``indexer.vectors``) and then committed in one transaction that points its items at that shard
+(with the file's sha256, size and mtime), so a run killed at any moment (SIGKILL included) leaves items
+that are either fully recorded or not at all, and at worst a shard no item points at, which the next run
+deletes; the next run's diff picks up exactly the files still to do. At the end of a run the small and
+the mostly dead shards are compacted into larger ones (``_compact``), crash-safe the same way. The FAISS file is derived data: each one belongs to an index
 generation row that records the catalogue version it was built from; it is written to a temporary
 name, fsynced and renamed, and the row is marked complete only afterwards. A run that finds the
 newest complete generation behind the catalogue updates or rebuilds the index from the embeddings
 in the database. Runs on one data directory are serialised by a lock file (``flock``, released by
 the kernel when a process dies).
 
-Search and dedup re-score from the head description stored with each embedding. A run that opens a
-catalogue holding items embedded before descriptions were stored describes them first, in committed
-batches like the embeddings, so that every embedded item has one afterwards. A model with a description
-codec (compact descriptions, ``engine.nn.compact``) has its own model key; a run with it converts the
-items its weights described as float16 projections (a catalogue indexed before the codec) from those
-projections, without reading their files, and re-keys them, again in committed batches.
+Search and dedup re-score from the head description stored with each embedding. A model with a
+description codec (compact descriptions, ``engine.nn.compact``) has its own model key; a run with it
+converts the items its weights described as float16 projections (a catalogue indexed before the codec)
+from those projections, without reading their files, and re-keys them, in committed batches like the
+embeddings.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from engine.errors import ImageLoadError
 from engine.images import DEFAULT_MAX_PIXELS, image_size, load_pixels
 from indexer import crud
 from indexer import faiss_index as fx
+from indexer.vectors import SHARD_ROWS, Rows, compaction_plan
 from indexer.catalogue import Diff, Skipped, Work, diff, scan
 from indexer.db import Database
 from indexer.model import CatalogueModel, Picture
@@ -72,8 +74,9 @@ class IndexReport:
     removed: int = 0  # items deleted: file gone, or now unreadable
     exact_duplicates: int = 0  # of the added and updated: embeddings copied from a byte-identical file (no network run)
     embedded: int = 0  # images that went through the network
-    described: int = 0  # items embedded before descriptions were stored, described by this run
     recoded: int = 0  # items described as float16 projections by this model's weights, converted to its compact descriptions
+    shards_swept: int = 0  # vector shard files no item pointed at (left by a killed run or compaction), deleted
+    shards_compacted: int = 0  # small or mostly dead vector shards rewritten into larger ones
     embed_seconds: float = 0.0  # in the network; on a Ray cluster, the pipeline's wall time (``indexer.distributed``)
     skipped: list[Skipped] = field(default_factory=list)
     generation: int | None = None
@@ -93,14 +96,14 @@ class IndexReport:
         return data
 
     def summary(self) -> str:
-        described = f"; described {self.described} items indexed before descriptions were stored" if self.described else ""
-        if self.recoded:
-            described += f"; converted {self.recoded} stored descriptions to compact ones"
+        upkeep = f"; converted {self.recoded} stored descriptions to compact ones" if self.recoded else ""
+        if self.shards_compacted or self.shards_swept:
+            upkeep += f"; vector shards: {self.shards_compacted} compacted, {self.shards_swept} left over deleted"
         lines = [
             f"{self.source}: {self.scanned} files in {self.seconds:.1f} s — {self.added} added, {self.updated} re-embedded, "
             f"{self.touched} metadata-only, {self.unchanged} unchanged, {len(self.skipped)} skipped",
             f"embedded {self.embedded} images ({self.images_per_second:.1f} images/s), {self.exact_duplicates} exact duplicates "
-            f"copied without embedding; {self.removed} items removed{described}",
+            f"copied without embedding; {self.removed} items removed{upkeep}",
             f"FAISS {self.index_factory} index {self.index_action}: {self.ntotal} vectors (generation {self.generation})",
         ]
         return "\n".join(lines)
@@ -182,8 +185,8 @@ def prepare_batch(batch: Sequence[Work], known: Container[str], input_size: int,
     return [prepare(work, known, input_size, max_pixels) for work in batch]
 
 
-Encoded = dict[str, tuple[bytes, bytes, int, int]]
-"""sha256 → (packed embedding, packed head description, width, height) of images the network ran on."""
+Encoded = dict[str, tuple[np.ndarray, bytes, int, int]]
+"""sha256 → (embedding, packed head description, width, height) of images the network ran on."""
 
 
 def encode_batch(model: CatalogueModel, prepared: Sequence[Prepared], known: Container[str]) -> Encoded:
@@ -197,7 +200,7 @@ def encode_batch(model: CatalogueModel, prepared: Sequence[Prepared], known: Con
     if not fresh:
         return {}
     embeddings, descriptions = model.encode([p.image for p in fresh.values()])
-    return {p.sha256: (crud.pack(vector), description, p.width, p.height)
+    return {p.sha256: (np.asarray(vector, np.float16), description, p.width, p.height)
             for p, vector, description in zip(fresh.values(), embeddings, descriptions)}
 
 
@@ -255,13 +258,15 @@ def index_catalogue(
             with db.session() as session:
                 crud.clear_embeddings(session, origin=result.origin)
                 crud.bump_version(session)
+        with db.session() as session:
+            report.shards_swept = db.vectors.sweep(set(crud.live_rows(session)))
         _recode_backlog(db, model, model_key, options, report)
-        _describe_backlog(db, model, model_key, options, report, log)
         with db.session() as session:
             changes = diff(result, crud.item_states(session, model_key))
         report.unchanged = changes.unchanged
         _apply_deletions(db, changes, report)
         _embed(db, model, model_key, result.origin, changes.work, options, report, pipeline)
+        _compact(db, report)
 
         generation, index, action = sync_index(
             db, fx.IndexStore(index_dir), model_key=model_key, metric=metric, dim=dim,
@@ -291,10 +296,8 @@ def _progress_bar(options: IndexOptions, total: int, description: str) -> tqdm:
 def _recode_backlog(db: Database, model: CatalogueModel, model_key: str, options: IndexOptions, report: IndexReport) -> None:
     """Convert the items this model's weights embedded and described as float16 projections (indexed before
     the model had its codec) into its compact descriptions, from the stored projections alone
-    (``recode_descriptions``: no file is read, no backbone runs), each batch committed in one transaction
-    with the items' new model key; their embeddings stay as they are. An item of the old key without a
-    description only takes the new key, and ``_describe_backlog`` then describes it from its file. The
-    space of the replaced projections goes back to the file system (``Database.reclaim_space``)."""
+    (``recode_descriptions``: no file is read, no backbone runs), each batch written to a new shard and
+    committed in one transaction with the items' new model key; their embeddings stay as they are."""
     if model.recodable_format is None:
         return
     old_key = model_fingerprint(model, model.recodable_format)
@@ -307,80 +310,63 @@ def _recode_backlog(db: Database, model: CatalogueModel, model_key: str, options
     last = -1
     while True:
         with db.session() as session:
-            batch = crud.stored_descriptions(session, old_key, after=last, limit=size)
-        if not batch:
+            ids = crud.embedded_ids_after(session, old_key, after=last, limit=size)
+            stored = db.vectors.rows(session, ids, old_key)
+        if not ids:
             break
-        last = batch[-1][0]
-        described = [(item_id, blob) for item_id, blob in batch if blob is not None]
-        recoded = dict(zip((item_id for item_id, _ in described), model.recode_descriptions([blob for _, blob in described])))
+        last = ids[-1]
+        ids = [i for i in ids if i in stored]
+        if not ids:
+            continue
+        recoded = model.recode_descriptions([stored[i][1] for i in ids])
         with db.session() as session:
-            for item_id, _ in batch:
-                crud.update_item(session, item_id, model_key=model_key,
-                                 **({"descriptors": recoded[item_id]} if item_id in recoded else {}))
-            crud.bump_version(session)
-        report.recoded += len(recoded)
-        bar.update(len(batch))
+            version = crud.bump_version(session)
+            shard = db.vectors.write(ids, np.stack([stored[i][0] for i in ids]), recoded, tag=version)
+            for item_id in ids:
+                crud.update_item(session, item_id, model_key=model_key, shard=shard)
+        report.recoded += len(ids)
+        bar.update(len(ids))
     bar.close()
-    if report.recoded:
-        db.reclaim_space()
 
 
-def _describe_backlog(db: Database, model: CatalogueModel, model_key: str, options: IndexOptions, report: IndexReport,
-                      log: Callable[[str], None] | None) -> None:
-    """Describe the items embedded by this model without a head description (indexed before descriptions
-    were stored) from their files, each batch committed in one transaction as embeddings are.
-
-    An item whose file no longer holds the bytes it was embedded from, or no longer decodes, loses its
-    embedding instead of getting a description of other pixels: the next run over its folder or CSV
-    reads it again like any changed file (this run's diff, when it is of this origin).
-    """
+def _compact(db: Database, report: IndexReport) -> None:
+    """Rewrite the shards ``compaction_plan`` picks into new ones of at most ``SHARD_ROWS`` rows,
+    each committed in one transaction that points its items at it; then the files no item points at any
+    more (these, and shards whose items are all gone) are deleted, or by the next run's sweep should this
+    one be killed first."""
     with db.session() as session:
-        total = crud.count_undescribed(session, model_key)
-    if not total:
+        live = crud.live_rows(session)
+        plan = compaction_plan(live)
+        members = crud.shard_members(session, plan)
+    if not plan:
+        if len(live) < len(db.vectors.names()):
+            db.vectors.sweep(set(live))
         return
-    size = max(1, int(options.batch_size))
-    input_size = int(model.config.input_size)
-    bar = _progress_bar(options, total, "describing")
-    forgotten, last = 0, -1
-    while True:
-        with db.session() as session:
-            batch = crud.undescribed_items(session, model_key, after=last, limit=size)
-        if not batch:
-            break
-        last = batch[-1][0]
-        read = [(item_id, _pixels_as_indexed(source, sha256, input_size, options.max_pixels)) for item_id, source, sha256 in batch]
-        readable = [(item_id, picture) for item_id, picture in read if picture is not None]
-        failed = [item_id for item_id, picture in read if picture is None]
-        descriptions = model.describe_fmaps(model.feature_maps([picture for _, picture in readable])) if readable else []
-        with db.session() as session:
-            for (item_id, _), description in zip(readable, descriptions):
-                crud.update_item(session, item_id, descriptors=description)
-            if failed:
-                crud.clear_embeddings(session, ids=failed)
-            crud.bump_version(session)
-        report.described += len(readable)
-        forgotten += len(failed)
-        bar.update(len(batch))
-    bar.close()
-    if forgotten and log:
-        log(f"{forgotten} items embedded before descriptions were stored no longer read as they were indexed: "
-            "their embeddings are dropped, and the next run over their folder or CSV indexes them again")
+    by_shard: dict[str, list[int]] = {}
+    for item_id, name in members.items():
+        by_shard.setdefault(name, []).append(item_id)
+    pending: list[Rows] = []  # rows read, not yet written
+    sources: dict[int, str] = {}
 
+    def flush() -> None:
+        rows = Rows(np.concatenate([r.ids for r in pending]), np.concatenate([r.embeddings for r in pending]),
+                            [blob for r in pending for blob in r.descriptions])
+        with db.session() as session:  # the items' embeddings do not change: no new catalogue version
+            shard = db.vectors.write(rows.ids, rows.embeddings, rows.descriptions, tag=crud.catalogue_version(session))
+            crud.move_to_shard(session, {int(i): sources[int(i)] for i in rows.ids}, shard)
+        pending.clear()
 
-def _pixels_as_indexed(source: str, sha256: str, input_size: int, max_pixels: int) -> Picture | None:
-    """A file's pixels as the model read them when it embedded the file; None when the file no longer
-    holds those bytes or cannot be read."""
-    try:
-        with open(source, "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return None
-    if hashlib.sha256(data).hexdigest() != sha256:
-        return None
-    try:
-        return load_pixels(data, target_size=input_size, max_pixels=max_pixels)
-    except ImageLoadError:
-        return None
+    for name in sorted(by_shard):
+        rows = db.vectors.read(name, by_shard[name])
+        sources.update(dict.fromkeys(rows.ids.tolist(), name))
+        pending.append(rows)
+        if sum(len(r) for r in pending) >= SHARD_ROWS:
+            flush()
+    if pending:
+        flush()
+    with db.session() as session:
+        db.vectors.sweep(set(crud.live_rows(session)))
+    report.shards_compacted = len(plan)
 
 
 def _embed(db: Database, model: CatalogueModel, model_key: str, origin: str, work: list[Work], options: IndexOptions,
@@ -417,20 +403,21 @@ def _commit_batch(db: Database, model: CatalogueModel, model_key: str, origin: s
     report.embedded += len(vectors)
     fresh = set(vectors)  # the images embedded for this batch; any other write copies an embedding
 
-    written: list[tuple[str, Item | int]] = []
     forgotten: list[tuple[str, int]] = []  # (old sha, id) of items that no longer hold those bytes
     with db.session() as session:
         # Read copy sources before this batch writes anything.
         needed = {p.sha256 for p in prepared if p.kind in ("copy", "embed") and p.sha256 not in vectors}
         sources = crud.items_by_ids(session, [known[sha] for sha in needed])
+        rows = db.vectors.rows(session, [known[sha] for sha in needed], model_key)
         for sha in needed:
             source_item = sources.get(known[sha])
-            if source_item is None or source_item.embedding is None or source_item.sha256 != sha:
+            if source_item is None or source_item.id not in rows or source_item.sha256 != sha:
                 raise RuntimeError(f"lost the embedding of {sha} while indexing")
-            vectors[sha] = (source_item.embedding, source_item.descriptors, source_item.width, source_item.height)
+            vectors[sha] = (*rows[source_item.id], source_item.width, source_item.height)
 
         writes = any(p.kind != "broken" or p.work.item is not None for p in prepared)
         version = crud.bump_version(session) if writes else crud.catalogue_version(session)
+        embedded: list[tuple[str, Item | int]] = []  # (sha256, item or id) of the items whose row this batch's shard holds
         for p in prepared:
             entry, item = p.work.entry, p.work.item
             if p.kind == "broken":
@@ -448,20 +435,24 @@ def _commit_batch(db: Database, model: CatalogueModel, model_key: str, origin: s
                 fresh.discard(p.sha256)
             else:
                 report.exact_duplicates += 1
-            blob, description, width, height = vectors[p.sha256]
-            values = {**stat, "sha256": p.sha256, "width": width, "height": height, "embedding": blob, "descriptors": description,
-                      "model_key": model_key, "embedded_version": version}
+            _, _, width, height = vectors[p.sha256]
+            values = {**stat, "sha256": p.sha256, "width": width, "height": height, "model_key": model_key, "embedded_version": version}
             if item is None:
-                written.append((p.sha256, crud.add_item(session, entry.source, **values)))
+                embedded.append((p.sha256, crud.add_item(session, entry.source, **values)))
                 report.added += 1
             else:
                 crud.update_item(session, item.id, **values)
-                written.append((p.sha256, item.id))
+                embedded.append((p.sha256, item.id))
                 if item.sha256 != p.sha256:
                     forgotten.append((item.sha256, item.id))
                 report.updated += 1
         session.flush()
-        written_ids = [(sha, row if isinstance(row, int) else row.id) for sha, row in written]
+        written_ids = [(sha, row if isinstance(row, int) else row.id) for sha, row in embedded]
+        if written_ids:
+            shard = db.vectors.write([item_id for _, item_id in written_ids], np.stack([vectors[sha][0] for sha, _ in written_ids]),
+                                     [vectors[sha][1] for sha, _ in written_ids], tag=version)
+            for _, item_id in written_ids:
+                crud.update_item(session, item_id, shard=shard)
     # Committed: now the map may point at these items.
     for sha, item_id in forgotten:
         if known.get(sha) == item_id:
@@ -501,7 +492,7 @@ def sync_index(db: Database, store: fx.IndexStore, *, model_key: str, metric: st
         action = "rebuilt"
         with db.session() as session:
             version = crud.catalogue_version(session)
-            ids, vectors = crud.all_embeddings(session, model_key, dim)
+            ids, vectors = db.vectors.embeddings(session, model_key, dim)
         wanted = factory or fx.choose_factory(len(ids), dim)
         index = fx.build_index(vectors, ids, metric, wanted)
 
@@ -535,7 +526,7 @@ def _update_index(db: Database, index: faiss.Index, model_key: str, dim: int, bu
         except RuntimeError:
             return None, version
         missing = np.setdiff1d(db_ids, fx.ids_of(index))
-        ids, vectors = crud.all_embeddings(session, model_key, dim, ids=missing.tolist())
+        ids, vectors = db.vectors.embeddings(session, model_key, dim, ids=missing.tolist())
     fx.add(index, vectors, ids)
     if index.ntotal != len(db_ids) or not np.array_equal(np.sort(fx.ids_of(index)), db_ids):
         return None, version
@@ -567,5 +558,5 @@ def load_current_index(db: Database, store: fx.IndexStore, *, model_key: str, me
     if log:
         log("no usable index file: building one in memory from the database (run `whymatch index` to save one)")
     with db.session() as session:
-        ids, vectors = crud.all_embeddings(session, model_key, dim)
+        ids, vectors = db.vectors.embeddings(session, model_key, dim)
     return fx.build_index(vectors, ids, metric, fx.choose_factory(len(ids), dim)), None, False

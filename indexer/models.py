@@ -2,8 +2,8 @@
 
 The schema itself is created only by the Alembic migrations in ``migrations/`` (which must match
 these classes; ``tests/indexer/test_db.py`` compares them). The database is the source of truth:
-each item keeps its embedding (float32 bytes), so the FAISS file can always be rebuilt from it, and
-the head's description of it, so re-scoring needs neither the file nor the backbone.
+each embedded item names the vector shard (``indexer.vectors``) that holds its embedding, from which the
+FAISS file can always be rebuilt, and the head's description of it.
 
 * ``items`` — one image of the catalogue; ``id`` is also its FAISS id.
 * ``catalogue_state`` — one row whose ``version`` grows with every committed change to the items;
@@ -27,7 +27,6 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
-    LargeBinary,
     MetaData,
     String,
     Text,
@@ -68,7 +67,7 @@ class Base(DeclarativeBase):
 
 
 class Item(Base):
-    """One catalogue image. ``embedding`` is NULL until the file has been embedded by ``model_key``."""
+    """One catalogue image. ``shard`` is NULL until the file has been embedded by ``model_key``."""
 
     __tablename__ = "items"
     # AUTOINCREMENT on SQLite: ids of deleted rows are never reused, so an id in an older FAISS
@@ -84,11 +83,9 @@ class Item(Base):
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
-    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
-    # The head's description of the image (packed by the engine, ~150 KB): candidates are re-scored
-    # and explained from it without decoding the file or running the backbone. Deferred: loaded only
-    # when asked for.
-    descriptors: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
+    # The vector shard (``indexer.vectors``) holding the item's embedding and the head's description of it
+    # (re-scoring and explanations need neither the file nor the backbone); NULL until embedded.
+    shard: Mapped[str | None] = mapped_column(String(64), index=True)
     model_key: Mapped[str | None] = mapped_column(String(64))
     # Catalogue version of the transaction that wrote the embedding: an index generation built at
     # version v holds exactly the embeddings with embedded_version <= v.

@@ -185,7 +185,7 @@ class _Query:
 def search(query: ImageSource, options: SearchOptions, *, model: CatalogueModel, db: Database, index: faiss.Index,
            model_key: str, generation: int | None = None, stale_index: bool = False) -> SearchResult:
     """The best catalogue matches of ``query``, re-scored by the head from the descriptions stored by
-    ``model_key`` (``crud.UndescribedItemsError`` for a catalogue not yet described by an index run).
+    ``model_key``.
 
     ``exclude_self`` drops catalogue items that *are* the query: the same path for a path query,
     the same bytes (sha256) for a bytes query.
@@ -213,12 +213,12 @@ def search_item(item_id: int, options: SearchOptions, *, model: CatalogueModel, 
         item = crud.get_item(session, item_id)
         if item is None:
             raise UnknownItemError(f"no catalogue item {item_id}")
-        _, vectors = crud.all_embeddings(session, model_key, int(model.config.embed_dim), ids=[item_id])
-        description = crud.descriptions_by_ids(session, [item_id], model_key).get(item_id)
+        stored = db.vectors.rows(session, [item_id], model_key).get(item_id)
         source, size, sha256 = item.source, (item.width, item.height), item.sha256
     excluded = [item_id] if options.exclude_self else []
-    if len(vectors) and description is not None:
-        resolved = _Query(source, vectors, description, size, excluded, source, sha256, item_id)
+    if stored is not None:
+        vector, description = stored
+        resolved = _Query(source, vector[None, :].astype(np.float32), description, size, excluded, source, sha256, item_id)
     else:
         resolved = _Query.decoded(model, source, source, excluded, sha256, size, item_id)
     return _search(resolved, options, model=model, db=db, index=index, model_key=model_key, generation=generation,
@@ -236,7 +236,7 @@ def _search(query: _Query, options: SearchOptions, *, model: CatalogueModel, db:
     order = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0 and int(i) not in skip]
     with db.session() as session:
         # A stale index may hold items since deleted or no longer embedded by this model: left out.
-        stored = crud.descriptions_by_ids(session, [i for i, _ in order], model_key)
+        stored = db.vectors.descriptions(session, [i for i, _ in order], model_key)
         order = [(i, s) for i, s in order if i in stored][:wanted]
         items = crud.items_by_ids(session, [i for i, _ in order])
     unreadable: list[Skipped] = []

@@ -31,7 +31,7 @@ from indexer.dedup import DedupOptions, DedupReport, find_duplicates, stored_rep
 from indexer.distributed import RayCluster, dedup_on_ray, index_on_ray
 from indexer.model import CatalogueModel
 from indexer.indexing import IndexOptions, IndexReport, index_catalogue, load_current_index, model_fingerprint, run_lock
-from indexer.settings import StorageSettings, sqlite_url
+from indexer.settings import StorageSettings, sqlite_url, vectors_path
 
 if TYPE_CHECKING:  # search draws in torch and matplotlib; reading stored dedup runs needs neither
     from engine.explain.pairs import PairExplanation
@@ -91,15 +91,18 @@ class ScoredPair:
 
 
 class Catalogue:
-    """A catalogue in ``data_dir`` (index files) and a database (SQLite in ``data_dir`` by default)."""
+    """A catalogue in ``data_dir`` (index files), a database (SQLite in ``data_dir`` by default) and vector
+    shards (``vectors/`` in ``data_dir`` by default)."""
 
-    def __init__(self, data_dir: str | os.PathLike, *, database_url: str | None = None, model: CatalogueModel | None = None,
+    def __init__(self, data_dir: str | os.PathLike, *, database_url: str | None = None, vectors_url: str | None = None,
+                 model: CatalogueModel | None = None,
                  model_settings: ModelSettings | None = None, batch_size: int = 32, index_factory: str | None = None,
                  db: Database | None = None, log: Callable[[str], None] | None = _stderr) -> None:
         """``model`` is a loaded model; without one, ``model_settings`` say which to load on first use
         (the shipped one by default)."""
         self.data_dir = Path(data_dir)
         self.database_url = database_url or sqlite_url(self.data_dir)
+        self.vectors_url = vectors_url or vectors_path(self.data_dir)
         self._db = db
         self.index_dir = self.data_dir / "index"
         self.store = fx.IndexStore(self.index_dir)
@@ -116,14 +119,14 @@ class Catalogue:
     @classmethod
     def from_settings(cls, storage: StorageSettings, model_settings: ModelSettings, *, model: CatalogueModel | None = None,
                       log: Callable[[str], None] | None = _stderr) -> Catalogue:
-        return cls(storage.data_dir, database_url=storage.database_url, model=model, model_settings=model_settings,
+        return cls(storage.data_dir, database_url=storage.database_url, vectors_url=storage.vectors_url, model=model, model_settings=model_settings,
                    batch_size=storage.batch_size, index_factory=storage.index_factory, log=log)
 
     @property
     def db(self) -> Database:
         """The database, opened (and migrated) on first use."""
         if self._db is None:
-            self._db = get_database(self.database_url)
+            self._db = get_database(self.database_url, self.vectors_url)
         return self._db
 
     # ------------------------------------------------------------------ model
@@ -314,13 +317,13 @@ class Catalogue:
         catalogue such as the demo's; ``dedup`` finds the duplicates of a large one."""
         model = self.model
         with self.db.session() as session:
-            ids, vectors = crud.all_embeddings(session, self.model_key, int(model.config.embed_dim))
+            ids, vectors = self.db.vectors.embeddings(session, self.model_key, int(model.config.embed_dim))
             items = crud.items_by_ids(session, ids.tolist())
             if origin is not None:
                 root = os.path.abspath(origin)
                 kept = np.array([items[i].origin == root for i in ids.tolist()], dtype=bool)
                 ids, vectors = ids[kept], vectors[kept]
-            descriptions = crud.descriptions_by_ids(session, ids.tolist(), self.model_key)
+            descriptions = self.db.vectors.descriptions(session, ids.tolist(), self.model_key)
         if len(ids) < 2:
             return [], []
         if model.metric == "l2":  # the index's similarity: minus the distance, as faiss_index.search gives it

@@ -13,6 +13,11 @@ def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(Path(data_dir) / 'whymatch.db').as_posix()}"
 
 
+def vectors_path(data_dir: Path) -> str:
+    """The embedded default vector store: the ``vectors`` folder of the data directory."""
+    return (Path(data_dir) / "vectors").as_posix()
+
+
 class StorageSettings(BaseSettings):
     """The catalogue's storage, from ``WHYMATCH_*`` environment variables (or a ``.env`` file); read once
     by the entry point and passed to ``Catalogue.from_settings``."""
@@ -24,6 +29,9 @@ class StorageSettings(BaseSettings):
     # The catalogue database: SQLite in ``data_dir`` unless this names another (e.g. PostgreSQL:
     # ``postgresql+psycopg://user:password@host:5432/whymatch``).
     database_url: str = ""
+    # The vector shards (embeddings and head descriptions, ``indexer.vectors``): a folder or any URL fsspec
+    # reaches (e.g. ``s3://bucket/catalogue/vectors``); ``vectors`` in ``data_dir`` unless set.
+    vectors_url: str = ""
     # Images per indexing transaction and pairs per scoring batch.
     batch_size: int = 32
     # A FAISS ``index_factory`` string (e.g. ``HNSW32``, ``IVF1024,PQ32``); None = chosen by catalogue size.
@@ -33,4 +41,6 @@ class StorageSettings(BaseSettings):
     def _default_database_url(self) -> StorageSettings:
         if not self.database_url:
             self.database_url = sqlite_url(self.data_dir)
+        if not self.vectors_url:
+            self.vectors_url = vectors_path(self.data_dir)
         return self

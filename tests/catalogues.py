@@ -7,6 +7,7 @@ import os
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
@@ -52,6 +53,18 @@ def write_catalogue(root: Path, n: int, *, start: int = 0, listings: int = 4) ->
     return paths
 
 
+def stored_rows(catalogue) -> dict[str, tuple[np.ndarray, bytes]]:  # noqa: ANN001 - an indexer.Catalogue
+    """source → (embedding as float32, packed description) of every item embedded by the catalogue's model,
+    as its vector shards hold them."""
+    from indexer import crud
+
+    with catalogue.db.session() as session:
+        ids = crud.embedded_ids(session, catalogue.model_key).tolist()
+        sources = {item_id: item.source for item_id, item in crud.items_by_ids(session, ids).items()}
+        rows = catalogue.db.vectors.rows(session, ids, catalogue.model_key)
+    return {sources[i]: (np.asarray(vector, np.float32), description) for i, (vector, description) in rows.items()}
+
+
 def _admin_url(url: str) -> tuple[str, str]:
     from sqlalchemy.engine import make_url
 
@@ -80,7 +93,7 @@ def database_url(request, tmp_path: Path):
     finally:
         from indexer import db as dbmod
 
-        for key in [k for k in dbmod._cache if name in k]:
+        for key in [k for k in dbmod._cache if name in k[0]]:
             dbmod._cache.pop(key).dispose()
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -35,7 +35,7 @@ def get_item(request: Request, state: State, item_id: ItemId) -> ItemResponse:
         return ItemResponse(
             id=item.id, source=catalogue_path(item.source, item.origin), listing=item.listing, sha256=item.sha256,
             width=item.width, height=item.height, size_bytes=item.size_bytes, added_at=as_utc(item.added_at),
-            updated_at=as_utc(item.updated_at), embedded=item.embedding is not None,
+            updated_at=as_utc(item.updated_at), embedded=item.shard is not None,
             image_url=item_image_url(api_base(request), item.id),
         )
 

@@ -592,7 +592,7 @@ def test_a_stored_review_survives_a_restart(tmp_path, tiny_model):
     with TestClient(create_app(settings_for(), catalogue=catalogue)) as first:
         stored = first.post("/api/reviews", json={"item_a": 1, "item_b": 3, "decision": "reject", "note": "different",
                                                   "reviewer": "bo"}, headers=AUTH).json()
-    dbmod._cache.pop(catalogue.database_url).dispose()  # nothing survives in memory: a new engine on the same file
+    dbmod._cache.pop((catalogue.database_url, catalogue.vectors_url)).dispose()  # nothing survives in memory: a new engine on the same file
     restarted = catalogue_for(tmp_path, tiny_model)
     with TestClient(create_app(settings_for(), catalogue=restarted)) as second:
         assert second.get("/api/reviews").json()["reviews"] == [stored]

@@ -16,6 +16,7 @@ from tests.catalogues import catalogue_for, edited, tiles, write_catalogue
 
 from indexer import crud
 from indexer import faiss_index as fx
+from indexer.vectors import VectorStore
 
 REPO = Path(__file__).resolve().parents[2]
 KILLS = 3
@@ -74,9 +75,12 @@ def _check_consistent(db_path: Path, data_dir: Path, files: dict[str, str]) -> i
         assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         if not connection.execute("SELECT name FROM sqlite_master WHERE name = 'items'").fetchone():
             return 0  # killed before the migration committed
-        for source, sha, embedding, model_key in connection.execute("SELECT source, sha256, embedding, model_key FROM items"):
+        store = VectorStore(data_dir / "vectors")
+        for item_id, source, sha, shard, model_key in connection.execute("SELECT id, source, sha256, shard, model_key FROM items"):
             assert files.get(source) == sha, f"{source}: recorded bytes are not the file's"
-            assert embedding is None or (len(embedding) == 256 * 4 and model_key), f"{source}: half-written embedding"
+            if shard is not None:  # its shard is whole and holds its row
+                rows = store.read(shard, [item_id])
+                assert model_key and rows.ids.tolist() == [item_id] and rows.embeddings.shape == (1, 256), f"{source}: no row"
         for filename, ntotal in connection.execute("SELECT filename, ntotal FROM index_generations WHERE status = 'complete'"):
             path = data_dir / "index" / filename
             if path.exists():  # the newest complete ones are kept; older ones may be cleaned up
@@ -108,6 +112,10 @@ def test_sigkill_at_random_moments_then_a_final_run_completes(tmp_path, tiny_mod
     assert final.returncode == 0, f"seed {seed}: {err}"
     assert "0 skipped" in out
     assert _check_consistent(db_path, data_dir, files) == 40
+    connection = sqlite3.connect(db_path)
+    referenced = {name for (name,) in connection.execute("SELECT DISTINCT shard FROM items WHERE shard IS NOT NULL")}
+    connection.close()
+    assert set(VectorStore(data_dir / "vectors").names()) == referenced  # no file a killed run left behind
 
     catalogue = catalogue_for(tmp_path, tiny_model)
     with catalogue.db.session() as session:

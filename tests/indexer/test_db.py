@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from indexer.settings import StorageSettings
 from indexer import crud
 from indexer.db import Database, MIGRATIONS_DIR, current_revision, downgrade, head_revision, upgrade
+from indexer.vectors import VectorStore
 from indexer.models import Base, DuplicateGroup, DuplicatePair, DedupRun, Item, MatchReview
 from whymatch.cli import main
 
@@ -26,10 +27,10 @@ def _item(n: int, **extra) -> Item:
     return Item(**values)
 
 
-def test_migrations_create_exactly_the_models_schema(database_url):  # noqa: F811
-    db = Database(database_url)
+def test_migrations_create_exactly_the_models_schema(database_url, tmp_path):  # noqa: F811
+    db = Database(database_url, VectorStore(tmp_path / "vectors"))
     try:
-        assert current_revision(db.engine) == head_revision() == "0004"
+        assert current_revision(db.engine) == head_revision() == "0005"
         assert TABLES <= set(inspect(db.engine).get_table_names())
         with db.engine.connect() as connection:
             differences = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}), Base.metadata)
@@ -40,19 +41,19 @@ def test_migrations_create_exactly_the_models_schema(database_url):  # noqa: F81
         db.dispose()
 
 
-def test_downgrade_to_base_and_upgrade_again(database_url):  # noqa: F811
-    db = Database(database_url)
+def test_downgrade_to_base_and_upgrade_again(database_url, tmp_path):  # noqa: F811
+    db = Database(database_url, VectorStore(tmp_path / "vectors"))
     try:
         assert downgrade(db.engine, "base") is None
         assert not TABLES & set(inspect(db.engine).get_table_names())
-        assert upgrade(db.engine) == "0004"
-        Database(database_url).dispose()  # a second "first use" finds the schema current and does nothing
+        assert upgrade(db.engine) == "0005"
+        Database(database_url, db.vectors).dispose()  # a second "first use" finds the schema current and does nothing
     finally:
         db.dispose()
 
 
-def test_constraints_and_cascades(database_url):  # noqa: F811
-    db = Database(database_url)
+def test_constraints_and_cascades(database_url, tmp_path):  # noqa: F811
+    db = Database(database_url, VectorStore(tmp_path / "vectors"))
     try:
         with db.session() as session:
             a, b, c = _item(1), _item(2), _item(3)
@@ -93,7 +94,7 @@ def test_constraints_and_cascades(database_url):  # noqa: F811
 
 
 def test_sqlite_ids_are_never_reused(tmp_path):
-    db = Database(f"sqlite:///{tmp_path / 'w.db'}")
+    db = Database(f"sqlite:///{tmp_path / 'w.db'}", VectorStore(tmp_path / "vectors"))
     with db.session() as session:
         session.add_all([_item(1), _item(2)])
     with db.session() as session:
@@ -110,6 +111,8 @@ def test_settings_default_database_is_sqlite_in_the_data_dir(tmp_path, monkeypat
     assert StorageSettings(data_dir=tmp_path).database_url == f"sqlite:///{tmp_path.as_posix()}/whymatch.db"
     monkeypatch.setenv("WHYMATCH_DATABASE_URL", "postgresql+psycopg://u:p@127.0.0.1/w")
     monkeypatch.setenv("WHYMATCH_INDEX_FACTORY", "HNSW32")
+    monkeypatch.delenv("WHYMATCH_VECTORS_URL", raising=False)
+    assert StorageSettings(data_dir=tmp_path).vectors_url == f"{tmp_path.as_posix()}/vectors"
     settings = StorageSettings(data_dir=tmp_path)
     assert settings.database_url.startswith("postgresql+psycopg://") and settings.index_factory == "HNSW32"
 
@@ -118,13 +121,13 @@ def test_db_upgrade_command(database_url, tmp_path):  # noqa: F811
     env = {"WHYMATCH_DATABASE_URL": database_url, "WHYMATCH_DATA_DIR": str(tmp_path / "data")}
     result = CliRunner().invoke(main, ["db", "upgrade"], env=env)
     assert result.exit_code == 0, result.output
-    assert "revision 0004" in result.output
+    assert "revision 0005" in result.output
     from sqlalchemy.engine import make_url
 
     password = make_url(database_url).password
     assert not password or password not in result.output  # never printed
     result = CliRunner().invoke(main, ["db", "current"], env=env)
-    assert result.exit_code == 0 and "revision 0004 (newest 0004)" in result.output
+    assert result.exit_code == 0 and "revision 0005 (newest 0005)" in result.output
 
 
 def test_migrations_dir_is_found_from_the_package():
@@ -149,5 +152,5 @@ def test_a_failed_migration_leaves_no_half_schema(database_url):  # noqa: F811
     event.remove(engine, "before_cursor_execute", fail_midway)
     assert not TABLES & set(inspect(engine).get_table_names())
     assert current_revision(engine) is None
-    assert upgrade(engine) == "0004"  # and the next run simply migrates
+    assert upgrade(engine) == "0005"  # and the next run simply migrates
     engine.dispose()

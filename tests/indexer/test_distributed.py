@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tests.catalogues import edited, tiles, write_catalogue
+from tests.catalogues import edited, stored_rows, tiles, write_catalogue
 from tests.conftest import make_model
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]' (make test installs it)")
@@ -73,12 +73,10 @@ def plain(plain_run) -> Catalogue:
 
 def _items(catalogue: Catalogue) -> dict[str, tuple]:
     """source → (sha256, listing, width, height, embedding, description) of every item."""
+    stored = stored_rows(catalogue)
     with catalogue.db.session() as session:
-        ids, _ = crud.all_embeddings(session, catalogue.model_key, 256)
-        items = crud.items_by_ids(session, ids.tolist())
-        descriptions = crud.descriptions_by_ids(session, ids.tolist(), catalogue.model_key)
-    return {item.source: (item.sha256, item.listing, item.width, item.height, crud.unpack(item.embedding), descriptions[item.id])
-            for item in items.values()}
+        items = crud.items_by_ids(session, crud.embedded_ids(session, catalogue.model_key).tolist())
+    return {item.source: (item.sha256, item.listing, item.width, item.height, *stored[item.source]) for item in items.values()}
 
 
 def _assert_same_catalogue(found: Catalogue, expected: Catalogue) -> None:
@@ -88,7 +86,7 @@ def _assert_same_catalogue(found: Catalogue, expected: Catalogue) -> None:
     assert sorted(got) == sorted(want)
     for source, (sha, listing, width, height, embedding, description) in want.items():
         assert got[source][:4] == (sha, listing, width, height), source
-        assert np.allclose(got[source][4], embedding, atol=1e-5), source
+        assert np.allclose(got[source][4], embedding, atol=2e-3), source
         for a, b in zip(unpack_descriptions([got[source][5]]), unpack_descriptions([description])):
             assert np.allclose(a.numpy(), b.numpy(), atol=2e-3), source
     index, _, stale = found.current_index()

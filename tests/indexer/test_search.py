@@ -10,10 +10,8 @@ import pytest
 from click.testing import CliRunner
 from tests.catalogues import catalogue_for, edited, tiles, write_catalogue
 from PIL import Image
-from sqlalchemy import update
 
 from indexer import crud
-from indexer.models import Item
 from whymatch.cli import main
 
 N = 10
@@ -65,7 +63,8 @@ def test_a_query_in_the_catalogue_excludes_itself(indexed):
     result = catalogue.search(paths[4], k=2, candidates=4)
     assert result.excluded == [own_id]
     assert own_id not in [m.item_id for m in result.matches]
-    assert result.matches[0].source == str(copy) and result.matches[0].index_similarity == pytest.approx(1.0, abs=1e-5)
+    assert result.matches[0].source == str(copy)
+    assert result.matches[0].index_similarity == pytest.approx(1.0, abs=1e-4)  # embeddings are stored as float16
     kept = catalogue.search(paths[4], k=2, candidates=4, exclude_self=False)
     assert {m.item_id for m in kept.matches} == {own_id, result.matches[0].item_id}
     as_bytes = catalogue.search(paths[4].read_bytes(), k=2, candidates=4)  # bytes: every item with these bytes
@@ -94,67 +93,6 @@ def test_candidates_are_re_ranked_by_the_head(indexed, tiny_model, tmp_path):
     for m in contrary.matches:
         assert m.rank_before == by_id[m.item_id].rank_before
         assert m.head_score == pytest.approx(1.0 - by_id[m.item_id].head_score, abs=1e-5)
-
-
-def test_items_indexed_before_descriptions_are_described_once_by_the_next_index_run(indexed, tiny_model, tmp_path):
-    """Items embedded before descriptions were stored: search and dedup say to index again, and the next
-    index run describes them from their files (an item whose file no longer holds its bytes is re-embedded),
-    after which search gives what it gives on a catalogue indexed with descriptions."""
-    tmp, catalogue, paths, _ = indexed
-    from indexer.search import SearchOptions, search
-
-    work = tmp_path / "copy"
-    shutil.copytree(tmp / "data", work / "data")
-    older = catalogue_for(work, tiny_model)
-    with older.db.session() as session:
-        session.execute(update(Item).values(descriptors=None))
-        session.execute(update(Item).where(Item.source == str(paths[6])).values(sha256="0" * 64))  # as if its file changed
-        crud.bump_version(session)
-    query = tmp_path / "q.jpg"
-    edited(tiles()[2]).save(query)
-    with pytest.raises(crud.UndescribedItemsError, match="run `whymatch index` again"):
-        older.search(query, k=5, candidates=5)
-    with pytest.raises(crud.UndescribedItemsError, match="run `whymatch index` again"):
-        older.dedup(k=3)
-
-    report = older.index(tmp / "photos")
-    assert (report.described, report.updated, report.embedded, report.unchanged) == (N, 1, 1, N)
-    assert f"described {N} items" in report.summary()
-    with older.db.session() as session:
-        assert crud.count_undescribed(session, older.model_key) == 0
-    options = SearchOptions(k=5, candidates=5)
-    index, _, _ = catalogue.current_index()
-    normal = search(query, options, model=tiny_model, db=catalogue.db, index=index, model_key=catalogue.model_key)
-    from_files = search(query, options, model=tiny_model, db=older.db, index=older.current_index()[0],
-                        model_key=older.model_key)
-    assert [m.item_id for m in from_files.matches] == [m.item_id for m in normal.matches]
-    assert [m.head_score for m in from_files.matches] == pytest.approx([m.head_score for m in normal.matches], abs=2e-3)
-    assert older.index(tmp / "photos").described == 0  # once
-
-
-def test_describing_is_committed_batch_by_batch(indexed, tiny_model, tmp_path):
-    """A run that dies while describing keeps the batches it committed; the next run describes the rest."""
-    tmp, _, _, _ = indexed
-
-    class DiesOnSecondBatch(ModelStandIn):
-        batches = 0
-
-        def feature_maps(self, images):
-            self.batches += 1
-            if self.batches > 1:
-                raise RuntimeError("killed")
-            return self._model.feature_maps(images)
-
-    work = tmp_path / "copy"
-    shutil.copytree(tmp / "data", work / "data")
-    dying = catalogue_for(work, DiesOnSecondBatch(tiny_model), batch_size=8)
-    with dying.db.session() as session:
-        session.execute(update(Item).values(descriptors=None))
-    with pytest.raises(RuntimeError, match="killed"):
-        dying.index(tmp / "photos")
-    with dying.db.session() as session:
-        assert crud.count_undescribed(session, dying.model_key) == N + 1 - 8
-    assert catalogue_for(work, tiny_model).index(tmp / "photos").described == N + 1 - 8
 
 
 def test_explanations_write_overlay_pngs(indexed, tmp_path):
