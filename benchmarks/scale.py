@@ -17,7 +17,7 @@ are generated in chunks straight into a float16 file in a scratch folder, never 
 index is trained on a sample, filled shard by shard and merged into one on-disk list file. It measures
 each build stage, recall@10 after re-ranking (against exact search over the same float16 vectors, by
 brute force in chunks) and single-query lookups for each ``--nprobe`` × ``--rerank`` pair, the memory
-of a fresh serving process that memory-maps the index and the vectors (a subprocess, so this one's
+of a fresh serving process that memory-maps the index and reads the vectors it re-ranks (a subprocess, so this one's
 memory does not count), and the dedup k-NN graph on a random subsample of items, extrapolated to all.
 
     .venv/bin/python benchmarks/scale.py                         # 10k, 100k, 1M; records docs/benchmarks.md
@@ -275,13 +275,13 @@ def ondisk_notes(facts: dict) -> list[str]:
         (f"{facts['n']:,} synthetic vectors (as above) generated chunk by chunk into a float16 file; `{facts['factory']}` trained on "
          f"a random sample of {facts['train_size']:,}, filled in shards of {facts['shard_size']:,} rows (one process, one after "
          f"the other) and merged with `merge_ondisk` into one inverted-list file, served memory-mapped; the shortlist of "
-         f"each query is re-ranked by exact inner products with the float16 vectors, memory-mapped too. {THREADS} FAISS threads."),
+         f"each query is re-ranked by exact inner products with the float16 vectors, read row by row with `pread`. {THREADS} FAISS threads."),
         (f"Recall@10 is after re-ranking, against exact inner-product search over the same float16 vectors (brute force in "
          f"chunks, {facts['truth_seconds']:.0f} s for {facts['queries']} fresh queries and {facts['queries']} catalogue members); "
          f"lookups are single queries, each of the {facts['queries']} in turn, in a fresh process that loads only the index "
          f"(`load_ondisk`), with the files in the page cache (they were just written). Its memory is VmRSS after loading and "
          f"after all the lookups, the share of anonymous memory in brackets: the rest is file pages mapped from the lists "
-         f"and vectors, which the kernel can drop."),
+         f"and the ids, which the kernel can drop."),
         (f"Disk: lists + header {facts['list_bytes'] / facts['n']:.1f} bytes per vector, exact vectors + ids "
          f"{facts['vector_bytes'] / facts['n']:.0f} bytes per vector."),
         (f"The dedup k-NN graph queries {facts['graph_sample']:,} random catalogue members for k + 1 = {K + 1} neighbours at the "

@@ -43,7 +43,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 from sqlalchemy.orm import Session
 
@@ -183,7 +182,7 @@ class DedupReport:
 # ------------------------------------------------------------------------------------ candidates
 
 
-Candidates = Callable[[Database, faiss.Index, str, int, set[int]], dict[tuple[int, int], float]]
+Candidates = Callable[[Database, fx.CatalogueIndex, str, int, set[int]], dict[tuple[int, int], float]]
 """What finds the candidate pairs: (db, index, model key, k, valid ids) → pairs (``knn_candidates``)."""
 Rescorer = Callable[..., dict[tuple[int, int], float]]
 """What re-scores them: (model, pairs, options, db=, model_key=) → head scores (``rescore``)."""
@@ -191,7 +190,7 @@ Verifier = Callable[[list[tuple[int, int]], Mapping[int, str]], set[tuple[int, i
 """What verifies pairs geometrically: (pairs, item id → source) → the verified pairs (``verify_pairs``)."""
 
 
-def neighbour_block(index: faiss.Index, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def neighbour_block(index: fx.CatalogueIndex, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, ids) of the ``k`` nearest neighbours of a block of items (each finds itself too)."""
     return fx.search(index, vectors, k + 1, ef_search=fx.GRAPH_EF_SEARCH)
 
@@ -208,7 +207,7 @@ def add_neighbours(pairs: dict[tuple[int, int], float], ids: np.ndarray, sims: n
                 pairs[key] = float(sim)
 
 
-def knn_candidates(db: Database, index: faiss.Index, model_key: str, k: int, valid: set[int]) -> dict[tuple[int, int], float]:
+def knn_candidates(db: Database, index: fx.CatalogueIndex, model_key: str, k: int, valid: set[int]) -> dict[tuple[int, int], float]:
     """(a, b) with a < b → index similarity, for every item's k nearest neighbours."""
     pairs: dict[tuple[int, int], float] = {}
     with db.session() as session:
@@ -329,7 +328,7 @@ def calibrate(scores: dict[tuple[int, int], float], labels: dict[int, str], revi
 # ------------------------------------------------------------------------------------ the run
 
 
-def find_duplicates(*, model: CatalogueModel, db: Database, index: faiss.Index, model_key: str,
+def find_duplicates(*, model: CatalogueModel, db: Database, index: fx.CatalogueIndex, model_key: str,
                     generation_id: int | None = None, options: DedupOptions | None = None,
                     candidates: Candidates = knn_candidates, rescorer: Rescorer = rescore,
                     verifier: Verifier | None = None) -> DedupReport:

@@ -33,6 +33,7 @@ import faiss
 import numpy as np
 
 from engine.config import ModelSettings
+from indexer import faiss_index as fx
 from indexer.catalogue import Work
 from indexer.db import Database
 from indexer.dedup import DedupOptions, DedupReport, add_neighbours, find_duplicates, neighbour_block, score_pairs, verify_pairs
@@ -208,19 +209,23 @@ def index_on_ray(target: str | os.PathLike, cluster: RayCluster, *, model: Catal
 # ------------------------------------------------------------------------------------ dedup
 
 
-def _search_block(index_bytes: np.ndarray, vectors: np.ndarray, start: int, stop: int, k: int) -> tuple[int, np.ndarray, np.ndarray]:
-    index = faiss.deserialize_index(index_bytes)
+def _search_block(source: np.ndarray | fx.OnDiskFiles, vectors: np.ndarray, start: int, stop: int,
+                  k: int) -> tuple[int, np.ndarray, np.ndarray]:
+    index = fx.load_ondisk(source) if isinstance(source, fx.OnDiskFiles) else faiss.deserialize_index(source)
     return start, *neighbour_block(index, vectors[start:stop], k)
 
 
-def ray_candidates(workers: int, db: Database, index: faiss.Index, model_key: str, k: int,
+def ray_candidates(workers: int, db: Database, index: fx.CatalogueIndex, model_key: str, k: int,
                    valid: set[int]) -> dict[tuple[int, int], float]:
-    """``dedup.knn_candidates`` as Ray tasks, each searching a block of the catalogue's items."""
+    """``dedup.knn_candidates`` as Ray tasks, each searching a block of the catalogue's items: with a copy of
+    an in-memory index, or mapping the files of an on-disk one (which every node must then reach at the
+    same path, like the photos)."""
     import ray  # defers ray: only --ray runs need it
 
     with db.session() as session:
         ids, vectors = db.vectors.embeddings(session, model_key, int(index.d))
-    index_ref, vectors_ref = ray.put(faiss.serialize_index(index)), ray.put(vectors)
+    source = index.files if isinstance(index, fx.OnDiskIndex) else faiss.serialize_index(index)
+    index_ref, vectors_ref = ray.put(source), ray.put(vectors)
     search = ray.remote(_search_block)
     block = max(1, -(-len(ids) // (2 * workers)))
     pending = [search.remote(index_ref, vectors_ref, start, min(start + block, len(ids)), k)
@@ -283,7 +288,7 @@ def ray_verify(workers: int, pairs: list[tuple[int, int]], sources: Mapping[int,
     return set().union(*ray.get(refs)) if refs else set()
 
 
-def dedup_on_ray(cluster: RayCluster, *, model: CatalogueModel, settings: ModelSettings, db: Database, index: faiss.Index,
+def dedup_on_ray(cluster: RayCluster, *, model: CatalogueModel, settings: ModelSettings, db: Database, index: fx.CatalogueIndex,
                  model_key: str, generation_id: int | None = None, options: DedupOptions | None = None) -> DedupReport:
     """``dedup.find_duplicates`` with the k-NN graph, the head's re-scoring and the geometric verification on a
     Ray cluster; the run is stored as a plain one is."""

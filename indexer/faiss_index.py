@@ -5,7 +5,8 @@ is chosen by catalogue size unless a FAISS ``index_factory`` string names it:
 
 * up to ``EXACT_LIMIT`` vectors: ``Flat`` — exact inner product (cosine on unit vectors);
 * up to ``HNSW_LIMIT``: ``HNSW32`` — a graph index, no training, ~99% recall at ``efSearch`` 128;
-* above: ``IVF<nlist>_HNSW32,PQ<m>`` — compressed, trained on a sample of at most ``TRAIN_SAMPLE`` vectors.
+* above: ``IVF<nlist>_HNSW32,PQ<m>`` — compressed, trained on a sample of at most ``TRAIN_SAMPLE`` vectors,
+  and kept on disk (below).
 
 Files are written to a temporary name, fsynced, renamed over the final name and the folder fsynced,
 so a reader (or a crash) only ever sees a complete file.
@@ -14,13 +15,15 @@ Past what one machine's memory holds comfortably (10^7–10^9 vectors) the IVF-P
 core (``build_ondisk``): trained on a sample, filled shard by shard (each shard a file, so shards can be
 built by separate processes), merged into one inverted-list file that serving processes memory-map
 (``load_ondisk``), and its shortlist re-ranked by the exact vectors, kept memory-mapped next to it
-(``OnDiskIndex``). Those IVF lists hold row numbers of the vectors file; an ids file maps rows to item ids.
+(``OnDiskIndex``, reading them with ``pread``). Those IVF lists hold row numbers of the vectors file; an ids file maps rows to item ids.
+A catalogue of more than ``ONDISK_ABOVE`` vectors whose index is IVF (the automatic choice there, or a
+factory string naming one) gets such an index (``wants_ondisk``); ``IndexStore.load``, ``search`` and
+``ids_of`` take either kind.
 """
 
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import re
 import shutil
@@ -43,7 +46,9 @@ NPROBE = 16
 # On-disk IVF-PQ search: the probes and the shortlist re-ranked by exact vectors (benchmarks/scale.py
 # tunes them for recall@10 after re-ranking against exact search).
 ONDISK_NPROBE = 64
-RERANK_FACTOR = 10
+RERANK_FACTOR = 30
+# Catalogues above this many vectors keep an IVF index on disk, memory-mapped (``wants_ondisk``).
+ONDISK_ABOVE = HNSW_LIMIT
 
 
 def faiss_metric(metric: str) -> int:
@@ -76,6 +81,18 @@ def choose_factory(n: int, dim: int) -> str:
     nlist = 1 << int(round(math.log2(4 * math.sqrt(n))))
     m = max(d for d in range(1, dim // 8 + 1) if dim % d == 0)  # ~8 dimensions per 8-bit code
     return f"IVF{nlist}_HNSW32,PQ{m}"
+
+
+def wants_ondisk(n: int, dim: int, factory: str) -> bool:
+    """Whether a catalogue of ``n`` vectors keeps its index (``factory``) on disk: above ``ONDISK_ABOVE``,
+    when the factory names an IVF index (the only kind whose lists FAISS serves memory-mapped)."""
+    if n <= ONDISK_ABOVE:
+        return False
+    try:
+        faiss.extract_index_ivf(faiss.index_factory(dim, factory.strip()))
+    except RuntimeError:
+        return False
+    return True
 
 
 def _full_factory(factory: str) -> str:
@@ -123,15 +140,19 @@ def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, chunk: int = 6
         )
 
 
-def remove(index: faiss.Index, ids: np.ndarray) -> int:
-    """Remove ids; raises RuntimeError for index kinds that cannot (HNSW)."""
+def remove(index: faiss.Index | OnDiskIndex, ids: np.ndarray) -> int:
+    """Remove ids; raises RuntimeError for index kinds that cannot (HNSW, an on-disk index)."""
     if len(ids) == 0:
         return 0
+    if isinstance(index, OnDiskIndex):
+        raise RuntimeError("an on-disk index is rebuilt, not updated")
     return int(index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
 
 
-def ids_of(index: faiss.Index) -> np.ndarray:
-    """The item ids an IndexIDMap2 holds."""
+def ids_of(index: faiss.Index | OnDiskIndex) -> np.ndarray:
+    """The item ids an IndexIDMap2 or an on-disk index holds."""
+    if isinstance(index, OnDiskIndex):
+        return np.asarray(index.ids, dtype=np.int64)
     return faiss.vector_to_array(index.id_map).astype(np.int64)
 
 
@@ -145,11 +166,15 @@ def set_search_parameters(index: faiss.Index, *, nprobe: int = NPROBE, ef_search
             pass  # this index kind has no such parameter
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, *, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search(index: faiss.Index | OnDiskIndex, queries: np.ndarray, k: int, *,
+           ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids), each q×k; missing neighbours have id -1. Scores are similarities:
     inner products for cosine indexes, negated distances for L2 ones (higher = more alike).
     ``ef_search`` overrides an HNSW index's search depth for this call only (thread-safe: the index
-    itself is not changed); other index kinds ignore it."""
+    itself is not changed); other index kinds ignore it. An on-disk index searches at its defaults
+    (``OnDiskIndex.search``)."""
+    if isinstance(index, OnDiskIndex):
+        return index.search(queries, k)
     k = max(1, min(int(k), max(index.ntotal, 1)))
     params = None
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
@@ -223,8 +248,10 @@ class IndexStore:
     def save(self, index: faiss.Index, filename: str) -> Path:
         return save_index(index, self.path(filename))
 
-    def load(self, filename: str) -> faiss.Index:
-        return load_index(self.path(filename))
+    def load(self, filename: str) -> faiss.Index | OnDiskIndex:
+        """The index saved as ``filename``: in memory, or memory-mapped when it is an on-disk one."""
+        files = self.ondisk(filename)
+        return load_ondisk(files) if files.ivfdata.is_file() else load_index(self.path(filename))
 
     def exists(self, filename: str) -> bool:
         return self.path(filename).is_file()
@@ -375,43 +402,71 @@ def build_ondisk(files: OnDiskFiles, metric: str, factory: str, *, train_size: i
 
 
 def load_ondisk(files: OnDiskFiles) -> OnDiskIndex:
-    """The on-disk index, its lists and exact vectors memory-mapped: a serving process holds in memory
-    the quantizers and the pages its searches touch, which the kernel can drop again. The lists are
-    mapped by ``OnDiskInvertedLists`` itself, found next to the header (``IO_FLAG_ONDISK_SAME_DIR``);
-    adding ``IO_FLAG_MMAP`` to that makes FAISS crash on search."""
+    """The on-disk index, its lists memory-mapped: a serving process holds in memory the quantizers, the
+    ids and the list pages its searches touch, which the kernel can drop again; re-ranking reads the exact
+    vectors of each shortlist from their file (``RowReader``). The lists are mapped by
+    ``OnDiskInvertedLists`` itself, found next to the header (``IO_FLAG_ONDISK_SAME_DIR``); adding
+    ``IO_FLAG_MMAP`` to that makes FAISS crash on search."""
     index = faiss.read_index(str(files.index), faiss.IO_FLAG_ONDISK_SAME_DIR)
-    vectors, ids = map_rows(files.vectors), map_rows(files.ids)
+    vectors, ids = RowReader(files.vectors), np.load(files.ids, mmap_mode="r")
     if not (index.ntotal == len(vectors) == len(ids)):
         raise ValueError(f"{files.index}: {index.ntotal} listed vectors, {len(vectors)} exact vectors, {len(ids)} ids")
-    return OnDiskIndex(index, vectors, ids)
+    return OnDiskIndex(index, vectors, ids, files)
 
 
-def map_rows(path: Path) -> np.ndarray:
-    """A read-only memory map of an ``.npy`` file, advised as randomly accessed: re-ranking reads a few
-    scattered rows per query, and the kernel's default read-ahead would fetch (and keep resident)
-    many times the bytes each row needs."""
-    with open(path, "rb") as handle:
-        version = np.lib.format.read_magic(handle)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(handle)
-        offset = handle.tell()
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    if fortran_order:
-        raise ValueError(f"{path}: expected a C-ordered array")
-    mapped.madvise(mmap.MADV_RANDOM)
-    return np.frombuffer(mapped, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+class RowReader:
+    """Rows of a 2-d ``.npy`` file read on demand with ``pread``, one call per row: a shortlist's few scattered
+    rows cost a few microseconds each and never become the process's memory. A memory map of the file would
+    do the same reads but count every page it touches (and the kernel maps neighbouring cached pages with
+    each fault) in the process's resident set, which grows towards the file's size as lookups go on."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, fortran_order, self.dtype = read_header(handle)
+            self.offset = handle.tell()
+        if fortran_order or len(self.shape) != 2:
+            raise ValueError(f"{path}: expected a C-ordered 2-d array")
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        buffer = memoryview(out).cast("B")
+        for n, row in enumerate(rows.tolist()):
+            if not 0 <= row < self.shape[0]:
+                raise IndexError(f"row {row} of {self.shape[0]}")
+            got = os.preadv(self._fd, [buffer[n * self.row_bytes : (n + 1) * self.row_bytes]], self.offset + row * self.row_bytes)
+            if got != self.row_bytes:
+                raise OSError(f"short read of row {row}")
+        return out
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
 
 
 class OnDiskIndex:
-    """An IVF index over row numbers, the exact vectors of those rows and the item id of each row."""
+    """An IVF index over row numbers, the exact vectors of those rows and the item id of each row, and
+    the files they were mapped from (``files``: other processes, e.g. Ray tasks, map them too)."""
 
-    def __init__(self, index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
-        self.index, self.vectors, self.ids = index, vectors, ids
+    def __init__(self, index: faiss.Index, vectors: RowReader | np.ndarray, ids: np.ndarray, files: OnDiskFiles | None = None) -> None:
+        self.index, self.vectors, self.ids, self.files = index, vectors, ids, files
         self.metric_type = index.metric_type
 
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
+
+    @property
+    def d(self) -> int:
+        return int(self.index.d)
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: int = ONDISK_NPROBE,
                rerank_factor: int = RERANK_FACTOR) -> tuple[np.ndarray, np.ndarray]:
@@ -429,7 +484,11 @@ class OnDiskIndex:
         return scores, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
 
 
-def rerank(vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray, k: int, metric_type: int) -> tuple[np.ndarray, np.ndarray]:
+CatalogueIndex = faiss.Index | OnDiskIndex
+"""A catalogue's index: in memory, or memory-mapped from disk (``wants_ondisk``)."""
+
+
+def rerank(vectors: RowReader | np.ndarray, queries: np.ndarray, rows: np.ndarray, k: int, metric_type: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best of each query's shortlist ``rows`` (q×k', -1 = none) by exact similarity to
     ``vectors[row]``: (scores, rows), each q×k, best first. Scores are inner products, or negated L2
     distances for ``METRIC_L2``."""

@@ -464,9 +464,11 @@ def _commit_batch(db: Database, model: CatalogueModel, model_key: str, origin: s
 # ------------------------------------------------------------------------------------ the FAISS index
 
 
+
 def sync_index(db: Database, store: fx.IndexStore, *, model_key: str, metric: str, dim: int, factory: str | None = None,
-               rebuild: bool = False, report: IndexReport | None = None) -> tuple[IndexGeneration, faiss.Index, str]:
-    """Make the newest complete generation match the database: keep it, update it, or rebuild it."""
+               rebuild: bool = False, report: IndexReport | None = None) -> tuple[IndexGeneration, fx.CatalogueIndex, str]:
+    """Make the newest complete generation match the database: keep it, update it, or rebuild it. An index
+    kept on disk (``fx.wants_ondisk``) is rebuilt whenever the catalogue changed."""
     with db.session() as session:
         version = crud.catalogue_version(session)
         latest = crud.latest_generation(session)
@@ -478,13 +480,26 @@ def sync_index(db: Database, store: fx.IndexStore, *, model_key: str, metric: st
     if usable:
         try:
             index = store.load(latest.filename)
-        except (RuntimeError, ValueError):
+        except (RuntimeError, ValueError, OSError):
             index = None
     if index is not None and latest.catalogue_version == version and index.ntotal == n == latest.ntotal:
         return latest, index, "unchanged"
 
+    counts = {}
+    if report is not None:
+        counts = {"n_added": report.added, "n_updated": report.updated, "n_removed": report.removed,
+                  "n_exact_duplicates": report.exact_duplicates, "n_skipped": len(report.skipped)}
+    if fx.wants_ondisk(n, dim, wanted):
+        with db.session() as session:
+            version = crud.catalogue_version(session)
+            generation = crud.start_generation(session, catalogue_version=version, model_key=model_key, metric=metric,
+                                               dim=dim, factory=wanted, ntotal=n, **counts)
+        filename = store.filename(generation.id)
+        index = _build_ondisk(db, store.ondisk(filename), model_key=model_key, metric=metric, dim=dim, factory=wanted, n=n)
+        return _complete(db, store, generation.id, filename), index, "rebuilt"
+
     action = "updated"
-    if index is not None and index.ntotal == latest.ntotal:
+    if isinstance(index, faiss.Index) and index.ntotal == latest.ntotal:
         index, version = _update_index(db, index, model_key, dim, latest.catalogue_version)
     else:
         index = None
@@ -496,21 +511,44 @@ def sync_index(db: Database, store: fx.IndexStore, *, model_key: str, metric: st
         wanted = factory or fx.choose_factory(len(ids), dim)
         index = fx.build_index(vectors, ids, metric, wanted)
 
-    counts = {}
-    if report is not None:
-        counts = {"n_added": report.added, "n_updated": report.updated, "n_removed": report.removed,
-                  "n_exact_duplicates": report.exact_duplicates, "n_skipped": len(report.skipped)}
     with db.session() as session:
         generation = crud.start_generation(session, catalogue_version=version, model_key=model_key, metric=metric, dim=dim,
                                            factory=wanted, ntotal=int(index.ntotal), **counts)
     filename = store.filename(generation.id)
     store.save(index, filename)
+    return _complete(db, store, generation.id, filename), index, action
+
+
+def _complete(db: Database, store: fx.IndexStore, generation_id: int, filename: str) -> IndexGeneration:
+    """Mark a generation whose files are written complete, and delete the files of older ones but the last."""
     with db.session() as session:
-        crud.complete_generation(session, generation.id, filename)
+        crud.complete_generation(session, generation_id, filename)
         keep = crud.complete_filenames(session)
-        generation = crud.get_generation(session, generation.id)
+        generation = crud.get_generation(session, generation_id)
     store.cleanup(keep)
-    return generation, index, action
+    return generation
+
+
+def _build_ondisk(db: Database, files: fx.OnDiskFiles, *, model_key: str, metric: str, dim: int, factory: str,
+                  n: int) -> fx.OnDiskIndex:
+    """The on-disk index of the ``n`` embeddings of ``model_key``: copied shard by shard into its memory-mapped
+    vectors file (never all in memory), then trained, filled and merged (``fx.build_ondisk``)."""
+    vectors = fx.create_vectors(files, n, dim)
+    ids = np.empty(n, np.int64)
+    row = 0
+    with db.session() as session:
+        for block_ids, block in db.vectors.iter_embeddings(session, model_key):
+            if row + len(block_ids) > n:
+                raise RuntimeError(f"the catalogue changed while its index was built ({n} embeddings counted)")
+            vectors[row : row + len(block_ids)], ids[row : row + len(block_ids)] = block, block_ids
+            row += len(block_ids)
+    if row != n:
+        raise RuntimeError(f"the catalogue changed while its index was built ({n} embeddings counted, {row} read)")
+    vectors.flush()
+    del vectors
+    fx.write_ids(files, ids)
+    fx.build_ondisk(files, metric, factory)
+    return fx.load_ondisk(files)
 
 
 def _update_index(db: Database, index: faiss.Index, model_key: str, dim: int, built_at: int) -> tuple[faiss.Index | None, int]:
@@ -534,11 +572,11 @@ def _update_index(db: Database, index: faiss.Index, model_key: str, dim: int, bu
 
 
 def load_current_index(db: Database, store: fx.IndexStore, *, model_key: str, metric: str, dim: int,
-                       log: Callable[[str], None] | None = None) -> tuple[faiss.Index, IndexGeneration | None, bool]:
+                       log: Callable[[str], None] | None = None) -> tuple[fx.CatalogueIndex, IndexGeneration | None, bool]:
     """The index to search: the newest complete generation, checked against the database.
 
     Returns (index, generation, stale). A missing or unreadable file, or one made by another model,
-    is replaced by an index built in memory from the database's embeddings. A file behind the
+    is replaced by an index built in memory from the embeddings in the shards. A file behind the
     database (an index run was interrupted) is used as it is and reported stale: ids it holds that
     are gone from the database are dropped from results by the caller.
     """
@@ -556,7 +594,7 @@ def load_current_index(db: Database, store: fx.IndexStore, *, model_key: str, me
         except (RuntimeError, ValueError, OSError):
             pass
     if log:
-        log("no usable index file: building one in memory from the database (run `whymatch index` to save one)")
+        log("no usable index file: building one in memory from the stored embeddings (run `whymatch index` to save one)")
     with db.session() as session:
         ids, vectors = db.vectors.embeddings(session, model_key, dim)
     return fx.build_index(vectors, ids, metric, fx.choose_factory(len(ids), dim)), None, False

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 
 from engine import PairExplanation
@@ -182,7 +181,7 @@ class _Query:
         return self.picture, self.fmap
 
 
-def search(query: ImageSource, options: SearchOptions, *, model: CatalogueModel, db: Database, index: faiss.Index,
+def search(query: ImageSource, options: SearchOptions, *, model: CatalogueModel, db: Database, index: fx.CatalogueIndex,
            model_key: str, generation: int | None = None, stale_index: bool = False) -> SearchResult:
     """The best catalogue matches of ``query``, re-scored by the head from the descriptions stored by
     ``model_key``.
@@ -202,7 +201,7 @@ def search(query: ImageSource, options: SearchOptions, *, model: CatalogueModel,
                    model_key=model_key, generation=generation, stale_index=stale_index)
 
 
-def search_item(item_id: int, options: SearchOptions, *, model: CatalogueModel, db: Database, index: faiss.Index,
+def search_item(item_id: int, options: SearchOptions, *, model: CatalogueModel, db: Database, index: fx.CatalogueIndex,
                 model_key: str, generation: int | None = None, stale_index: bool = False) -> SearchResult:
     """"More like this": the ``k`` best matches of a catalogue item, from its stored embedding and head
     description, so no file is decoded and no backbone runs unless concepts, effects or overlays need
@@ -225,7 +224,7 @@ def search_item(item_id: int, options: SearchOptions, *, model: CatalogueModel, 
                    stale_index=stale_index)
 
 
-def _search(query: _Query, options: SearchOptions, *, model: CatalogueModel, db: Database, index: faiss.Index, model_key: str,
+def _search(query: _Query, options: SearchOptions, *, model: CatalogueModel, db: Database, index: fx.CatalogueIndex, model_key: str,
             generation: int | None, stale_index: bool) -> SearchResult:
     """FAISS candidates of the query, re-scored and re-ranked by the head, optionally explained."""
     k, concepts, effects, explain_dir = options.k, options.concepts, options.effects, options.explain_dir

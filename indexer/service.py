@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 
 from engine.config import ModelSettings
@@ -112,7 +111,7 @@ class Catalogue:
         self._model = model
         self.model_settings = model_settings or ModelSettings.model_construct()  # the defaults, no environment
         self._model_key: str | None = None
-        self._index: tuple[int | None, faiss.Index, bool] | None = None
+        self._index: tuple[int | None, fx.CatalogueIndex, bool] | None = None
         # Guards ``_index``: the API searches from several threads while an index run may replace it.
         self._index_lock = threading.Lock()
 
@@ -188,7 +187,7 @@ class Catalogue:
             self._index = None
         return report
 
-    def current_index(self) -> tuple[faiss.Index, int | None, bool]:
+    def current_index(self) -> tuple[fx.CatalogueIndex, int | None, bool]:
         """(index, generation id or None, stale) — loaded once, reloaded when a newer generation exists."""
         with self.db.session() as session:
             latest = crud.latest_generation(session)

@@ -118,3 +118,48 @@ def test_load_refuses_mismatched_files(vectors, template, tmp_path):
 def test_train_refuses_what_cannot_go_on_disk(vectors, factory):
     with pytest.raises(ValueError, match="on-disk index factory"):
         fx.train_ivfpq(vectors[:2000], "cosine", factory)
+
+
+def test_wants_ondisk_above_the_limit_for_ivf_factories_only(monkeypatch):
+    monkeypatch.setattr(fx, "ONDISK_ABOVE", 100)
+    assert fx.wants_ondisk(101, 64, "IVF4,PQ8") and fx.wants_ondisk(101, 64, "OPQ8,IVF4_HNSW32,PQ8")
+    assert not fx.wants_ondisk(100, 64, "IVF4,PQ8")  # not above the limit
+    assert not fx.wants_ondisk(10**9, 64, "HNSW32") and not fx.wants_ondisk(10**9, 64, "Flat")
+    monkeypatch.setattr(fx, "ONDISK_ABOVE", fx.HNSW_LIMIT)
+    assert fx.wants_ondisk(fx.HNSW_LIMIT + 1, 256, fx.choose_factory(fx.HNSW_LIMIT + 1, 256))  # the automatic choice above 1M
+
+
+def test_a_catalogue_above_the_limit_searches_and_dedups_from_its_on_disk_index(tmp_path, tiny_model, monkeypatch):
+    """Past ``ONDISK_ABOVE`` the catalogue's IVF index is built on disk from the vector shards and searched
+    memory-mapped: the same matches as an exact index in memory; a changed catalogue rebuilds it; a fresh
+    process loads it; dedup walks its k-NN graph."""
+    from tests.catalogues import catalogue_for, edited, tiles, write_catalogue as write_photos
+
+    monkeypatch.setattr(fx, "ONDISK_ABOVE", 4)
+    root = tmp_path / "photos"
+    paths = write_photos(root, 10)
+    exact = catalogue_for(tmp_path / "exact", tiny_model, index_factory="Flat")
+    exact.index(root)
+    ondisk = catalogue_for(tmp_path / "ondisk", tiny_model, index_factory="IVF2,Flat")
+    report = ondisk.index(root)
+    assert (report.index_action, report.ntotal, report.index_factory) == ("rebuilt", 10, "IVF2,Flat")
+    files = ondisk.store.ondisk(fx.IndexStore.filename(report.generation))
+    assert files.ivfdata.is_file() and files.vectors.is_file() and not files.shards.exists()
+    index, _, stale = ondisk.current_index()
+    assert isinstance(index, fx.OnDiskIndex) and not stale and sorted(fx.ids_of(index)) == list(range(1, 11))
+
+    query = tmp_path / "query.jpg"
+    edited(tiles()[6]).save(query)
+    expected = [(m.source, m.head_score) for m in exact.search(query, k=4, candidates=8).matches]
+    found = [(m.source, m.head_score) for m in ondisk.search(query, k=4, candidates=8).matches]
+    assert [s for s, _ in found] == [s for s, _ in expected] and found[0][0] == str(paths[6])
+    assert [h for _, h in found] == pytest.approx([h for _, h in expected], abs=1e-4)
+    assert ondisk.index(root).index_action == "unchanged"
+
+    write_photos(root, 1, start=10)
+    again = ondisk.index(root)
+    assert (again.index_action, again.ntotal, again.added) == ("rebuilt", 11, 1)
+    assert ondisk.store.ondisk(fx.IndexStore.filename(again.generation)).ivfdata.is_file()
+    fresh = catalogue_for(tmp_path / "ondisk", tiny_model, index_factory="IVF2,Flat")
+    assert isinstance(fresh.current_index()[0], fx.OnDiskIndex) and fresh.current_index()[0].ntotal == 11
+    assert fresh.dedup(k=3).n_candidates > 0
