@@ -61,7 +61,7 @@ class VectorStore:
     def __init__(self, url: str | os.PathLike) -> None:
         self.url = str(url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self._open: OrderedDict[str, pq.ParquetFile] = OrderedDict()
+        self._open: OrderedDict[str, tuple[pq.ParquetFile, threading.Lock]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -114,26 +114,29 @@ class VectorStore:
             except FileNotFoundError:
                 pass
 
-    def _file(self, name: str) -> pq.ParquetFile:
+    def _file(self, name: str) -> tuple[pq.ParquetFile, threading.Lock]:
+        """The open shard and the lock its reads take: one file object must not seek for two threads at once
+        (the API searches from several)."""
         with self._lock:
             found = self._open.get(name)
             if found is not None:
                 self._open.move_to_end(name)
                 return found
-        opened = pq.ParquetFile(self.fs.open(self._path(name), "rb"))
+        opened = (pq.ParquetFile(self.fs.open(self._path(name), "rb")), threading.Lock())
         with self._lock:
-            self._open[name] = opened
+            opened = self._open.setdefault(name, opened)
             while len(self._open) > _OPEN_FILES:
                 self._open.popitem(last=False)
         return opened
 
     def read(self, name: str, ids: Sequence[int] | None = None, *, embeddings: bool = True, descriptions: bool = True) -> Rows:
         """The rows of shard ``name`` for ``ids`` (all its rows when None), in id order; ids it lacks are left out."""
-        shard = self._file(name)
+        shard, lock = self._file(name)
         wanted = None if ids is None else np.unique(np.asarray(ids, np.int64))
         groups = _row_groups(shard, wanted)
         columns = ["item_id"] + (["embedding"] if embeddings else []) + (["description"] if descriptions else [])
-        table = shard.read_row_groups(groups, columns=columns) if groups else shard.schema_arrow.empty_table().select(columns)
+        with lock:
+            table = shard.read_row_groups(groups, columns=columns) if groups else shard.schema_arrow.empty_table().select(columns)
         found = table.column("item_id").to_numpy()
         keep = np.ones(len(found), bool) if wanted is None else np.isin(found, wanted)
         rows = np.flatnonzero(keep)

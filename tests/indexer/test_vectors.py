@@ -33,11 +33,26 @@ def test_rows_read_back_as_written_by_id_reading_only_their_row_groups(tmp_path)
     for item_id, vector, description in zip(rows.ids.tolist(), rows.embeddings, rows.descriptions):
         n = ids.index(item_id)
         assert np.array_equal(vector, vectors[n]) and description == descriptions[n]
-    shard = store._file(name)
+    shard, _ = store._file(name)
     assert shard.metadata.num_row_groups == 3  # ROW_GROUP rows each, sorted by id
     assert len(shards._row_groups(shard, np.array([min(ids)]))) == 1
     assert len(store.read(name).ids) == 300 and store.read(name, []).ids.tolist() == []
     assert not [p for p in (tmp_path / "vectors").iterdir() if p.suffix != ".parquet"]  # no temporary file left
+
+
+def test_threads_read_one_shard_at_once(tmp_path):
+    """The API searches from several threads: reads of one open shard must not interleave their seeks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = VectorStore(tmp_path / "vectors")
+    ids, vectors, _ = _rows(1000)
+    descriptions = [bytes([i % 256]) * 7000 for i in ids]  # description-sized rows: reads long enough to overlap
+    name = store.write(ids, vectors, descriptions, tag=1)
+    picks = [np.random.default_rng(n).choice(ids, 20, replace=False) for n in range(400)]
+    with ThreadPoolExecutor(8) as pool:
+        for pick, rows in zip(picks, pool.map(lambda chosen: store.read(name, chosen), picks)):
+            assert rows.ids.tolist() == sorted(pick.tolist())
+            assert [d for d in rows.descriptions] == [descriptions[ids.index(i)] for i in rows.ids.tolist()]
 
 
 def test_compaction_plan_merges_small_shards_and_rewrites_mostly_dead_ones():
