@@ -40,6 +40,10 @@ def project_modules() -> dict[str, Path]:
 
 
 MODULES = project_modules()
+# Parsed once, at collection, before any test starts threads: CPython 3.11.7 keeps the AST converter's recursion
+# count in shared module state, so an ``ast.parse`` racing another thread's (Ray's, after the distributed tests)
+# fails with "AST constructor recursion depth mismatch".
+SYNTAX_TREES = {path: ast.parse(path.read_text()) for path in MODULES.values()}
 
 
 def layer_of(module: str) -> int:
@@ -76,7 +80,7 @@ def import_statements(path: Path) -> list[tuple[ast.Import | ast.ImportFrom, boo
                 found.append((child, in_function))
             visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
 
-    visit(ast.parse(path.read_text()), False)
+    visit(SYNTAX_TREES[path], False)
     return found
 
 
