@@ -1,4 +1,5 @@
-"""Region correspondences: an exact decomposition for MatchNet, boxes in original pixels, disjoint regions."""
+"""Region correspondences: an exact decomposition for MatchNet, boxes in original pixels, disjoint regions, the pairs
+that agree with the shared geometry first."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.errors import ImageLoadError
 from engine.explain.correspondences import (
     cell_box,
     find_correspondences,
     pair_contributions,
     window_sums,
 )
-from engine.errors import ImageLoadError
 from engine.explain.figures import pair_figure
 from engine.images import image_size
 from tests.conftest import make_model
@@ -127,6 +128,65 @@ def test_a_zoom_keeps_pairs_whose_windows_overlap_in_the_zoomed_out_image():
     for c in found:
         assert chebyshev(list(net.truth[tuple(c["cell_a"])]), c["cell_b"]) <= 1
     assert sum(c["share"] for c in found) <= 1 + 1e-6
+
+
+class TurnNet:
+    """A stand-in net pairing each cell of a with the cell of b where a mirrored, turned and zoomed copy puts
+    it (4:3 images of different sizes, so the turn is no similarity on the squeezed grids), plus ``wrong``
+    pairs far from there, each stronger than any window of true pairs."""
+
+    head_device = torch.device("cpu")
+    size_a, size_b = (280, 210), (400, 300)
+
+    def __init__(self, grid: int, wrong: list[tuple[tuple[int, int], tuple[int, int]]]) -> None:
+        theta = np.deg2rad(15.0)
+        turn = 1.1 * np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]])
+        rows, cols = np.divmod(np.arange(grid * grid), grid)
+        (wa, ha), (wb, hb) = self.size_a, self.size_b
+        points = np.stack([wa - (cols + 0.5) * wa / grid, (rows + 0.5) * ha / grid], axis=1)  # mirrored
+        landed = (points - [wa / 2, ha / 2]) @ turn.T + [wb / 2, hb / 2]
+        cells_b = np.floor(landed / [wb / grid, hb / grid]).astype(int)[:, ::-1]
+        self.truth, self.wrong = {}, wrong
+        terms = torch.zeros(1, grid * grid, grid * grid)
+        for n, (row, col) in enumerate(cells_b):
+            if 0 <= row < grid and 0 <= col < grid:
+                self.truth[divmod(n, grid)] = (int(row), int(col))
+                terms[0, n, row * grid + col] = 1.0 + 0.01 * n / grid
+        for (ya, xa), (yb, xb) in wrong:
+            assert chebyshev(list(self.truth[(ya, xa)]), [yb, xb]) > 3
+            terms[0, ya * grid + xa, yb * grid + xb] = 30.0
+        self.terms = terms
+
+    def cell_contributions(self, projs_a: torch.Tensor, projs_b: torch.Tensor) -> torch.Tensor:
+        return self.terms
+
+
+def test_pairs_that_agree_with_the_geometry_come_before_stronger_wrong_ones():
+    """A turned, mirrored copy: the head's strongest pairs are wrong (its descriptors do not turn), and the
+    one geometry most of its pairs agree with puts the right ones first."""
+    net, grid = TurnNet(14, wrong=[((3, 3), (10, 11)), ((10, 9), (2, 2)), ((6, 2), (12, 7))]), torch.zeros(1, 1, 14, 14)
+    regions = window_sums(net.terms, (14, 14), (14, 14), radius=1)[0]
+    ya, xa, yb, xb = map(int, np.unravel_index(int(regions.argmax()), regions.shape))
+    # By value alone the first pick would be a window around a wrong pair.
+    assert any(chebyshev([ya, xa], list(a)) <= 1 and chebyshev([yb, xb], list(b)) <= 1 for a, b in net.wrong)
+    found = find_correspondences(net, grid, grid, [net.size_a], [net.size_b], top=10)[0]
+    assert len(found) == 10
+    for c in found:
+        assert chebyshev(list(net.truth[tuple(c["cell_a"])]), c["cell_b"]) <= 1
+    everything = find_correspondences(net, grid, grid, [net.size_a], [net.size_b], top=196)[0]
+    agree = [chebyshev(list(net.truth[tuple(c["cell_a"])]), c["cell_b"]) <= 1 for c in everything]
+    assert agree == sorted(agree, reverse=True)  # every agreeing pair before the first that does not
+
+
+def test_without_a_shared_geometry_pairs_keep_their_order_by_value():
+    """Unrelated contributions: no geometry is shared, so the pairs are picked by value alone."""
+    torch.manual_seed(0)
+    net, grid = ZoomNet(14), torch.zeros(1, 1, 14, 14)
+    net.terms = torch.rand(1, 196, 196) ** 8
+    found = find_correspondences(net, grid, grid, [(140, 140)], [(140, 140)], top=20)[0]
+    assert len(found) == 20
+    shares = [c["share"] for c in found]
+    assert shares == sorted(shares, reverse=True)
 
 
 def test_swapping_images_swaps_boxes(model, photos, tall):
