@@ -4,7 +4,9 @@ Each indexing run builds a fresh catalogue of the same photos end to end (scan, 
 describe, commit, FAISS): the plain run in this process on ``THREADS`` torch threads, then on a local Ray
 instance of ``THREADS`` CPUs with 1 and with 2 embedding actors (one CPU, so one torch thread, each). The
 Ray instance is started before the clock; each Ray run's time includes starting its actors (each imports
-torch and loads the model). Dedup then runs plain and on Ray (2 workers) over the last catalogue.
+torch and loads the model). Dedup then runs plain and on Ray (2 workers) over the last catalogue. Last, the
+split of an actor's work: the same photos read + hashed + decoded (``indexing.prepare_batch``) and put through
+the model (``indexing.encode_batch``) in this process, batch by batch, on one torch thread as each actor has.
 
     .venv/bin/python benchmarks/distributed.py                 # records docs/benchmarks.md
     .venv/bin/python benchmarks/distributed.py --limit 60      # smoke run, prints only
@@ -23,6 +25,32 @@ from common import add_model_option, command_line, markdown_table, record, share
 from engine.data import list_images
 
 THREADS = 2
+
+
+def stage_split(model, paths: list[Path], batch_size: int = 32) -> list[list[str]]:
+    """Seconds and images/s of an actor's two stages over ``paths`` on one thread: what each costs per photo."""
+    from engine.images import DEFAULT_MAX_PIXELS
+    from indexer.catalogue import FileEntry, Work
+    from indexer.indexing import encode_batch, prepare_batch
+
+    work = [Work(FileEntry(str(p), None, p.stat().st_size, p.stat().st_mtime_ns), None) for p in paths]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    decode = encode = 0.0
+    try:
+        for start in range(0, len(work), batch_size):
+            started = time.perf_counter()
+            prepared = prepare_batch(work[start:start + batch_size], set(), int(model.config.input_size), DEFAULT_MAX_PIXELS)
+            decode += time.perf_counter() - started
+            started = time.perf_counter()
+            encode_batch(model, prepared, set())
+            encode += time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    total = decode + encode
+    return [[name, f"{seconds:.1f}", f"{len(paths) / seconds:.1f}", f"{seconds / total:.0%}"]
+            for name, seconds in (("read + hash + decode + resize (`prepare_batch`)", decode),
+                                  ("embed + describe (`encode_batch`)", encode), ("both", total))]
 
 
 def main() -> None:
@@ -73,20 +101,25 @@ def main() -> None:
                 found = catalogue.dedup(ray=cluster)
                 dedup_rows.append([name, found.n_items, found.n_candidates, len(found.pairs), f"{time.perf_counter() - started:.1f}"])
                 print(dedup_rows[-1], flush=True)
+            split_rows = stage_split(catalogue.model, paths)
+            print(split_rows, flush=True)
     finally:
         ray.shutdown()
 
     table = markdown_table(["indexing", "photos", "skipped", "seconds", "images/s", "vs plain"], rows)
     dedup_table = markdown_table(["dedup", "items", "candidate pairs", "pairs kept", "seconds"], dedup_rows)
+    split_table = markdown_table(["an actor's stages, 1 thread", "seconds", "images/s", "share"], split_rows)
     notes = (f"{len(paths)} photos from {', '.join(args.datasets)}, each run a fresh catalogue, on one machine: a local "
              f"Ray instance of {THREADS} CPUs, started before the clock, against the plain run on {THREADS} torch threads. "
              "A Ray run's time includes starting its actors (each imports torch and loads the model), so on one machine "
-             "it shows what Ray costs, not what more machines gain; each worker node adds its CPUs' actors.")
+             "it shows what Ray costs, not what more machines gain; each worker node adds its CPUs' actors. The stages were "
+             "timed apart in the driver after the runs, batches of 32, on one torch thread each.")
     print(table)
     print(dedup_table)
+    print(split_table)
     print(notes)
     if args.limit == parser.get_default("limit") and args.datasets == parser.get_default("datasets"):
-        record("distributed", command_line(), table + "\n\n" + dedup_table, notes)
+        record("distributed", command_line(), "\n\n".join([table, dedup_table, split_table]), notes)
 
 
 if __name__ == "__main__":

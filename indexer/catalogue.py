@@ -17,6 +17,7 @@ items the database holds for that origin:
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import re
 from collections.abc import Iterable
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from engine.errors import ImageLoadError
 from engine.images import IMAGE_SUFFIXES
 
 
@@ -87,6 +89,21 @@ class Diff:
 
 
 # ------------------------------------------------------------------------------------ scanning
+
+
+def read_indexed(source: str, sha256: str) -> bytes:
+    """The bytes of an item's file as it was indexed. What is derived from the file later (its pixels for a
+    map, its keypoints for a verification) must show what the stored embedding and description show: a file
+    replaced since the index run would be explained or verified as another photo. Raises ``ImageLoadError``
+    when the file cannot be read or its bytes changed."""
+    try:
+        with open(source, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ImageLoadError(f"cannot read file: {exc.strerror or exc}") from exc
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ImageLoadError("the file changed since it was indexed: run whymatch index again")
+    return data
 
 
 def scan(path: str | os.PathLike, listing_regex: str | None = None) -> Scan:

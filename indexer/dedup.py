@@ -52,6 +52,7 @@ from engine.explain.decision import VERIFY_MODEL, is_verified, query_keypoints, 
 from engine.verify import MIN_INLIERS, Keypoints, extract
 from indexer import crud
 from indexer import faiss_index as fx
+from indexer.catalogue import read_indexed
 from indexer.db import Database
 from indexer.model import CatalogueModel
 from indexer.models import as_utc
@@ -186,8 +187,8 @@ Candidates = Callable[[Database, fx.CatalogueIndex, str, int, set[int]], dict[tu
 """What finds the candidate pairs: (db, index, model key, k, valid ids) → pairs (``knn_candidates``)."""
 Rescorer = Callable[..., dict[tuple[int, int], float]]
 """What re-scores them: (model, pairs, options, db=, model_key=) → head scores (``rescore``)."""
-Verifier = Callable[[list[tuple[int, int]], Mapping[int, str]], set[tuple[int, int]]]
-"""What verifies pairs geometrically: (pairs, item id → source) → the verified pairs (``verify_pairs``)."""
+Verifier = Callable[[list[tuple[int, int]], Mapping[int, tuple[str, str]]], set[tuple[int, int]]]
+"""What verifies pairs geometrically: (pairs, item id → (source, sha256)) → the verified pairs (``verify_pairs``)."""
 
 
 def neighbour_block(index: fx.CatalogueIndex, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -388,7 +389,8 @@ def find_duplicates(*, model: CatalogueModel, db: Database, index: fx.CatalogueI
     if options.verify:
         floor = options.verify_floor if options.verify_floor is not None else verify_floor(model)
         to_verify = sorted(p for p, score in scores.items() if floor <= score < threshold)
-        verified = (verifier or verify_pairs)(to_verify, sources) if to_verify else set()
+        files = {item: (sources[item], sha_of[item]) for pair in to_verify for item in pair}
+        verified = (verifier or verify_pairs)(to_verify, files) if to_verify else set()
         checked = len(to_verify)
     above = {p: score for p, score in scores.items() if score >= threshold or p in verified}
     groups = anchored_groups(above, options.min_links)
@@ -422,17 +424,19 @@ def verify_floor(model: CatalogueModel) -> float:
     return float(model.threshold)
 
 
-def verify_pairs(pairs: list[tuple[int, int]], sources: Mapping[int, str]) -> set[tuple[int, int]]:
+def verify_pairs(pairs: list[tuple[int, int]], files: Mapping[int, tuple[str, str]]) -> set[tuple[int, int]]:
     """The pairs whose photos geometrically verify (``engine.explain.decision``: ≥ 8 homography inliers, the
-    first photo also tried mirrored); each photo's keypoints extracted once. A photo that no longer decodes
-    verifies nothing."""
+    first photo also tried mirrored); each photo's keypoints extracted once, from its file (``files``: item id
+    → (source, sha256)) as it was indexed. A photo that no longer decodes, or whose file changed, verifies
+    nothing."""
     first = {a for a, _ in pairs}  # the side tried mirrored: described with its mirror image, which b ignores
     keys: dict[int, Keypoints | None] = {}
 
     def keypoints(item: int) -> Keypoints | None:
         if item not in keys:
             try:
-                keys[item] = query_keypoints(sources[item]) if item in first else extract(sources[item])
+                data = read_indexed(*files[item])
+                keys[item] = query_keypoints(data) if item in first else extract(data)
             except ImageLoadError:
                 keys[item] = None
         return keys[item]

@@ -276,14 +276,14 @@ def ray_rescore(settings: ModelSettings, workers: int, model: CatalogueModel, pa
     return scores
 
 
-def ray_verify(workers: int, pairs: list[tuple[int, int]], sources: Mapping[int, str]) -> set[tuple[int, int]]:
+def ray_verify(workers: int, pairs: list[tuple[int, int]], files: Mapping[int, tuple[str, str]]) -> set[tuple[int, int]]:
     """``dedup.verify_pairs`` as Ray tasks over chunks of pairs (in item order, so a chunk extracts most of its
     photos' keypoints once); every node must read the photos at the catalogue's paths."""
     import ray  # defers ray: only --ray runs need it
 
     task = ray.remote(verify_pairs)
     size = max(1, -(-len(pairs) // (TASKS_PER_CPU * workers)))
-    refs = [task.remote(chunk, {i: sources[i] for pair in chunk for i in pair})
+    refs = [task.remote(chunk, {i: files[i] for pair in chunk for i in pair})
             for chunk in (pairs[s : s + size] for s in range(0, len(pairs), size))]
     return set().union(*ray.get(refs)) if refs else set()
 

@@ -38,7 +38,7 @@ from engine.images import ImageSource, image_size
 from engine.verify import extract
 from indexer import crud
 from indexer import faiss_index as fx
-from indexer.catalogue import Skipped
+from indexer.catalogue import Skipped, read_indexed
 from indexer.db import Database
 from indexer.model import CatalogueModel, Picture
 
@@ -173,9 +173,15 @@ class _Query:
         return cls(name, model.embed_fmaps(fmap), model.describe_fmaps(fmap)[0], size or _original_size(source, picture),
                    excluded, source, sha256, item_id, picture, fmap)
 
+    def image(self) -> ImageSource:
+        """The query's image: a catalogue item's bytes as they were indexed (``read_indexed``)."""
+        if self.item_id is not None and self.sha256 is not None and isinstance(self.source, str):
+            return read_indexed(self.source, self.sha256)
+        return self.source
+
     def pixels(self, model: CatalogueModel) -> tuple[Picture, Tensor]:
         if self.picture is None:
-            self.picture = model.load([self.source])[0]
+            self.picture = model.load([self.image()])[0]
         if self.fmap is None:
             self.fmap = model.feature_maps([self.picture])
         return self.picture, self.fmap
@@ -219,7 +225,7 @@ def search_item(item_id: int, options: SearchOptions, *, model: CatalogueModel, 
         vector, description = stored
         resolved = _Query(source, vector[None, :].astype(np.float32), description, size, excluded, source, sha256, item_id)
     else:
-        resolved = _Query.decoded(model, source, source, excluded, sha256, size, item_id)
+        resolved = _Query.decoded(model, read_indexed(source, sha256), source, excluded, sha256, size, item_id)
     return _search(resolved, options, model=model, db=db, index=index, model_key=model_key, generation=generation,
                    stale_index=stale_index)
 
@@ -297,10 +303,10 @@ def _verify(query: _Query, matches: list[Match], items: dict, unreadable: list[S
     keypoints (with its mirror image's) once, each match's from its file. A match whose file no longer
     decodes stays unverified (decided by the head) and is noted in ``unreadable``; an undecodable query
     raises ``ImageLoadError``."""
-    keys = query_keypoints(query.source)
+    keys = query_keypoints(query.image())
     for match in matches:
         try:
-            theirs = extract(match.source)
+            theirs = extract(read_indexed(match.source, match.sha256))
         except ImageLoadError as exc:
             _note(unreadable, match.source, str(exc))
             continue
@@ -323,7 +329,7 @@ def _with_pictures(model: CatalogueModel, matches: list[Match], pictures: dict[i
     for match in matches:
         if match.item_id not in pictures:
             try:
-                pictures[match.item_id] = model.load([match.source])[0]
+                pictures[match.item_id] = model.load([read_indexed(match.source, match.sha256)])[0]
             except ImageLoadError as exc:
                 _note(unreadable, match.source, str(exc))
                 continue

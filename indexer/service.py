@@ -25,6 +25,7 @@ from engine.errors import ImageLoadError
 from engine.images import ImageSource, image_size, load_pixels
 from indexer import crud
 from indexer import faiss_index as fx
+from indexer.catalogue import read_indexed
 from indexer.db import Database, get_database
 from indexer.dedup import DedupOptions, DedupReport, find_duplicates, stored_report
 from indexer.distributed import RayCluster, dedup_on_ray, index_on_ray
@@ -301,7 +302,7 @@ class Catalogue:
     @staticmethod
     def _pixels(item: Item, size: int) -> np.ndarray:
         try:
-            return load_pixels(item.source, target_size=size)
+            return load_pixels(read_indexed(item.source, item.sha256), target_size=size)
         except ImageLoadError as exc:
             raise ItemImageError(item.id, exc) from exc
 

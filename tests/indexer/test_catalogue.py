@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import faiss
 import numpy as np
 import pytest
 
+from engine.errors import ImageLoadError
 from indexer import faiss_index as fx
-from indexer.catalogue import ItemState, diff, listing_from_path, scan
+from indexer.catalogue import ItemState, diff, listing_from_path, read_indexed, scan
 
 
 def _touch(path, data=b"x"):
@@ -140,3 +142,18 @@ def test_store_cleanup_keeps_named_files(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     assert sorted(store.cleanup({"catalogue-000002.faiss"})) == [".catalogue-000003.faiss.99.tmp", "catalogue-000001.faiss"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["catalogue-000002.faiss", "other.txt"]
+
+
+def test_an_items_bytes_are_read_as_they_were_indexed(tmp_path):
+    """What is derived from an item's file after indexing (pixels, keypoints) must come from the bytes
+    indexed: a replaced or missing file says so instead of standing in for another photo."""
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(b"indexed bytes")
+    indexed = hashlib.sha256(b"indexed bytes").hexdigest()
+    assert read_indexed(str(photo), indexed) == b"indexed bytes"
+    photo.write_bytes(b"other bytes")
+    with pytest.raises(ImageLoadError, match="changed since it was indexed"):
+        read_indexed(str(photo), indexed)
+    photo.unlink()
+    with pytest.raises(ImageLoadError, match="cannot read file"):
+        read_indexed(str(photo), indexed)

@@ -7,6 +7,7 @@ import io
 import json
 import itertools
 import shutil
+from pathlib import Path
 from dataclasses import asdict
 
 import pytest
@@ -183,6 +184,15 @@ def test_geometry_keeps_the_edited_copies_a_strict_threshold_loses(tmp_path, tin
     stored = catalogue.dedup_run(report.run_id)
     assert [p.verified for p in stored.pairs] == [p.verified for p in report.pairs]
     assert (stored.n_verify_checked, stored.n_verified) == (report.n_verify_checked, report.n_verified)
+
+    # One copy's file replaced since the index run (by its original's bytes, which would verify): the pair is
+    # no longer verified from what was indexed, so it is not kept on geometry's evidence.
+    swapped = next(p for p in report.pairs if p.verified)
+    Path(swapped.source_b).write_bytes(Path(swapped.source_a).read_bytes())
+    after = catalogue.dedup(k=4, threshold=1.0)
+    assert after.n_verified < report.n_verified
+    assert not any(p.verified and swapped.source_b in (p.source_a, p.source_b) for p in after.pairs)
+    assert frozenset((swapped.source_a, swapped.source_b)) not in {frozenset((p.source_a, p.source_b)) for p in after.pairs}
 
 
 def test_candidates_come_from_a_knn_graph(tmp_path, tiny_model):

@@ -276,8 +276,6 @@ def test_verify_decides_an_edited_copy_by_geometry(indexed, tiny_model, tmp_path
     """With verify the top k are verified geometrically: an edited copy is a match even where the head says
     no (a threshold no pair reaches), different photos stay no match, and explanations explain that decision."""
     _, catalogue, paths, _ = indexed
-    from engine.errors import ImageLoadError
-    from indexer import search as search_module
     from indexer.search import SearchOptions, search
 
     query = tmp_path / "query.jpg"
@@ -303,13 +301,18 @@ def test_verify_decides_an_edited_copy_by_geometry(indexed, tiny_model, tmp_path
     # off by default: the head decides alone
     assert all(m.verification is None and m.decided_by == ("head" if m.is_match else None) for m in plain.matches)
 
-    real = search_module.extract
-    monkeypatch.setattr(search_module, "extract", lambda source, **kw: (
-        (_ for _ in ()).throw(ImageLoadError(f"cannot decode {source}")) if source == str(paths[0]) else real(source, **kw)))
-    broken = run()
-    assert broken.matches[0].verification is None and not broken.matches[0].is_match  # left unverified, noted
-    assert [(s.source, s.reason) for s in broken.unreadable] == [(str(paths[0]), f"cannot decode {paths[0]}")]
-    assert all(m.verification is not None for m in broken.matches[1:])
+    # The best match's file replaced since the index run: verifying it would verify another photo.
+    indexed_bytes = paths[0].read_bytes()
+    try:
+        tiles()[0].save(paths[0], quality=40)
+        changed = run()
+    finally:
+        paths[0].write_bytes(indexed_bytes)
+    assert changed.matches[0].source == str(paths[0])
+    assert changed.matches[0].verification is None and not changed.matches[0].is_match  # left unverified, noted
+    assert [(s.source, s.reason) for s in changed.unreadable] == [
+        (str(paths[0]), "the file changed since it was indexed: run whymatch index again")]
+    assert all(m.verification is not None for m in changed.matches[1:])
 
 
 def test_search_command_verifies_on_request(indexed, tmp_path, tiny_checkpoint):  # noqa: F811
