@@ -36,11 +36,15 @@ from sqlalchemy.orm import Session
 from indexer import crud
 
 SUFFIX = ".parquet"
-ROW_GROUP = 128  # rows read to fetch one item's description (≈ 1 MB with the shipped model's descriptions)
+ROW_GROUP = 32  # rows read to fetch one item's description (≈ 250 KB with the shipped model's compact descriptions)
 COMPACT_BELOW = 8192  # shards with fewer live rows than this are merged into larger ones...
 SPARSE_SHARE = 0.5  # ...and so are shards whose live rows fell below this share of their rows
 SHARD_ROWS = 65536  # rows per compacted shard
 _OPEN_FILES = 64  # shard footers kept open between reads
+# Statistics only for the ids the row groups are found by (a binary column's min and max would copy two
+# descriptions into the footer for every row group); descriptions are codes and embeddings noise to a
+# dictionary or a compressor.
+WRITE_OPTIONS = {"row_group_size": ROW_GROUP, "write_statistics": ["item_id"], "use_dictionary": False, "compression": "none"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class VectorStore:
     def __init__(self, url: str | os.PathLike) -> None:
         self.url = str(url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self._open: OrderedDict[str, tuple[pq.ParquetFile, threading.Lock]] = OrderedDict()
+        self._open: OrderedDict[str, _OpenShard] = OrderedDict()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -89,13 +93,13 @@ class VectorStore:
         if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
             partial = target + ".tmp"
             with open(partial, "wb") as handle:
-                pq.write_table(table, handle, row_group_size=ROW_GROUP)
+                pq.write_table(table, handle, **WRITE_OPTIONS)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(partial, target)
         else:
             with self.fs.open(target, "wb") as handle:
-                pq.write_table(table, handle, row_group_size=ROW_GROUP)
+                pq.write_table(table, handle, **WRITE_OPTIONS)
         return name
 
     def names(self) -> list[str]:
@@ -114,15 +118,15 @@ class VectorStore:
             except FileNotFoundError:
                 pass
 
-    def _file(self, name: str) -> tuple[pq.ParquetFile, threading.Lock]:
-        """The open shard and the lock its reads take: one file object must not seek for two threads at once
+    def _file(self, name: str) -> _OpenShard:
+        """The open shard, with the lock its reads take: one file object must not seek for two threads at once
         (the API searches from several)."""
         with self._lock:
             found = self._open.get(name)
             if found is not None:
                 self._open.move_to_end(name)
                 return found
-        opened = (pq.ParquetFile(self.fs.open(self._path(name), "rb")), threading.Lock())
+        opened = _OpenShard.of(pq.ParquetFile(self.fs.open(self._path(name), "rb")))
         with self._lock:
             opened = self._open.setdefault(name, opened)
             while len(self._open) > _OPEN_FILES:
@@ -131,11 +135,12 @@ class VectorStore:
 
     def read(self, name: str, ids: Sequence[int] | None = None, *, embeddings: bool = True, descriptions: bool = True) -> Rows:
         """The rows of shard ``name`` for ``ids`` (all its rows when None), in id order; ids it lacks are left out."""
-        shard, lock = self._file(name)
+        opened = self._file(name)
         wanted = None if ids is None else np.unique(np.asarray(ids, np.int64))
-        groups = _row_groups(shard, wanted)
+        groups = opened.row_groups(wanted)
         columns = ["item_id"] + (["embedding"] if embeddings else []) + (["description"] if descriptions else [])
-        with lock:
+        shard = opened.file
+        with opened.lock:
             table = shard.read_row_groups(groups, columns=columns) if groups else shard.schema_arrow.empty_table().select(columns)
         found = table.column("item_id").to_numpy()
         keep = np.ones(len(found), bool) if wanted is None else np.isin(found, wanted)
@@ -225,21 +230,34 @@ def compaction_plan(live: Mapping[str, int]) -> list[str]:
     return sorted(sparse + small)
 
 
-def _row_groups(shard: pq.ParquetFile, wanted: np.ndarray | None) -> list[int]:
-    """The row groups that may hold ``wanted`` ids (all when None), by their id statistics."""
-    metadata = shard.metadata
-    groups = list(range(metadata.num_row_groups))
-    if wanted is None:
-        return groups
-    if not len(wanted):
-        return []
-    kept = []
-    for group in groups:
-        statistics = metadata.row_group(group).column(0).statistics
-        if statistics is None or not statistics.has_min_max:
-            kept.append(group)
-            continue
-        first = np.searchsorted(wanted, statistics.min)
-        if first < len(wanted) and wanted[first] <= statistics.max:
-            kept.append(group)
-    return kept
+@dataclass
+class _OpenShard:
+    """An open shard, the lock its reads take, and the first and last item id of each of its row groups
+    (``write`` sorts a shard's rows by id), read from the footer once: finding the row groups of a few ids
+    is then a binary search, not a walk over every row group's statistics. None: a file without them, whose
+    every row group is read."""
+
+    file: pq.ParquetFile
+    lock: threading.Lock
+    first_ids: np.ndarray | None
+    last_ids: np.ndarray | None
+
+    @classmethod
+    def of(cls, file: pq.ParquetFile) -> _OpenShard:
+        metadata = file.metadata
+        statistics = [metadata.row_group(g).column(0).statistics for g in range(metadata.num_row_groups)]
+        if not all(s is not None and s.has_min_max for s in statistics):
+            return cls(file, threading.Lock(), None, None)
+        return cls(file, threading.Lock(), np.array([s.min for s in statistics], np.int64),
+                   np.array([s.max for s in statistics], np.int64))
+
+    def row_groups(self, wanted: np.ndarray | None) -> list[int]:
+        """The row groups that hold any of ``wanted`` (sorted, unique) ids; all of them when None."""
+        if wanted is not None and not len(wanted):
+            return []
+        if wanted is None or self.first_ids is None:
+            return list(range(self.file.metadata.num_row_groups))
+        groups = np.searchsorted(self.first_ids, wanted, side="right") - 1
+        inside = groups >= 0
+        inside[inside] = wanted[inside] <= self.last_ids[groups[inside]]
+        return np.unique(groups[inside]).tolist()

@@ -33,9 +33,14 @@ def test_rows_read_back_as_written_by_id_reading_only_their_row_groups(tmp_path)
     for item_id, vector, description in zip(rows.ids.tolist(), rows.embeddings, rows.descriptions):
         n = ids.index(item_id)
         assert np.array_equal(vector, vectors[n]) and description == descriptions[n]
-    shard, _ = store._file(name)
-    assert shard.metadata.num_row_groups == 3  # ROW_GROUP rows each, sorted by id
-    assert len(shards._row_groups(shard, np.array([min(ids)]))) == 1
+    opened = store._file(name)
+    groups = -(-300 // shards.ROW_GROUP)
+    assert opened.file.metadata.num_row_groups == groups  # ROW_GROUP rows each, sorted by id
+    ordered = sorted(ids)
+    assert opened.row_groups(np.array([ordered[0]])) == [0]
+    assert opened.row_groups(np.array([ordered[-1]])) == [groups - 1]
+    assert opened.row_groups(np.array([ordered[0], ordered[shards.ROW_GROUP], 999_999])) == [0, 1]
+    assert opened.row_groups(np.array([ordered[0] - 1])) == []  # below every id: in no group
     assert len(store.read(name).ids) == 300 and store.read(name, []).ids.tolist() == []
     assert not [p for p in (tmp_path / "vectors").iterdir() if p.suffix != ".parquet"]  # no temporary file left
 
