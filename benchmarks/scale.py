@@ -413,7 +413,7 @@ def memory_main(sizes: list[int], args: argparse.Namespace, parser: argparse.Arg
                  f"measured here at {pairs_per_second:,.0f} pairs/s on {THREADS} threads (`score_described`, 4000 pairs of 200 "
                  f"random descriptions), so the last column is the candidate pairs of each graph divided by that rate, a "
                  f"projection, not a timed run. The descriptions take {description_bytes / 1024:.0f} KiB per item "
-                 f"({description_bytes * 1_000_000 / 1e9:.0f} GB at 1M items) in the database.")
+                 f"({description_bytes * 1_000_000 / 1e9:.0f} GB at 1M items) in the vector shards.")
     notes.append("Vectors: synthetic, clustered in a 32-d latent space mapped to 256-d plus noise, unit length "
                  "(see the script's docstring for why not i.i.d. Gaussian).")
     print(table)
