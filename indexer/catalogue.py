@@ -91,16 +91,21 @@ class Diff:
 # ------------------------------------------------------------------------------------ scanning
 
 
+def read_file(source: str) -> tuple[bytes, os.stat_result]:
+    """A catalogue file's bytes and their stat; ``ImageLoadError`` says why it cannot be read."""
+    try:
+        with open(source, "rb") as handle:
+            return handle.read(), os.fstat(handle.fileno())
+    except OSError as exc:
+        raise ImageLoadError(f"cannot read file: {exc.strerror or exc}") from exc
+
+
 def read_indexed(source: str, sha256: str) -> bytes:
     """The bytes of an item's file as it was indexed. What is derived from the file later (its pixels for a
     map, its keypoints for a verification) must show what the stored embedding and description show: a file
     replaced since the index run would be explained or verified as another photo. Raises ``ImageLoadError``
     when the file cannot be read or its bytes changed."""
-    try:
-        with open(source, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise ImageLoadError(f"cannot read file: {exc.strerror or exc}") from exc
+    data, _ = read_file(source)
     if hashlib.sha256(data).hexdigest() != sha256:
         raise ImageLoadError("the file changed since it was indexed: run whymatch index again")
     return data

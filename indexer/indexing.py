@@ -43,7 +43,7 @@ from engine.images import DEFAULT_MAX_PIXELS, image_size, load_pixels
 from indexer import crud
 from indexer import faiss_index as fx
 from indexer.vectors import SHARD_ROWS, Rows, compaction_plan
-from indexer.catalogue import Diff, Skipped, Work, diff, scan
+from indexer.catalogue import Diff, Skipped, Work, diff, read_file, scan
 from indexer.db import Database
 from indexer.model import CatalogueModel, Picture
 from indexer.models import IndexGeneration, Item
@@ -160,13 +160,10 @@ class Prepared:
 
 def prepare(work: Work, known: Container[str], input_size: int, max_pixels: int) -> Prepared:
     """Read, hash and (unless ``known`` holds its sha256) decode one file. Runs in a worker thread, or a Ray actor."""
-    source = work.entry.source
     try:
-        with open(source, "rb") as handle:
-            data = handle.read()
-            st = os.fstat(handle.fileno())
-    except OSError as exc:
-        return Prepared(work, "broken", reason=f"cannot read file: {exc.strerror or exc}")
+        data, st = read_file(work.entry.source)
+    except ImageLoadError as exc:
+        return Prepared(work, "broken", reason=str(exc))
     sha = hashlib.sha256(data).hexdigest()
     facts = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if work.item is not None and work.item.embedded and work.item.sha256 == sha:

@@ -163,6 +163,7 @@ class _Query:
     item_id: int | None = None
     picture: Picture | None = None
     fmap: Tensor | None = None
+    indexed: bytes | None = None  # a catalogue item's file, once read (``image``)
 
     @classmethod
     def decoded(cls, model: CatalogueModel, source: ImageSource, name: str, excluded: list[int], sha256: str | None,
@@ -174,10 +175,12 @@ class _Query:
                    excluded, source, sha256, item_id, picture, fmap)
 
     def image(self) -> ImageSource:
-        """The query's image: a catalogue item's bytes as they were indexed (``read_indexed``)."""
-        if self.item_id is not None and self.sha256 is not None and isinstance(self.source, str):
-            return read_indexed(self.source, self.sha256)
-        return self.source
+        """The query's image: a catalogue item's bytes as they were indexed (``read_indexed``), read once."""
+        if self.item_id is None or self.sha256 is None or not isinstance(self.source, str):
+            return self.source
+        if self.indexed is None:
+            self.indexed = read_indexed(self.source, self.sha256)
+        return self.indexed
 
     def pixels(self, model: CatalogueModel) -> tuple[Picture, Tensor]:
         if self.picture is None:
@@ -246,6 +249,7 @@ def _search(query: _Query, options: SearchOptions, *, model: CatalogueModel, db:
         items = crud.items_by_ids(session, [i for i, _ in order])
     unreadable: list[Skipped] = []
     pictures: dict[int, Picture] = {}
+    files: dict[int, bytes] = {}  # each match's file, read once: verification and pictures both need it
     described = [(i, s, stored[i]) for i, s in order]
 
     head = model.score_described([query.description] * len(described), [d for _, _, d in described])
@@ -260,7 +264,7 @@ def _search(query: _Query, options: SearchOptions, *, model: CatalogueModel, db:
         matches.append(Match(item_id, item.source, item.listing, item.sha256, sim, score, decided is not None,
                              before[item_id], rank, decided_by=decided))
     if options.verify and matches:
-        _verify(query, matches, items, unreadable, float(model.threshold))
+        _verify(query, matches, items, files, unreadable, float(model.threshold))
         # A verified match shows the same scene for certain: it ranks above the unverified, by head score
         # within each tier, so an edited copy's original comes first even when the head prefers a look-alike.
         matches.sort(key=lambda m: (not (m.verification or {}).get("verified", False), -m.head_score, m.rank_after))
@@ -270,7 +274,7 @@ def _search(query: _Query, options: SearchOptions, *, model: CatalogueModel, db:
     if options.explains and matches:
         explained = matches
         if concepts or effects or explain_dir is not None:  # these need the matches' pixels
-            explained = _with_pictures(model, matches, pictures, unreadable)
+            explained = _with_pictures(model, matches, pictures, files, unreadable)
         if explained:
             # Boxes are in the original images' pixels: the catalogue stores each item's (EXIF-rotated) size.
             sizes = [query.size, *((items[m.item_id].width, items[m.item_id].height) for m in explained)]
@@ -298,7 +302,8 @@ def _search(query: _Query, options: SearchOptions, *, model: CatalogueModel, db:
                         index_size=int(index.ntotal))
 
 
-def _verify(query: _Query, matches: list[Match], items: dict, unreadable: list[Skipped], threshold: float) -> None:
+def _verify(query: _Query, matches: list[Match], items: dict, files: dict[int, bytes], unreadable: list[Skipped],
+            threshold: float) -> None:
     """Verify each match against the query geometrically and decide it by the tier rule: the query's
     keypoints (with its mirror image's) once, each match's from its file. A match whose file no longer
     decodes stays unverified (decided by the head) and is noted in ``unreadable``; an undecodable query
@@ -306,7 +311,7 @@ def _verify(query: _Query, matches: list[Match], items: dict, unreadable: list[S
     keys = query_keypoints(query.image())
     for match in matches:
         try:
-            theirs = extract(read_indexed(match.source, match.sha256))
+            theirs = extract(_indexed_file(match, files))
         except ImageLoadError as exc:
             _note(unreadable, match.source, str(exc))
             continue
@@ -316,20 +321,27 @@ def _verify(query: _Query, matches: list[Match], items: dict, unreadable: list[S
         match.is_match = match.decided_by is not None
 
 
+def _indexed_file(match: Match, files: dict[int, bytes]) -> bytes:
+    """A match's file as it was indexed (``read_indexed``), read once per search into ``files``."""
+    if match.item_id not in files:
+        files[match.item_id] = read_indexed(match.source, match.sha256)
+    return files[match.item_id]
+
+
 def _note(unreadable: list[Skipped], source: str, reason: str) -> None:
     """Report a file that no longer decodes, once."""
     if all(skipped.source != source for skipped in unreadable):
         unreadable.append(Skipped(source, reason))
 
 
-def _with_pictures(model: CatalogueModel, matches: list[Match], pictures: dict[int, Picture],
+def _with_pictures(model: CatalogueModel, matches: list[Match], pictures: dict[int, Picture], files: dict[int, bytes],
                    unreadable: list[Skipped]) -> list[Match]:
     """The matches whose files decode (their pictures added to ``pictures``); the others are reported."""
     readable = []
     for match in matches:
         if match.item_id not in pictures:
             try:
-                pictures[match.item_id] = model.load([read_indexed(match.source, match.sha256)])[0]
+                pictures[match.item_id] = model.load([_indexed_file(match, files)])[0]
             except ImageLoadError as exc:
                 _note(unreadable, match.source, str(exc))
                 continue

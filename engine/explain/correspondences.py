@@ -57,9 +57,8 @@ Size = tuple[int, int]
 CANDIDATES = 50
 """How many of the head's region pairs (one per cell of a and of b, the strongest) the geometry is fitted to."""
 MIN_INLIERS = 10
-"""Candidates that must agree with the fitted geometry for it to order the pairs: on the copies of
-``benchmarks/correspondences.py`` a median of 49 of the 50 agreed (1 % fewer than 12), against each other
-domain photo's original a median of 8 (rooms, flowers and lesions are framed alike)."""
+"""Candidates that must agree with the fitted geometry for it to order the pairs: nearly all of an edited
+copy's agree, and a handful of a different photo's do (rooms, flowers and lesions are framed alike)."""
 MAX_ZOOM = 4.0
 """The most a fitted geometry may scale a cell of a either way (a copy cropped to 1/16 of its original)."""
 
@@ -101,6 +100,22 @@ def cell_box(row: int, col: int, grid: Size, size: Size, radius: int = 0) -> lis
     return [int(np.floor(x0 * width)), int(np.floor(y0 * height)), int(np.ceil(x1 * width)), int(np.ceil(y1 * height))]
 
 
+def cell_centres(cells: np.ndarray, grid: Size, size: Size) -> np.ndarray:
+    """Pixels (n×2, x then y) of the centres of feature-grid cells (n×2, row then column) of a ``size``
+    (width, height) image squeezed onto a ``grid`` (rows, columns), as ``cell_box`` places cells."""
+    cells = np.asarray(cells, np.float64).reshape(-1, 2)
+    (rows, columns), (width, height) = grid, size
+    return np.stack([(cells[:, 1] + 0.5) / columns * width, (cells[:, 0] + 0.5) / rows * height], axis=1)
+
+
+def pixels_to_cells(points: np.ndarray, grid: Size, size: Size) -> np.ndarray:
+    """The inverse of ``cell_centres``: grid coordinates (n×2, row then column; cell (r, c)'s centre is
+    (r, c)) of pixels (n×2, x then y)."""
+    points = np.asarray(points, np.float64).reshape(-1, 2)
+    (rows, columns), (width, height) = grid, size
+    return np.stack([points[:, 1] / height * rows - 0.5, points[:, 0] / width * columns - 0.5], axis=1)
+
+
 def find_correspondences(
     net: SiameseNet,
     projs_a: Tensor,
@@ -139,15 +154,6 @@ def find_correspondences(
     ]
 
 
-def _cell_units(grid: Size, size: Size) -> tuple[np.ndarray, float]:
-    """The centres of a grid's cells (row-major, x then y) in the original image's geometry with one unit
-    for a cell's mean side (√ of its area in pixels, so a fitted scale reads in cells), and that side."""
-    (h, w), (width, height) = grid, size
-    rows, cols = np.divmod(np.arange(h * w), w)
-    side = float(np.sqrt(width / w * height / h))
-    return np.stack([(cols + 0.5) * width / w, (rows + 0.5) * height / h], axis=1) / side, side
-
-
 def _agreement(regions: Tensor, grid_a: Size, grid_b: Size, size_a: Size, size_b: Size) -> Tensor | None:
     """h_a×w_a×h_b×w_b: the region pairs that put a cell of a on the cell of b its centre lands in under the
     pair's geometry (see the module), or None when the pair has none."""
@@ -160,21 +166,23 @@ def _agreement(regions: Tensor, grid_a: Size, grid_b: Size, size_a: Size, size_b
     chosen = order[np.sort(first)][:CANDIDATES]
     if len(chosen) < MIN_INLIERS:
         return None
-    (centres_a, side_a), (centres_b, side_b) = _cell_units(grid_a, size_a), _cell_units(grid_b, size_b)
-    mirror = centres_a * [-1.0, 1.0] + [size_a[0] / side_a, 0.0]
+    # Fitted in units of a cell's mean side (√ of its area in pixels), so the RANSAC threshold is one cell.
+    side_a, side_b = (np.sqrt(size[0] / grid[1] * size[1] / grid[0]) for grid, size in ((grid_a, size_a), (grid_b, size_b)))
+    pixels_a = cell_centres(np.stack(np.divmod(np.arange(ha * wa), wa), axis=1), grid_a, size_a)
+    pixels_b = cell_centres(np.stack(np.divmod(np.arange(hb * wb), wb), axis=1), grid_b, size_b)
+    mirror = pixels_a * [-1.0, 1.0] + [size_a[0], 0.0]
     landed, most = None, MIN_INLIERS - 1
-    for points in (centres_a, mirror):
-        # A 1-cell threshold; OpenCV's RANSAC seeds its sampling the same on every call.
-        model, inliers = cv2.estimateAffinePartial2D(points[chosen], centres_b[best[chosen]], method=cv2.RANSAC,
+    for points in (pixels_a / side_a, mirror / side_a):
+        # OpenCV's RANSAC seeds its sampling the same on every call.
+        model, inliers = cv2.estimateAffinePartial2D(points[chosen], pixels_b[best[chosen]] / side_b, method=cv2.RANSAC,
                                                      ransacReprojThreshold=1.0, maxIters=2000, confidence=0.999)
         if model is None or not 1 / MAX_ZOOM <= np.sqrt(abs(np.linalg.det(model[:, :2]))) <= MAX_ZOOM:
             continue
         if int(inliers.sum()) > most:
-            landed, most = points @ model[:, :2].T + model[:, 2], int(inliers.sum())
+            landed, most = (points @ model[:, :2].T + model[:, 2]) * side_b, int(inliers.sum())
     if landed is None:
         return None
-    cols = np.rint(landed[:, 0] * side_b * wb / size_b[0] - 0.5).astype(int)
-    rows = np.rint(landed[:, 1] * side_b * hb / size_b[1] - 0.5).astype(int)
+    rows, cols = np.rint(pixels_to_cells(landed, grid_b, size_b)).astype(int).T
     inside = (rows >= 0) & (rows < hb) & (cols >= 0) & (cols < wb)
     agree = torch.zeros(ha * wa, hb * wb, dtype=torch.bool)
     agree[torch.as_tensor(np.flatnonzero(inside)), torch.as_tensor(rows[inside] * wb + cols[inside])] = True

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from engine.explain.correspondences import cell_centres, pixels_to_cells
 from engine.train.copies import CROP_AREA, MAX_ROTATION
 
 Size = tuple[int, int]
@@ -108,22 +109,6 @@ def draw_edit(original: Size, kinds: Sequence[str], rng: np.random.Generator) ->
         factor = rng.uniform(0.3, 0.8) if rng.random() < 0.7 else rng.uniform(1.2, 1.6)
         size = (max(MIN_SIDE, round(footprint[0] * factor)), max(MIN_SIDE, round(footprint[1] * factor)))
     return KnownEdit(tuple(original), centre, footprint, angle, mirror, size)
-
-
-def cell_centres(cells: np.ndarray, grid: Size, size: Size) -> np.ndarray:
-    """Pixels (n×2, x then y) of the centres of feature-grid cells (n×2, row then column) of a ``size``
-    (width, height) image squeezed onto a ``grid`` (rows, columns)."""
-    cells = np.asarray(cells, np.float64).reshape(-1, 2)
-    (rows, columns), (width, height) = grid, size
-    return np.stack([(cells[:, 1] + 0.5) / columns * width, (cells[:, 0] + 0.5) / rows * height], axis=1)
-
-
-def pixels_to_cells(points: np.ndarray, grid: Size, size: Size) -> np.ndarray:
-    """The inverse of ``cell_centres``: grid coordinates (n×2, row then column; cell (r, c)'s centre is
-    (r, c)) of pixels (n×2, x then y)."""
-    points = np.asarray(points, np.float64).reshape(-1, 2)
-    (rows, columns), (width, height) = grid, size
-    return np.stack([points[:, 1] / height * rows - 0.5, points[:, 0] / width * columns - 0.5], axis=1)
 
 
 def true_cells(edit: KnownEdit, copy_cells: np.ndarray, grid: Size) -> np.ndarray:

@@ -13,8 +13,10 @@ from PIL import Image
 from engine.errors import ImageLoadError
 from engine.explain.correspondences import (
     cell_box,
+    cell_centres,
     find_correspondences,
     pair_contributions,
+    pixels_to_cells,
     window_sums,
 )
 from engine.explain.figures import pair_figure
@@ -63,6 +65,13 @@ def test_window_sums_match_brute_force():
     for ya, xa, yb, xb in [(0, 0, 0, 0), (1, 2, 4, 1), (2, 3, 2, 0)]:
         expected = grid[:, max(ya - 1, 0) : ya + 2, max(xa - 1, 0) : xa + 2, max(yb - 1, 0) : yb + 2, max(xb - 1, 0) : xb + 2].sum(dim=(1, 2, 3, 4))
         torch.testing.assert_close(sums[:, ya, xa, yb, xb], expected)
+
+
+def test_cell_centres_and_pixels_to_cells_are_inverse():
+    cells = np.array([[row, col] for row in range(14) for col in range(14)])
+    points = cell_centres(cells, (14, 14), (333, 121))
+    assert points[0].tolist() == pytest.approx([333 / 28, 121 / 28])
+    np.testing.assert_allclose(pixels_to_cells(points, (14, 14), (333, 121)), cells, atol=1e-9)
 
 
 def test_cell_box_maps_the_squeezed_grid_to_original_pixels():
